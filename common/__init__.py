@@ -1,0 +1,1 @@
+"""Shared code of the CIFAR-10 pre-training comparison: data, models, training loop, checkpoints, logs."""
