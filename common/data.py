@@ -52,7 +52,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("builtins", "list")}
+                ("numpy._core.multiarray", "scalar"), ("builtins", "list"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._allowed:
@@ -142,7 +142,8 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download_official(data_dir: Path, url: str = CIFAR_URL, md5: str = CIFAR_MD5) -> None:
+def _download_official(data_dir: Path, url: str | None = None, md5: str | None = None) -> None:
+    url, md5 = url or CIFAR_URL, md5 or CIFAR_MD5
     archive = download_url(url, data_dir / "cifar-10-python.tar.gz")
     if md5 and _md5(archive) != md5:
         archive.unlink()

@@ -106,7 +106,8 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
         cfg.num_workers = min(8, os.cpu_count() or 1)
     out = Path(cfg.output_dir)
     ckpt = prepare_run_folder(cfg)
-    if ckpt is not None and ckpt.get("finished") and ckpt["epoch"] >= cfg.epochs:
+    if ckpt is not None and ckpt.get("finished") and (ckpt["epoch"] >= cfg.epochs
+                                                      or ckpt["config"].get("epochs") == cfg.epochs):
         if dist.is_main:
             print(f"{out} is finished ({ckpt['epoch']}/{cfg.epochs} epochs, best val acc "
                   f"{ckpt['best_val_acc']:.4f}); nothing to resume. Pass a larger --epochs to extend it.")
