@@ -49,6 +49,7 @@ class TrainConfig:
     download: bool = True
     train_subset: int = 0             # 0 = all training images
     val_size: int = 5000              # held out of train; 0 = validate on the test set
+    test_subset: int = 0              # only the first N test images (smoke runs); 0 = all
     dummy: bool = False
     # run folder
     output_dir: str = "runs/run"
@@ -80,6 +81,7 @@ class TrainConfig:
             (self.data_pipeline in ("auto", "gpu", "cpu"), "--data-pipeline must be auto, gpu or cpu"),
             (self.train_subset >= 0, "--train-subset must be >= 0"),
             (self.val_size >= 0, "--val-size must be >= 0"),
+            (self.test_subset >= 0, "--test-subset must be >= 0"),
             (self.stop_after_epoch >= 0, "--stop-after-epoch must be >= 0 (0 = off)"),
             (not (self.pretrained and self.weights and not self.weights.strip()), "--weights is empty"),
         ]
@@ -102,7 +104,7 @@ class TrainConfig:
 RUN_IDENTITY_KEYS = (
     "family", "model", "img_size", "batch_size", "optimizer", "lr", "weight_decay", "warmup_epochs",
     "label_smoothing", "mixup", "cutmix", "head_lr_mult", "crop_scale_min", "randaug_ops",
-    "randaug_magnitude", "seed", "train_subset", "val_size", "dummy", "pretrained",
+    "randaug_magnitude", "seed", "train_subset", "val_size", "test_subset", "dummy", "pretrained",
 )
 
 
@@ -150,6 +152,8 @@ def build_parser(description: str, default_model: str, model_help: str) -> argpa
     g.add_argument("--download", default=d.download, help="download CIFAR-10 when missing", **bool_flag)
     g.add_argument("--train-subset", type=int, default=d.train_subset, metavar="N", help="0 = all")
     g.add_argument("--val-size", type=int, default=d.val_size, help="held out of train; 0 = test set")
+    g.add_argument("--test-subset", type=int, default=d.test_subset, metavar="N",
+                   help="evaluate only the first N test images at the end (smoke runs); 0 = all")
     g.add_argument("--dummy", action="store_true", help="synthetic data, no download (install check)")
     g.add_argument("--output-dir", default=None, help="run folder (default runs/<model>_<ft|scratch>)")
     g.add_argument("--resume", action="store_true", help="continue from <output-dir>/last.pt")

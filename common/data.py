@@ -242,12 +242,13 @@ def stratified_split(labels: torch.Tensor, val_size: int, seed: int) -> tuple[to
 
 
 def load_splits(data_dir: str, download: bool, dummy: bool, val_size: int, train_subset: int,
-                seed: int, quiet: bool = False) -> Splits:
+                seed: int, quiet: bool = False, test_subset: int = 0) -> Splits:
     """Train / val / test tensors as the config asks: val held out of train (stratified) unless
     val_size is 0, then the training images optionally cut to `train_subset`."""
-    if dummy:
-        train_x, train_y = synthetic_cifar(10_000, seed=1)
-        test_x, test_y = synthetic_cifar(2_000, seed=2)
+    if dummy:  # CIFAR-10's sizes, so a --dummy epoch takes as long as a real one
+        parts = [synthetic_cifar(10_000, seed=1 + i) for i in range(5)]
+        train_x, train_y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        test_x, test_y = synthetic_cifar(10_000, seed=9)
     else:
         ensure_cifar(data_dir, download, quiet=quiet)
         train_x, train_y, test_x, test_y = read_cifar_folder(data_dir)
@@ -257,7 +258,9 @@ def load_splits(data_dir: str, download: bool, dummy: bool, val_size: int, train
         train_idx, val_idx = stratified_split(train_y, val_size, seed)
         val_x, val_y = train_x[val_idx], train_y[val_idx]
         train_x, train_y = train_x[train_idx], train_y[train_idx]
-    else:
+    if test_subset:
+        test_x, test_y = test_x[:test_subset], test_y[:test_subset]
+    if val_size == 0:
         val_x, val_y = test_x, test_y
     if train_subset:
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(seed + 104729))[:train_subset]
@@ -289,11 +292,11 @@ def normalize_batch(x: torch.Tensor) -> torch.Tensor:
 
 def eval_batch(x_uint8: torch.Tensor, img_size: int) -> torch.Tensor:
     """The eval transform, batched: upsample to img_size (bilinear, as torchvision's Resize) and normalise."""
-    x = x_uint8.float().div_(255)
+    x = normalize_batch(x_uint8.float().div_(255))  # commutes with bilinear resizing; cheaper at 32x32
     if x.shape[-1] != img_size:
         x = torch.nn.functional.interpolate(x, size=(img_size, img_size), mode="bilinear",
                                             align_corners=False, antialias=x.shape[-1] > img_size)
-    return normalize_batch(x)
+    return x
 
 
 def cpu_train_transform(img_size: int, crop_scale_min: float, randaug_ops: int, randaug_magnitude: int):

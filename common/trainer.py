@@ -120,10 +120,12 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
         torch.backends.cudnn.allow_tf32 = True
 
     if dist.is_main:  # rank 0 downloads; the others read what it wrote
-        splits = load_splits(cfg.data_dir, cfg.download, cfg.dummy, cfg.val_size, cfg.train_subset, cfg.seed)
+        splits = load_splits(cfg.data_dir, cfg.download, cfg.dummy, cfg.val_size, cfg.train_subset, cfg.seed,
+                             test_subset=cfg.test_subset)
     D.barrier(dist)
     if not dist.is_main:
-        splits = load_splits(cfg.data_dir, False, cfg.dummy, cfg.val_size, cfg.train_subset, cfg.seed, quiet=True)
+        splits = load_splits(cfg.data_dir, False, cfg.dummy, cfg.val_size, cfg.train_subset, cfg.seed, quiet=True,
+                             test_subset=cfg.test_subset)
     if len(splits.train_x) < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} training "
                         f"images; lower it or raise --train-subset")
