@@ -63,12 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-img-size", type=int, default=224)
     parser.add_argument("--bench-batch-size", type=int, default=128)
     parser.add_argument("--bench-steps", type=int, default=0, help="timed steps per measurement (0 = auto)")
+    parser.add_argument("--bench-compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--bench-channels-last", default=True, action=argparse.BooleanOptionalAction)
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     args = parser.parse_args(argv)
     if args.bench:
         from common.bench import run_benchmarks
 
-        return run_benchmarks(args.device, args.bench_img_size, args.bench_batch_size, args.bench_steps, args.json)
+        return run_benchmarks(args.device, args.bench_img_size, args.bench_batch_size, args.bench_steps, args.json,
+                              args.bench_compile, args.bench_channels_last)
     lines, missing = readiness(args.data_dir)
     print("\n".join(lines))
     if missing:

@@ -63,19 +63,21 @@ def bench_train(model, cfg, device, batches, steps: int, amp_dtype) -> float:
     return steps * cfg.batch_size / _timed(lambda: run(steps), device)
 
 
-def run_benchmarks(device_name: str, img_size: int, batch_size: int, steps: int, as_json: bool) -> int:
+def run_benchmarks(device_name: str, img_size: int, batch_size: int, steps: int, as_json: bool,
+                   compile_model: bool = False, channels_last: bool = True) -> int:
     device = resolve_device(device_name)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     steps = steps or (50 if device.type == "cuda" else 3)
     cfg = TrainConfig(img_size=img_size, batch_size=batch_size, num_workers=min(8, os.cpu_count() or 1),
-                      device=device.type)
+                      device=device.type, channels_last=channels_last, compile=compile_model)
     amp_dtype = resolve_amp(cfg, device)
     images, labels = synthetic_cifar(max(10_000, batch_size * (steps + 8)), seed=0)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, "
                f"{torch.get_num_threads()} threads)", "img_size": img_size, "batch_size": batch_size,
                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "torch": str(torch.__version__),
+               "compile": compile_model, "channels_last": channels_last,
                "data": {}, "models": {}}
     for kind in ("cpu", "gpu"):
         results["data"][kind] = bench_data(kind, images, labels, cfg, device, steps)
@@ -83,6 +85,8 @@ def run_benchmarks(device_name: str, img_size: int, batch_size: int, steps: int,
         model = build_model(family, name, False, None, img_size).to(device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if compile_model:
+            model = torch.compile(model)
         x = torch.randn(batch_size, 3, img_size, img_size, device=device)
         y = torch.randint(0, 10, (batch_size,), device=device)
         row = {"ceiling": bench_train(model, cfg, device, itertools.repeat((x, y)), steps, amp_dtype)}
@@ -109,7 +113,8 @@ def run_benchmarks(device_name: str, img_size: int, batch_size: int, steps: int,
 
 def format_table(r: dict) -> str:
     """The markdown table design.md records."""
-    lines = [f"device: {r['device']}, torch {r['torch']}, {r['img_size']}px, batch {r['batch_size']}, {r['amp']}",
+    lines = [f"device: {r['device']}, torch {r['torch']}, {r['img_size']}px, batch {r['batch_size']}, {r['amp']}, "
+             f"compile {r['compile']}, channels_last {r['channels_last']}",
              "", "| data path | batches/s as images/s |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in r["data"].items()]
     lines += ["", "| model | ceiling (synthetic on device) | fed by cpu path | fed by gpu path | gpu-fed / ceiling "

@@ -150,6 +150,10 @@ class BatchAugment:
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """uint8 (n, 3, 32, 32) on any device -> normalised float (n, 3, img_size, img_size)."""
+        return self.upsample(self.augment_small(images, gen))
+
+    def augment_small(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """All random ops at 32x32: uint8 (n, 3, 32, 32) -> normalised float (n, 3, 32, 32)."""
         n, device = images.shape[0], images.device
         p = self.sample(n, gen, device)
         x = images.float().div_(255)
@@ -174,19 +178,27 @@ class BatchAugment:
         crop[:, 1, 2] = (2 * top + h) / 32 - 1
         crop[:, 2, 2] = 1
         theta = (inverse @ crop)[:, :2]
-        # Sample at 32x32 (black fill outside), normalise, then one bilinear upsample: normalising is
-        # per-channel affine and commutes with interpolation, so it costs a 32x32 pass, not an img_size one.
+        # Sample at 32x32 (black fill outside) and normalise there: normalising is per-channel affine and
+        # commutes with the bilinear upsample, so it costs a 32x32 pass, not an img_size one.
         grid = F.affine_grid(theta, [n, 3, 32, 32], align_corners=False)
-        out = normalize_batch(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
-        if self.img_size != 32:
-            out = F.interpolate(out, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        return out
+        return normalize_batch(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """The single upsample to img_size, done per batch (it dominates the cost and the memory)."""
+        if self.img_size == x.shape[-1]:
+            return x
+        return F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
 
 
 class GpuTrainStream:
-    """Training batches gathered and augmented on the device; the whole split stays resident as uint8."""
+    """Training batches gathered and augmented on the device; the whole split stays resident as uint8.
+
+    The 32x32 stage runs on CHUNK batches at once (a few hundred small kernels per call, so per-call
+    overhead, not arithmetic, sets its speed); each chunk draws from a generator seeded by (seed, epoch,
+    chunk), so a run resumed mid-epoch augments exactly as an uninterrupted one."""
 
     name = "gpu"
+    CHUNK = 8
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device,
                  rank: int = 0, world: int = 1):
@@ -197,23 +209,28 @@ class GpuTrainStream:
         self.device = device
         self.augment = BatchAugment(cfg.img_size, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude)
         self.gen = torch.Generator(device=device)
-        self.seed_epoch(0)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.n, self.local_batch * self.world, self.world)
 
     def seed_epoch(self, epoch: int) -> None:
-        self.gen.manual_seed(self.seed * 1_000_003 + epoch * 7919 + self.rank)
+        """Nothing to do: each chunk is seeded from (seed, epoch, chunk) when it is made."""
 
-    def rng_state(self) -> torch.Tensor:
-        return self.gen.get_state()
+    def rng_state(self) -> None:
+        return None
 
-    def set_rng_state(self, state: torch.Tensor | None) -> None:
-        if state is not None:
-            self.gen.set_state(state)
+    def set_rng_state(self, state) -> None:
+        pass
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.n, self.seed, epoch, self.rank, self.world).to(self.device)
-        for step in range(start_step, len(self)):
-            idx = order[step * self.local_batch:(step + 1) * self.local_batch]
-            yield self.augment(self.images[idx], self.gen), self.labels[idx]
+        b, steps = self.local_batch, len(self)
+        for chunk in range(start_step // self.CHUNK, (steps + self.CHUNK - 1) // self.CHUNK):
+            first, last = chunk * self.CHUNK, min(steps, (chunk + 1) * self.CHUNK)
+            self.gen.manual_seed(((self.seed * 1_000_003 + epoch) * 7919 + chunk) * 31 + self.rank)
+            idx = order[first * b:last * b]
+            small = self.augment.augment_small(self.images[idx], self.gen)
+            labels = self.labels[idx]
+            for step in range(max(first, start_step), last):
+                j = (step - first) * b
+                yield self.augment.upsample(small[j:j + b]), labels[j:j + b]
