@@ -382,6 +382,8 @@ class CpuTrainStream:
         """Batches of `epoch` from step `start_step` on, already on the device."""
         order = epoch_order(self.n, self.seed, epoch, self.rank, self.world)
         self.sampler.order = order[start_step * self.local_batch: len(self) * self.local_batch]
+        # the workers' base seed comes from this generator, not the global RNG that a resume restores
+        self.loader.generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 31 + self.rank)
         for x, y in self.loader:
             yield (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
 

@@ -20,5 +20,8 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:  # a second Ctrl+C: quit at once, files on disk are whole (atomic writes)
+            print("\ninterrupted: quit at once; the last completed checkpoint is intact (--resume)", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapper

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s",
                   "train_img_per_s", "val_img_per_s", "peak_mem_gb")
@@ -71,13 +73,17 @@ class MetricsLog:
 
     def append(self, row: dict[str, float]) -> None:
         new = not self.path.is_file() or self.path.stat().st_size == 0
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+                if new:
+                    w.writeheader()
+                w.writerow({k: (f"{v:.7g}" if isinstance(v, float) else v) for k, v in row.items()})
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise UserError(f"cannot append to {self.path} ({e.strerror or e}); free disk space, then "
+                            f"--resume (last.pt of the previous epoch is intact)") from None
         if self.writer is not None:
             for k, v in row.items():
                 if k != "epoch" and v is not None:

@@ -53,6 +53,13 @@ class Progress:
 def prepare_run_folder(cfg: TrainConfig) -> dict[str, Any] | None:
     """Refuse to clobber an earlier run; with --resume return its last checkpoint (checked to match)."""
     out = Path(cfg.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--output-dir {out} is not writable ({e.strerror or e}); choose another folder") from None
     existing = [n for n in RUN_FILES if (out / n).exists()]
     if cfg.resume:
         last = out / "last.pt"
@@ -151,9 +158,6 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
             scaler.load_state_dict(ckpt["scaler"])
         best = {"acc": ckpt["best_val_acc"], "epoch": ckpt["best_epoch"], "since": ckpt["epochs_since_best"]}
         start_epoch, start_step, sums_state = ckpt["epoch"], ckpt["step"], ckpt["partial"]
-        if start_step:
-            restore_rng(ckpt["rng"])
-            stream.set_rng_state(ckpt["stream_rng"])
     cfg.extra = {**environment(device), "params": params, "flops_per_image": flops,
                  "amp_dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
                  "data_pipeline": stream.name, "world_size": dist.world, "steps_per_epoch": steps_per_epoch,
@@ -182,6 +186,9 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     t_run = time.perf_counter()
 
+    if ckpt is not None and start_step:  # mid-epoch: continue the interrupted random streams, last of all
+        restore_rng(ckpt["rng"])
+        stream.set_rng_state(ckpt["stream_rng"])
     try:
         with GracefulStop() as stop:
             for epoch in range(start_epoch, cfg.epochs):
@@ -204,7 +211,7 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                         _print_resume_hint(out, epoch, step, steps_per_epoch)
                     return 128 + (stop.signum or 2)
                 train_time = time.perf_counter() - t0
-                if float(sums.count) and float(sums.bad_streak) >= min(CHECK_EVERY, step):
+                if float(sums.bad_streak) >= min(CHECK_EVERY, max(1, step // 2)):  # the epoch ended in NaNs
                     raise NonFiniteLoss(f"the loss was NaN/Inf at the end of epoch {epoch + 1}; lower --lr or "
                                         f"add --grad-clip 1; last.pt holds the last good epoch")
                 val = evaluate(model if not dist.enabled else train_model.module, splits.val_x, splits.val_y,
@@ -223,12 +230,14 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                 early = cfg.patience and best["since"] >= cfg.patience
                 finished = epoch + 1 == cfg.epochs or bool(early)
                 if dist.is_main:
+                    # Order matters for a kill between writes: the row first (a resume drops rows past
+                    # last.pt), best.pt before last.pt (a resume redoes the epoch and rewrites best.pt).
+                    log.append(row)
                     state = checkpoint_state(model, optimizer, scheduler, scaler, stream, cfg, epoch + 1, 0, None,
                                              best, finished)
-                    save_checkpoint(out / "last.pt", state)
                     if improved:
                         save_checkpoint(out / "best.pt", state)
-                    log.append(row)
+                    save_checkpoint(out / "last.pt", state)
                     print(f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f} "
                           f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
                           f"{' *' if improved else '  '}  {row['epoch_time_s']:.1f}s  "
