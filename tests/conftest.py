@@ -10,7 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REAL_SAMPLE = ROOT.parent / "shared" / "cifar10-real-sample"
+# 200 real CIFAR-10 photos (PNG, a folder per class) beside the checkout; tests that need them skip without
+REAL_SAMPLE = Path(os.environ.get("CIFAR10_REAL_SAMPLE", ROOT.parent / "shared" / "cifar10-real-sample"))
 
 from common.data import synthetic_cifar, write_cifar_folder  # noqa: E402
 
@@ -24,6 +25,14 @@ def make_cifar_dir(root: Path, n_train: int = 2000, n_test: int = 500) -> Path:
     test_x, test_y = synthetic_cifar(n_test, seed=12)
     write_cifar_folder(root, train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy())
     return root
+
+
+@pytest.fixture(scope="session")
+def real_sample() -> Path:
+    """The real CIFAR-10 photos, or a skip saying where they were looked for."""
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip(f"real CIFAR-10 sample not found at {REAL_SAMPLE} (set CIFAR10_REAL_SAMPLE)")
+    return REAL_SAMPLE
 
 
 @pytest.fixture(scope="session")

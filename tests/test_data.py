@@ -13,7 +13,7 @@ import torch
 
 from common import data
 from common.errors import UserError
-from conftest import REAL_SAMPLE, SMALL, make_cifar_dir, run_cli
+from conftest import SMALL, make_cifar_dir, run_cli
 
 
 def test_folder_round_trip(tmp_path):
@@ -113,10 +113,10 @@ def test_failed_official_download_falls_back_then_explains(tmp_path, monkeypatch
     assert calls, "the Hugging Face fallback was not tried"
 
 
-def test_hugging_face_rows_convert_to_cifar_arrays():
+def test_hugging_face_rows_convert_to_cifar_arrays(real_sample):
     import pandas as pd
 
-    files = sorted(REAL_SAMPLE.glob("*/*.png"))[:12]
+    files = sorted(real_sample.glob("*/*.png"))[:12]
     rows = pd.DataFrame({"img": [{"bytes": f.read_bytes()} for f in files],
                          "label": [data.CIFAR_CLASSES.index(f.parent.name) for f in files]})
     x, y = data._parquet_to_arrays(rows)
@@ -152,20 +152,20 @@ def test_epoch_order_depends_on_epoch_only_and_shards_evenly():
     assert not set(shards[0].tolist()) & set(shards[1].tolist())
 
 
-def _real_images() -> torch.Tensor:
+def _real_images(folder: Path) -> torch.Tensor:
     from PIL import Image
 
-    files = sorted(REAL_SAMPLE.glob("*/*.png"))
-    assert len(files) == 200, f"expected the 200 real CIFAR-10 images in {REAL_SAMPLE}"
+    files = sorted(folder.glob("*/*.png"))
+    assert len(files) == 200, f"expected the 200 real CIFAR-10 images in {folder}"
     return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
                         for f in files])
 
 
-def test_randaugment_survives_thousands_of_real_images():
+def test_randaugment_survives_thousands_of_real_images(real_sample):
     """timm's rand-m9-mstd0.5-inc1 on Pillow 13 raised on ~1 call in 500; ours must never raise."""
     torch.manual_seed(0)
     transform = data.cpu_train_transform(32, 0.25, randaug_ops=2, randaug_magnitude=9)
-    images = _real_images()
+    images = _real_images(real_sample)
     for i in range(5000):
         out = transform(images[i % len(images)])
         assert out.shape == (3, 32, 32) and torch.isfinite(out).all()

@@ -60,8 +60,8 @@ def test_flip_rate_and_op_mix_are_uniform():
 
 @pytest.mark.parametrize("op", ["Brightness", "Color", "Contrast", "Sharpness", "Posterize", "Solarize",
                                 "AutoContrast", "Equalize"])
-def test_colour_ops_match_torchvision_on_real_photos(op):
-    images = _real_images()[:64]
+def test_colour_ops_match_torchvision_on_real_photos(op, real_sample):
+    images = _real_images(real_sample)[:64]
     strength = gpu_data.op_strength(op, 9, 32)
     ours = gpu_data.colour_op(op, images.float() / 255, strength, torch.ones(64))
     factor = 1 + strength
@@ -111,10 +111,10 @@ def test_stream_resumes_mid_epoch_with_identical_batches():
     assert not torch.equal(full[0][0], list(stream.epoch(3))[0][0])
 
 
-def test_device_pipeline_survives_thousands_of_real_and_synthetic_images():
+def test_device_pipeline_survives_thousands_of_real_and_synthetic_images(real_sample):
     aug = gpu_data.BatchAugment(32, 0.25, 2, 9)
     gen = torch.Generator().manual_seed(0)
-    real = _real_images()
+    real = _real_images(real_sample)
     synthetic, _ = synthetic_cifar(1000, seed=5)
     for images in [real] * 10 + [synthetic] * 4:
         out = aug(images, gen)

@@ -11,7 +11,7 @@ import pytest
 from common.errors import UserError
 from common.plots import read_run, spread_labels
 from common.runlog import METRIC_COLUMNS
-from conftest import REAL_SAMPLE, run_cli
+from conftest import run_cli
 
 
 def write_run(folder: Path, final_val: float, epochs: int = 6, model: str = "resnet18", pretrained: bool = True,
@@ -156,10 +156,10 @@ def test_demo_on_a_test_image(trained_resnet, cifar_dir):
     assert len(list(trained_resnet.glob("example_*.png"))) == 1
 
 
-def test_demo_on_real_photos_of_any_mode_and_size(trained_resnet, tmp_path):
+def test_demo_on_real_photos_of_any_mode_and_size(trained_resnet, tmp_path, real_sample):
     from PIL import Image
 
-    photos = sorted(REAL_SAMPLE.glob("*/*.png"))[:3]
+    photos = sorted(real_sample.glob("*/*.png"))[:3]
     rgba = tmp_path / "rgba.png"
     Image.open(photos[0]).convert("RGBA").resize((300, 200)).save(rgba)
     grey = tmp_path / "grey.jpg"
