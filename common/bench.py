@@ -12,7 +12,7 @@ import torch
 from .config import TrainConfig
 from .data import CpuTrainStream, synthetic_cifar
 from .distributed import DistInfo
-from .engine import EpochSums, GracefulStop, autocast, build_optimizer, build_scheduler, evaluate, resolve_amp, \
+from .engine import EpochSums, GracefulStop, build_optimizer, build_scheduler, evaluate, resolve_amp, \
     resolve_device, train_one_epoch
 from .gpu_data import GpuTrainStream
 from .models import build_model

@@ -346,37 +346,38 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-class CpuTrainStream:
+class TrainStream:
+    """What both training pipelines share: this rank's share of the batch and the steps per epoch.
+    Their randomness is a function of (seed, epoch), so they carry no RNG state of their own."""
+
+    name = ""
+
+    def __init__(self, n: int, cfg, device: torch.device, rank: int, world: int):
+        self.n, self.seed, self.rank, self.world = n, cfg.seed, rank, world
+        self.local_batch = cfg.batch_size // world
+        self.device = device
+
+    def __len__(self) -> int:
+        return batches_per_epoch(self.n, self.local_batch * self.world, self.world)
+
+
+class CpuTrainStream(TrainStream):
     """Training batches from DataLoader workers: per-image torchvision transforms, pinned memory."""
 
     name = "cpu"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device,
                  rank: int = 0, world: int = 1):
-        self.n, self.seed, self.rank, self.world = len(images), cfg.seed, rank, world
-        self.local_batch = cfg.batch_size // world
-        self.device = device
+        super().__init__(len(images), cfg, device, rank, world)
         self.sampler = OrderSampler()
         workers = cfg.num_workers
         transform = cpu_train_transform(cfg.img_size, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude)
         self.loader = DataLoader(
             AugmentedImages(images, labels, transform), batch_size=self.local_batch, sampler=self.sampler,
             drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
-            # workers restart each epoch, seeded from the per-epoch RNG: a resumed run augments identically
+            # workers restart each epoch, seeded per epoch (below): a resumed run augments identically
             persistent_workers=False, worker_init_fn=_seed_worker,
             prefetch_factor=4 if workers > 0 else None)
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.n, self.local_batch * self.world, self.world)
-
-    def seed_epoch(self, epoch: int) -> None:
-        """Workers draw their seeds from the global RNG, which the loop reseeds per epoch."""
-
-    def rng_state(self) -> None:
-        return None
-
-    def set_rng_state(self, state) -> None:
-        pass
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `epoch` from step `start_step` on, already on the device."""

@@ -1,17 +1,15 @@
-"""The training loop shared by both scripts: AdamW (or SGD) + warmup/cosine, AMP, early stopping,
-checkpoints every epoch, graceful Ctrl+C, exact resume, test evaluation of best.pt at the end."""
+"""The pieces of the training loop both scripts share: device and AMP choice, AdamW (or SGD) with
+warmup + cosine, one training epoch with on-device metric sums, evaluation, and Ctrl+C handling."""
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import signal
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -19,19 +17,16 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, write_json
-from .config import RUN_IDENTITY_KEYS, TrainConfig
-from .data import NUM_CLASSES, Splits, eval_batch, load_splits
+from .config import TrainConfig
+from .data import NUM_CLASSES, eval_batch
 from .errors import UserError
-from .models import build_model, count_parameters, flops_per_image, head_module, unwrap_model
-from .runlog import MetricsLog, environment
+from .models import head_module, unwrap_model
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "summary.json")
 CHECK_EVERY = 25  # steps between host reads of the on-device counters (progress bar, NaN check, DDP stop)
 
 
 class NonFiniteLoss(UserError):
-    pass
+    """The loss stayed NaN/Inf: training cannot recover, the last good checkpoint stays."""
 
 
 # ----------------------------------------------------------------------------- machine

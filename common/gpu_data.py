@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from .data import batches_per_epoch, epoch_order, normalize_batch
+from .data import TrainStream, epoch_order, normalize_batch
 
 # torchvision RandAugment's 14 ops, in its order. Signed ops get a random sign (p = 0.5).
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
@@ -190,7 +190,7 @@ class BatchAugment:
         return F.interpolate(x, size=(self.img_size, self.img_size), mode="bilinear", align_corners=False)
 
 
-class GpuTrainStream:
+class GpuTrainStream(TrainStream):
     """Training batches gathered and augmented on the device; the whole split stays resident as uint8.
 
     The 32x32 stage runs on CHUNK batches at once (a few hundred small kernels per call, so per-call
@@ -202,25 +202,11 @@ class GpuTrainStream:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, cfg, device: torch.device,
                  rank: int = 0, world: int = 1):
+        super().__init__(len(images), cfg, device, rank, world)
         self.images = images.to(device, non_blocking=True).contiguous()
         self.labels = labels.to(device, non_blocking=True)
-        self.n, self.seed, self.rank, self.world = len(images), cfg.seed, rank, world
-        self.local_batch = cfg.batch_size // world
-        self.device = device
         self.augment = BatchAugment(cfg.img_size, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude)
         self.gen = torch.Generator(device=device)
-
-    def __len__(self) -> int:
-        return batches_per_epoch(self.n, self.local_batch * self.world, self.world)
-
-    def seed_epoch(self, epoch: int) -> None:
-        """Nothing to do: each chunk is seeded from (seed, epoch, chunk) when it is made."""
-
-    def rng_state(self) -> None:
-        return None
-
-    def set_rng_state(self, state) -> None:
-        pass
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.n, self.seed, epoch, self.rank, self.world).to(self.device)

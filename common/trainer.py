@@ -14,7 +14,7 @@ from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, write_json
 from .config import RUN_IDENTITY_KEYS, TrainConfig
 from .data import Splits, load_splits, make_train_stream
-from .engine import (CHECK_EVERY, EpochSums, GracefulStop, NonFiniteLoss, autocast, build_mixup, build_optimizer,
+from .engine import (CHECK_EVERY, EpochSums, GracefulStop, NonFiniteLoss, build_mixup, build_optimizer,
                      build_scheduler, evaluate, resolve_amp, resolve_device, seed_everything, train_one_epoch)
 from .errors import UserError
 from .models import build_model, count_parameters, flops_per_image, unwrap_model
@@ -50,12 +50,13 @@ class Progress:
             self.bar.close()
 
 
-def prepare_run_folder(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Refuse to clobber an earlier run; with --resume return its last checkpoint (checked to match)."""
+def prepare_run_folder(cfg: TrainConfig, is_main: bool = True) -> dict[str, Any] | None:
+    """Refuse to clobber an earlier run; with --resume return its last checkpoint (checked to match).
+    Every rank checks; only the main one deletes (--overwrite)."""
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
+        probe = out / f".write_test.{os.getpid()}"  # one per process: torchrun ranks run this together
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
@@ -76,7 +77,7 @@ def prepare_run_folder(cfg: TrainConfig) -> dict[str, Any] | None:
     if existing and not cfg.overwrite:
         raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
                         f"--output-dir for a new run, or --overwrite to replace it")
-    if existing:
+    if existing and is_main:
         for n in (*RUN_FILES, "config.json"):
             (out / n).unlink(missing_ok=True)
         for f in out.glob("events.out.tfevents.*"):
@@ -84,14 +85,14 @@ def prepare_run_folder(cfg: TrainConfig) -> dict[str, Any] | None:
     return None
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, stream, cfg: TrainConfig, epoch: int, step: int,
+def checkpoint_state(model, optimizer, scheduler, scaler, cfg: TrainConfig, epoch: int, step: int,
                      sums: EpochSums | None, best: dict[str, float], finished: bool = False) -> dict[str, Any]:
     """Everything a resume needs, as tensors and plain values (loadable with weights_only=True)."""
     return {"model": unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "epoch": epoch, "step": step, "partial": sums.state() if sums is not None else None,
             "best_val_acc": best["acc"], "best_epoch": best["epoch"], "epochs_since_best": best["since"],
-            "rng": capture_rng(), "stream_rng": stream.rng_state(), "finished": finished,
+            "rng": capture_rng(), "finished": finished,
             "config": cfg.to_dict()}
 
 
@@ -112,7 +113,7 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
     if cfg.num_workers < 0:
         cfg.num_workers = min(8, os.cpu_count() or 1)
     out = Path(cfg.output_dir)
-    ckpt = prepare_run_folder(cfg)
+    ckpt = prepare_run_folder(cfg, dist.is_main)
     if ckpt is not None and ckpt.get("finished") and (ckpt["epoch"] >= cfg.epochs
                                                       or ckpt["config"].get("epochs") == cfg.epochs):
         if dist.is_main:
@@ -188,13 +189,11 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
 
     if ckpt is not None and start_step:  # mid-epoch: continue the interrupted random streams, last of all
         restore_rng(ckpt["rng"])
-        stream.set_rng_state(ckpt["stream_rng"])
     try:
         with GracefulStop() as stop:
             for epoch in range(start_epoch, cfg.epochs):
                 if start_step == 0:
                     seed_everything(cfg.seed * 1000 + epoch)  # augmentation and dropout: a function of the epoch
-                    stream.seed_epoch(epoch)
                 sums = EpochSums.from_state(sums_state, device) if sums_state else EpochSums.zeros(device)
                 progress = Progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.epochs}",
                                     cfg.batch_size, dist.is_main)
@@ -206,7 +205,7 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                 D.all_reduce_sum(sums.loss, dist), D.all_reduce_sum(sums.correct, dist), D.all_reduce_sum(sums.count, dist)
                 if stopped:
                     if dist.is_main:
-                        save_checkpoint(out / "last.pt", checkpoint_state(model, optimizer, scheduler, scaler, stream,
+                        save_checkpoint(out / "last.pt", checkpoint_state(model, optimizer, scheduler, scaler,
                                                                           cfg, epoch, step, sums, best))
                         _print_resume_hint(out, epoch, step, steps_per_epoch)
                     return 128 + (stop.signum or 2)
@@ -214,7 +213,7 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                 if float(sums.bad_streak) >= min(CHECK_EVERY, max(1, step // 2)):  # the epoch ended in NaNs
                     raise NonFiniteLoss(f"the loss was NaN/Inf at the end of epoch {epoch + 1}; lower --lr or "
                                         f"add --grad-clip 1; last.pt holds the last good epoch")
-                val = evaluate(model if not dist.enabled else train_model.module, splits.val_x, splits.val_y,
+                val = evaluate(model, splits.val_x, splits.val_y,  # the raw module: DDP/compile wrap the same weights
                                cfg.img_size, eval_bs, device, amp_dtype, cfg.channels_last, dist)
                 count = max(1.0, float(sums.count))
                 steps_run = step - start_step
@@ -233,7 +232,7 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                     # Order matters for a kill between writes: the row first (a resume drops rows past
                     # last.pt), best.pt before last.pt (a resume redoes the epoch and rewrites best.pt).
                     log.append(row)
-                    state = checkpoint_state(model, optimizer, scheduler, scaler, stream, cfg, epoch + 1, 0, None,
+                    state = checkpoint_state(model, optimizer, scheduler, scaler, cfg, epoch + 1, 0, None,
                                              best, finished)
                     if improved:
                         save_checkpoint(out / "best.pt", state)

@@ -2,9 +2,7 @@
 flip statistics, labels aligned, learns as well. Runs on the CPU (it is tensor ops)."""
 from __future__ import annotations
 
-import math
 
-import numpy as np
 import pytest
 import torch
 from torchvision.transforms import v2

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.errors import UserError
 from common.plots import read_run, spread_labels
 from common.runlog import METRIC_COLUMNS
 from conftest import run_cli
