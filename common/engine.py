@@ -198,10 +198,7 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler, s
             sums.count += n
             sums.bad_streak.mul_(~finite).add_(~finite)
         if step % CHECK_EVERY == 0:  # the only host syncs of the epoch
-            if float(sums.bad_streak) >= CHECK_EVERY:
-                raise NonFiniteLoss(f"the loss was NaN/Inf for {int(sums.bad_streak)} steps in a row "
-                                    f"(lr {scheduler.get_last_lr()[0]:.3g} too high? try a lower --lr, "
-                                    f"--grad-clip 1, or --amp-dtype bf16); last.pt holds the last good epoch")
+            _stop_if_diverged(sums, CHECK_EVERY, scheduler)
             if progress is not None:
                 progress.update_stats(sums)
         if progress is not None:
@@ -209,7 +206,17 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler, s
         # single process: the flag is a host bool; DDP: ranks agree every CHECK_EVERY steps
         if stop.requested if not dist.enabled else (step % CHECK_EVERY == 0 and D.any_rank(stop.requested, dist, device)):
             return step, True
+    _stop_if_diverged(sums, min(CHECK_EVERY, max(1, step // 2)), scheduler)  # did the epoch end in NaNs?
     return step, False
+
+
+def _stop_if_diverged(sums: EpochSums, streak: int, scheduler) -> None:
+    """Raise NonFiniteLoss when the last `streak` losses were all NaN/Inf (fp16 steps the scaler
+    skips have finite losses and never count)."""
+    if float(sums.bad_streak) >= streak:
+        raise NonFiniteLoss(f"the loss was NaN/Inf for {int(sums.bad_streak)} steps in a row "
+                            f"(lr {scheduler.get_last_lr()[0]:.3g} too high? try a lower --lr, "
+                            f"--grad-clip 1, or --amp-dtype bf16); last.pt holds the last good epoch")
 
 
 @torch.no_grad()
