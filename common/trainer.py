@@ -194,7 +194,9 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
             for epoch in range(start_epoch, cfg.epochs):
                 if start_step == 0:
                     seed_everything(cfg.seed * 1000 + epoch)  # augmentation and dropout: a function of the epoch
-                sums = EpochSums.from_state(sums_state, device) if sums_state else EpochSums.zeros(device)
+                # saved partial sums are already summed over ranks: one rank carries them, the others add to 0
+                sums = (EpochSums.from_state(sums_state, device) if sums_state and dist.is_main
+                        else EpochSums.zeros(device))
                 progress = Progress(steps_per_epoch, start_step, f"epoch {epoch + 1}/{cfg.epochs}",
                                     cfg.batch_size, dist.is_main)
                 t0 = time.perf_counter()
@@ -202,7 +204,8 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                                                 scaler, loss_fn, mixup, sums, amp_dtype, cfg.grad_clip,
                                                 cfg.channels_last, stop, dist, start_step, progress)
                 progress.close()
-                D.all_reduce_sum(sums.loss, dist), D.all_reduce_sum(sums.correct, dist), D.all_reduce_sum(sums.count, dist)
+                for total in (sums.loss, sums.correct, sums.count):
+                    D.all_reduce_sum(total, dist)
                 if stopped:
                     if dist.is_main:
                         save_checkpoint(out / "last.pt", checkpoint_state(model, optimizer, scheduler, scaler,
