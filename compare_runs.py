@@ -65,17 +65,11 @@ def default_output(runs) -> Path:
 
 def plot_comparison(plt, groups, band: str = "minmax", title: str | None = None):
     """The four-panel figure of grouped runs; returns the Figure."""
-    from common.plots import draw_panels
+    from common.plots import panel_figure
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     series = [{"label": label, "runs": runs, "color": COLORS[i % len(COLORS)], "band": band}
               for i, (label, runs) in enumerate(groups.items())]
-    draw_panels(axes.flat, series)
-    axes[0, 0].legend(loc="upper right", fontsize=9)
-    fig.suptitle(title or " vs ".join(groups) + "  (★ = best val epoch)", fontsize=12)
-    fig.tight_layout()
-    return fig
-
+    return panel_figure(plt, series, title or " vs ".join(groups) + "  (★ = best val epoch)")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -65,9 +65,8 @@ def pretraining_gains(groups) -> list[str]:
 
 def four_panel_figure(plt, groups, missing: list[str]):
     """Four quadrants; one colour per model, solid = pretrained, dashed = from scratch."""
-    from common.plots import draw_panels
+    from common.plots import panel_figure
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     model_order: list[str] = []
     series = []
     for label, group in groups.items():
@@ -76,14 +75,10 @@ def four_panel_figure(plt, groups, missing: list[str]):
             model_order.append(model)
         series.append({"label": label, "runs": group, "color": MODEL_COLORS[model_order.index(model) % 5],
                        "linestyle": "-" if pretrained else "--"})
-    draw_panels(axes.flat, series)
-    axes[0, 0].legend(loc="upper right", fontsize=9)
     title = "ImageNet pre-training on CIFAR-10: solid = pretrained, dashed = from scratch (★ = best val epoch)"
     if missing:
         title += f"\nmissing: {', '.join(missing)}"
-    fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
-    return fig
+    return panel_figure(plt, series, title)
 
 
 @exit_on_user_error

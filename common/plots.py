@@ -163,6 +163,16 @@ def draw_panels(axes, series: list[dict], best_marks: bool = True) -> None:
         ax.grid(alpha=0.3)
 
 
+def panel_figure(plt, series: list[dict], title: str):
+    """The 2x2 figure (Train Loss / Val Loss / Train Acc / Val Acc) of `series` (see draw_panels)."""
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    draw_panels(axes.flat, series)
+    axes[0, 0].legend(loc="upper right", fontsize=9)
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout()
+    return fig
+
+
 def _annotate_ends(ax, ends, percent: bool) -> None:
     """Final values at the right of each curve, spread so that they do not overlap."""
     if not ends:
