@@ -83,7 +83,7 @@ class TrainConfig:
             (self.val_size >= 0, "--val-size must be >= 0"),
             (self.test_subset >= 0, "--test-subset must be >= 0"),
             (self.stop_after_epoch >= 0, "--stop-after-epoch must be >= 0 (0 = off)"),
-            (not (self.pretrained and self.weights and not self.weights.strip()), "--weights is empty"),
+            (self.weights is None or bool(self.weights.strip()), "--weights is empty: give the path of a weights file"),
         ]
         for ok, message in checks:
             if not ok:
