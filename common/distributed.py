@@ -1,11 +1,15 @@
 """torchrun support: detected from RANK/WORLD_SIZE; NCCL on CUDA, gloo on CPU; rank 0 alone writes."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from .errors import ReportedByAnotherRank, UserError
 
 
 @dataclass
@@ -43,18 +47,39 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True if `flag` is set on any rank, so all ranks take the same branch."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def barrier(info: DistInfo) -> None:
+def max_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise max over ranks (in place), so every rank takes the same branch; identity alone."""
     if info.enabled:
-        dist.barrier()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+@contextlib.contextmanager
+def together(info: DistInfo) -> Iterator[None]:
+    """Run a block that can raise a UserError on some ranks only (rank 0's download or checkpoint write);
+    every rank enters it. If any rank failed, every rank raises: the lowest failed rank its own error, the
+    others quietly. So torchrun shows one clear line, and no rank is left waiting in a later collective
+    for a peer that has exited (gloo: a crash with a traceback; NCCL: a hang until the timeout).
+    The block itself must hold no collective: a rank that failed early would skip it."""
+    err: UserError | None = None
+    try:
+        yield
+    except UserError as e:
+        err = e
+    if not info.enabled:
+        if err is not None:
+            raise err
+        return
+    device = torch.device("cuda", info.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    failed = torch.zeros(info.world, device=device)
+    failed[info.rank] = float(err is not None)
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+    ranks = failed.nonzero().flatten().tolist()
+    if not ranks:
+        return
+    if err is not None and info.rank == ranks[0]:
+        raise err
+    raise ReportedByAnotherRank(f"rank {ranks[0]} failed")
 
 
 def cleanup(info: DistInfo) -> None:

@@ -110,19 +110,26 @@ def build_mixup(cfg: TrainConfig):
 
 class GracefulStop:
     """First Ctrl+C / SIGTERM sets `requested` (the loop saves and exits after the current step);
-    a second Ctrl+C raises KeyboardInterrupt at once."""
+    a second Ctrl+C raises KeyboardInterrupt at once. Under torchrun one Ctrl+C reaches a rank twice
+    (from the terminal, then forwarded by the launcher), so a repeat within `echo_s` counts as the same."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True, echo_s: float = 0.0) -> None:
+        self.announce = announce  # under torchrun every rank gets the signal; rank 0 alone says so
+        self.echo_s = echo_s
         self.requested = False
         self.signum = 0
+        self._first = 0.0
         self._old: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested, self.signum = True, signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
-              f"(Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+        if self.requested:
+            if signum == signal.SIGINT and time.monotonic() - self._first > self.echo_s:
+                raise KeyboardInterrupt
+            return
+        self.requested, self.signum, self._first = True, signum, time.monotonic()
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
+                  f"(Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -197,26 +204,34 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler, s
             sums.correct += (logits.argmax(1) == y).sum()
             sums.count += n
             sums.bad_streak.mul_(~finite).add_(~finite)
+        stop_now = stop.requested and not dist.enabled  # one process: a host bool, checked every step
         if step % CHECK_EVERY == 0:  # the only host syncs of the epoch
-            _stop_if_diverged(sums, CHECK_EVERY, scheduler)
+            stop_now = _check_in(sums, CHECK_EVERY, scheduler, stop, dist)
             if progress is not None:
                 progress.update_stats(sums)
         if progress is not None:
             progress.advance(1)
-        # single process: the flag is a host bool; DDP: ranks agree every CHECK_EVERY steps
-        if stop.requested if not dist.enabled else (step % CHECK_EVERY == 0 and D.any_rank(stop.requested, dist, device)):
+        if stop_now:
             return step, True
-    _stop_if_diverged(sums, min(CHECK_EVERY, max(1, step // 2)), scheduler)  # did the epoch end in NaNs?
-    return step, False
+    stopped = _check_in(sums, min(CHECK_EVERY, max(1, step // 2)), scheduler, stop, dist)  # ended in NaNs?
+    return step, stopped
 
 
-def _stop_if_diverged(sums: EpochSums, streak: int, scheduler) -> None:
-    """Raise NonFiniteLoss when the last `streak` losses were all NaN/Inf (fp16 steps the scaler
-    skips have finite losses and never count)."""
-    if float(sums.bad_streak) >= streak:
-        raise NonFiniteLoss(f"the loss was NaN/Inf for {int(sums.bad_streak)} steps in a row "
+def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist: D.DistInfo) -> bool:
+    """Raise NonFiniteLoss when the last `streak` losses were all NaN/Inf (fp16 steps the scaler skips have
+    finite losses and never count); return whether a stop was asked. Under DDP both are a max over ranks
+    (one collective), so the ranks stop or fail together instead of one waiting on another that left."""
+    flags = D.max_over_ranks(torch.stack([sums.bad_streak.double(),
+                                          torch.tensor(float(stop.requested), dtype=torch.float64,
+                                                       device=sums.bad_streak.device)]), dist)
+    bad_streak, stop_any = flags.tolist()
+    if bad_streak >= streak:
+        err = NonFiniteLoss(f"the loss was NaN/Inf for {int(bad_streak)} steps in a row "
                             f"(lr {scheduler.get_last_lr()[0]:.3g} too high? try a lower --lr, "
                             f"--grad-clip 1, or --amp-dtype bf16); last.pt holds the last good epoch")
+        err.quiet = not dist.is_main  # every rank raises it; rank 0 reports
+        raise err
+    return bool(stop_any)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from torch import nn
 from . import distributed as D
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint, write_json
 from .config import RUN_IDENTITY_KEYS, TrainConfig
-from .data import Splits, load_splits, make_train_stream
+from .data import load_splits, make_train_stream
 from .engine import (EpochSums, GracefulStop, build_mixup, build_optimizer,
                      build_scheduler, evaluate, resolve_amp, resolve_device, seed_everything, train_one_epoch)
 from .errors import UserError
@@ -106,40 +107,39 @@ def run_training(cfg: TrainConfig) -> int:
 
 
 def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
-    device = resolve_device(cfg.device, dist.local_rank)
-    if cfg.batch_size % dist.world:
-        raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
-                        f"{dist.world} processes")
+    # Under torchrun each step that can fail on some ranks only runs in D.together: all ranks then raise,
+    # one of them prints, and none is left waiting for a peer that has exited.
+    with D.together(dist):
+        device = resolve_device(cfg.device, dist.local_rank)
+        if cfg.batch_size % dist.world:
+            raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
+                            f"{dist.world} processes")
+        ckpt = prepare_run_folder(cfg, dist.is_main)
     if cfg.num_workers < 0:
         cfg.num_workers = min(8, os.cpu_count() or 1)
     out = Path(cfg.output_dir)
-    ckpt = prepare_run_folder(cfg, dist.is_main)
     if ckpt is not None and ckpt.get("finished") and (ckpt["epoch"] >= cfg.epochs
                                                       or ckpt["config"].get("epochs") == cfg.epochs):
         if dist.is_main:
             print(f"{out} is finished ({ckpt['epoch']}/{cfg.epochs} epochs, best val acc "
                   f"{ckpt['best_val_acc']:.4f}); nothing to resume. Pass a larger --epochs to extend it.")
         return 0
-    D.barrier(dist)
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    if dist.is_main:  # rank 0 downloads; the others read what it wrote
-        splits = load_splits(cfg.data_dir, cfg.download, cfg.dummy, cfg.val_size, cfg.train_subset, cfg.seed,
-                             test_subset=cfg.test_subset)
-    D.barrier(dist)
-    if not dist.is_main:
-        splits = load_splits(cfg.data_dir, False, cfg.dummy, cfg.val_size, cfg.train_subset, cfg.seed, quiet=True,
-                             test_subset=cfg.test_subset)
-    if len(splits.train_x) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} training "
-                        f"images; lower it or raise --train-subset")
-
-    model = build_model(cfg.family, cfg.model, cfg.pretrained and ckpt is None, cfg.weights, cfg.img_size,
-                        quiet=not dist.is_main).to(device)
+    for downloader in (True, False):  # rank 0 downloads data and weights first; the others read its copies
+        with D.together(dist):
+            if dist.is_main == downloader:
+                splits = load_splits(cfg.data_dir, cfg.download and downloader, cfg.dummy, cfg.val_size,
+                                     cfg.train_subset, cfg.seed, quiet=not downloader, test_subset=cfg.test_subset)
+                if len(splits.train_x) < cfg.batch_size:
+                    raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} "
+                                    f"training images; lower it or raise --train-subset")
+                model = build_model(cfg.family, cfg.model, cfg.pretrained and ckpt is None, cfg.weights,
+                                    cfg.img_size, quiet=not downloader).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params, flops = count_parameters(model), flops_per_image(model, cfg.img_size)
@@ -190,7 +190,7 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
     if ckpt is not None and start_step:  # mid-epoch: continue the interrupted random streams, last of all
         restore_rng(ckpt["rng"])
     try:
-        with GracefulStop() as stop:
+        with GracefulStop(announce=dist.is_main, echo_s=2.0 if dist.enabled else 0.0) as stop:
             for epoch in range(start_epoch, cfg.epochs):
                 if start_step == 0:
                     seed_everything(cfg.seed * 1000 + epoch)  # augmentation and dropout: a function of the epoch
@@ -207,10 +207,11 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                 for total in (sums.loss, sums.correct, sums.count):
                     D.all_reduce_sum(total, dist)
                 if stopped:
-                    if dist.is_main:
-                        save_checkpoint(out / "last.pt", checkpoint_state(model, optimizer, scheduler, scaler,
-                                                                          cfg, epoch, step, sums, best))
-                        _print_resume_hint(out, epoch, step, steps_per_epoch)
+                    with D.together(dist):
+                        if dist.is_main:
+                            save_checkpoint(out / "last.pt", checkpoint_state(model, optimizer, scheduler, scaler,
+                                                                              cfg, epoch, step, sums, best))
+                            _print_resume_hint(out, epoch, step, steps_per_epoch, dist.world)
                     return 128 + (stop.signum or 2)
                 train_time = time.perf_counter() - t0
                 val = evaluate(model, splits.val_x, splits.val_y,  # the raw module: DDP/compile wrap the same weights
@@ -228,15 +229,11 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                         else {**best, "since": best["since"] + 1})
                 early = cfg.patience and best["since"] >= cfg.patience
                 finished = epoch + 1 == cfg.epochs or bool(early)
+                with D.together(dist):
+                    if dist.is_main:
+                        _save_epoch(out, log, row, checkpoint_state(model, optimizer, scheduler, scaler, cfg,
+                                                                    epoch + 1, 0, None, best, finished), improved)
                 if dist.is_main:
-                    # Order matters for a kill between writes: the row first (a resume drops rows past
-                    # last.pt), best.pt before last.pt (a resume redoes the epoch and rewrites best.pt).
-                    log.append(row)
-                    state = checkpoint_state(model, optimizer, scheduler, scaler, cfg, epoch + 1, 0, None,
-                                             best, finished)
-                    if improved:
-                        save_checkpoint(out / "best.pt", state)
-                    save_checkpoint(out / "last.pt", state)
                     print(f"epoch {epoch + 1:3d}/{cfg.epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f} "
                           f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
                           f"{' *' if improved else '  '}  {row['epoch_time_s']:.1f}s  "
@@ -244,8 +241,8 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
                 start_step, sums_state = 0, None
                 if cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch and not finished:
                     if dist.is_main:
-                        _print_resume_hint(out, epoch + 1, 0, steps_per_epoch, f"stopped after epoch {epoch + 1} "
-                                           f"as --stop-after-epoch asked")
+                        _print_resume_hint(out, epoch + 1, 0, steps_per_epoch, dist.world,
+                                           f"stopped after epoch {epoch + 1} as --stop-after-epoch asked")
                     return 0
                 if early:
                     if dist.is_main:
@@ -256,16 +253,30 @@ def _run(cfg: TrainConfig, dist: D.DistInfo) -> int:
         if log is not None:
             log.close()
 
-    summary = _final_test(cfg, model, splits, device, amp_dtype, dist, eval_bs, out)
-    if dist.is_main:
-        summary.update({"best_epoch": best["epoch"], "best_val_acc": best["acc"],
-                        "total_time_s": time.perf_counter() - t_run, "params": params, "flops_per_image": flops,
-                        "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30
-                        if device.type == "cuda" else None, "val_is_test": splits.val_is_test})
-        write_json(out / "summary.json", summary)
-        print(f"test acc of best.pt (epoch {best['epoch']}): {summary['test_acc']:.4f}  "
-              f"loss {summary['test_loss']:.4f}  -> {out / 'summary.json'}", flush=True)
+    with D.together(dist):  # every rank tests best.pt (written before the last together)
+        unwrap_model(model).load_state_dict(load_checkpoint(out / "best.pt", map_location=device)["model"])
+    test = evaluate(model, splits.test_x, splits.test_y, cfg.img_size, eval_bs, device, amp_dtype,
+                    cfg.channels_last, dist)
+    with D.together(dist):
+        if dist.is_main:
+            summary = {"test_loss": test["loss"], "test_acc": test["acc"], "test_images": test["n"],
+                       "best_epoch": best["epoch"], "best_val_acc": best["acc"],
+                       "total_time_s": time.perf_counter() - t_run, "params": params, "flops_per_image": flops,
+                       "peak_gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30
+                       if device.type == "cuda" else None, "val_is_test": splits.val_is_test}
+            write_json(out / "summary.json", summary)
+            print(f"test acc of best.pt (epoch {best['epoch']}): {summary['test_acc']:.4f}  "
+                  f"loss {summary['test_loss']:.4f}  -> {out / 'summary.json'}", flush=True)
     return 0
+
+
+def _save_epoch(out: Path, log: MetricsLog, row: dict[str, float], state: dict[str, Any], improved: bool) -> None:
+    """Order matters for a kill between writes: the row first (a resume drops rows past last.pt),
+    best.pt before last.pt (a resume redoes the epoch and rewrites best.pt)."""
+    log.append(row)
+    if improved:
+        save_checkpoint(out / "best.pt", state)
+    save_checkpoint(out / "last.pt", state)
 
 
 def _loss_fn(cfg: TrainConfig):
@@ -276,21 +287,12 @@ def _loss_fn(cfg: TrainConfig):
     return nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
 
-def _final_test(cfg, model, splits: Splits, device, amp_dtype, dist, eval_bs, out: Path) -> dict[str, Any]:
-    """Test loss and accuracy of best.pt: the test set is touched once, at the end."""
-    D.barrier(dist)
-    best_state = load_checkpoint(out / "best.pt", map_location=device)
-    unwrap_model(model).load_state_dict(best_state["model"])
-    test = evaluate(model, splits.test_x, splits.test_y, cfg.img_size, eval_bs, device, amp_dtype,
-                    cfg.channels_last, dist)
-    return {"test_loss": test["loss"], "test_acc": test["acc"], "test_images": test["n"]}
-
-
-def _print_resume_hint(out: Path, epoch: int, step: int, steps: int, why: str = "") -> None:
+def _print_resume_hint(out: Path, epoch: int, step: int, steps: int, world: int, why: str = "") -> None:
     flags = [a for a in sys.argv[1:] if a != "--resume"]
     if "--stop-after-epoch" in flags:
         i = flags.index("--stop-after-epoch")
         del flags[i:i + 2]
     where = why or f"stopped in epoch {epoch + 1} at step {step}/{steps}"
-    print(f"{where}; saved {out / 'last.pt'}.\ncontinue with: python {Path(sys.argv[0]).name} "
-          f"{' '.join(flags)} --resume", file=sys.stderr, flush=True)
+    launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+    print(f"{where}; saved {out / 'last.pt'}.\ncontinue with: {launcher} {Path(sys.argv[0]).name} "
+          f"{shlex.join(flags)} --resume", file=sys.stderr, flush=True)
