@@ -2,6 +2,8 @@
 
     python check.py                  # exit 0 when ready to train on a GPU
     python check.py --bench [--json] # images/s of each data path and model (see design.md)
+    python check.py --bench-suite 2  # time 2 real epochs of each model; project the four 30-epoch runs
+    python check.py --bench-profile tiny_vit_5m_224  # which kernels a training step spends its time in
 """
 from __future__ import annotations
 
@@ -65,8 +67,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bench-steps", type=int, default=0, help="timed steps per measurement (0 = auto)")
     parser.add_argument("--bench-compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--bench-channels-last", default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument("--bench-suite", type=int, default=0, metavar="EPOCHS",
+                        help="train each model for EPOCHS epochs on CIFAR-sized synthetic data through the "
+                             "training code and project the time of the four-run suite")
+    parser.add_argument("--bench-suite-flags", default="", metavar="FLAGS",
+                        help='training flags for --bench-suite, e.g. "--batch-size 256 --compile"')
+    parser.add_argument("--bench-profile", choices=["resnet18", "tiny_vit_5m_224"],
+                        help="profile training steps of one model: the operators/kernels that take the time")
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     args = parser.parse_args(argv)
+    if args.bench_profile:
+        from common.bench import bench_profile
+
+        return bench_profile(args.bench_profile, args.device, args.bench_img_size, args.bench_batch_size,
+                             args.bench_steps, args.bench_compile, args.bench_channels_last)
+    if args.bench_suite < 0:
+        parser.error("--bench-suite must be a number of epochs >= 1")
+    if args.bench_suite:
+        from common.bench import bench_suite
+        from common.errors import exit_on_user_error
+
+        return exit_on_user_error(bench_suite)(args.bench_suite, args.device, args.bench_suite_flags, args.json)
     if args.bench:
         from common.bench import run_benchmarks
 

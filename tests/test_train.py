@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.runlog import METRIC_COLUMNS
-from conftest import SMALL, run_cli
+from conftest import ROOT, SMALL, run_cli
 
 
 def test_resnet_learns_and_writes_every_output(trained_resnet):
@@ -100,3 +100,45 @@ def test_check_reports_what_is_missing(tmp_path):
     if not torch.cuda.is_available():
         assert r.returncode == 1 and "no CUDA GPU" in r.stdout
     assert "CIFAR-10 not in" in r.stdout and str(tmp_path) in r.stdout
+
+
+def test_bench_measures_both_paths_and_models():
+    r = run_cli("check.py", "--bench", "--json", "--device", "cpu", "--bench-img-size", "32",
+                "--bench-batch-size", "16", "--bench-steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)  # --json: stdout is the result alone
+    assert set(res["data"]) == {"cpu", "gpu"} and all(v > 0 for v in res["data"].values())
+    assert set(res["models"]) == {"resnet18", "tiny_vit_5m_224"}
+    for m in res["models"].values():
+        assert all(m[k] > 0 for k in ("ceiling", "fed_cpu", "fed_gpu", "eval"))
+
+
+def test_bench_suite_times_real_epochs_and_projects_the_suite(tmp_path):
+    flags = "--img-size 32 --batch-size 64 --train-subset 384 --val-size 128 --test-subset 128 --num-workers 0"
+    r = run_cli(str(ROOT / "check.py"), "--bench-suite", "2", "--json", "--device", "cpu",
+                "--bench-suite-flags", flags, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)
+    assert res["full_epochs"] == 30 and set(res["runs"]) == {"ResNet-18", "TinyViT-5M"}
+    for run in res["runs"].values():
+        assert run["train_images"] == 384 and run["img_size"] == 32 and run["batch_size"] == 64
+        assert run["later_epoch_s"] > 0 and run["setup_s"] > 0
+        assert run["projected_run_s"] >= 29 * run["later_epoch_s"] + run["first_epoch_s"]
+    assert res["projected_suite_s"] == pytest.approx(2 * sum(x["projected_run_s"] for x in res["runs"].values()))
+    assert "epoch   2/2" in r.stderr, "the epoch lines go to stderr, not into the JSON"
+    assert not list(tmp_path.iterdir()), "the timed runs leave nothing behind"
+
+
+@pytest.mark.parametrize("flags, words", [("--batch-size 0", "--batch-size must be"),
+                                          ("--bogus 3", "unrecognized arguments: --bogus 3")])
+def test_bench_suite_bad_flags_are_one_line(flags, words):
+    r = run_cli("check.py", "--bench-suite", "1", "--bench-suite-flags", flags)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, r.stderr
+
+
+def test_bench_profile_names_the_operators_a_step_spends_time_in():
+    r = run_cli("check.py", "--bench-profile", "tiny_vit_5m_224", "--device", "cpu", "--bench-img-size", "64",
+                "--bench-batch-size", "4", "--bench-steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "img/s under the profiler" in r.stdout
+    assert "aten::convolution_backward" in r.stdout and "Self CPU" in r.stdout
