@@ -13,6 +13,8 @@ import platform
 import sys
 from pathlib import Path
 
+from common.errors import exit_on_user_error
+
 
 def readiness(data_dir: str) -> tuple[list[str], list[str]]:
     """(report lines, missing pieces) for the environment."""
@@ -57,6 +59,7 @@ def readiness(data_dir: str) -> tuple[list[str], list[str]]:
     return lines, missing
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="./data")
@@ -85,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--bench-suite must be a number of epochs >= 1")
     if args.bench_suite:
         from common.bench import bench_suite
-        from common.errors import exit_on_user_error
 
-        return exit_on_user_error(bench_suite)(args.bench_suite, args.device, args.bench_suite_flags, args.json)
+        return bench_suite(args.bench_suite, args.device, args.bench_suite_flags, args.json)
     if args.bench:
         from common.bench import run_benchmarks
 

@@ -18,7 +18,9 @@ from .engine import EpochSums, GracefulStop, build_optimizer, build_scheduler, e
 from .gpu_data import GpuTrainStream
 from .models import build_model
 
-MODELS = (("resnet", "resnet18"), ("timm", "tiny_vit_5m_224.dist_in22k_ft_in1k"))
+# family, model, run-folder prefix, label: the train scripts' defaults
+MODELS = (("resnet", "resnet18", "resnet", "ResNet-18"),
+          ("timm", "tiny_vit_5m_224.dist_in22k_ft_in1k", "tinyvit", "TinyViT-5M"))
 
 
 def _sync(device: torch.device) -> None:
@@ -116,7 +118,7 @@ def bench_profile(which: str, device_name: str, img_size: int, batch_size: int, 
     from torch.profiler import ProfilerActivity, profile
 
     device, cfg, amp_dtype = _bench_setup(device_name, img_size, batch_size, compile_model, channels_last)
-    family, name = next(m for m in MODELS if m[1].startswith(which))
+    family, name, *_ = next(m for m in MODELS if m[1].startswith(which))
     model = _bench_model(family, name, cfg, device)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
@@ -149,7 +151,7 @@ def run_benchmarks(device_name: str, img_size: int, batch_size: int, steps: int,
                "data": {}, "models": {}}
     for kind in ("cpu", "gpu"):
         results["data"][kind] = bench_data(kind, images, labels, cfg, device, steps)
-    for family, name in MODELS:
+    for family, name, *_ in MODELS:
         model = _bench_model(family, name, cfg, device)
         x = torch.randn(batch_size, 3, img_size, img_size, device=device)
         y = torch.randint(0, 10, (batch_size,), device=device)
@@ -189,15 +191,10 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-# The four runs: each model pretrained and from scratch. Both do the same compute per step, so each model
-# is timed once (from scratch: no download needed) and counted twice.
-SUITE = (("resnet", "resnet18", "resnet", "ResNet-18"),
-         ("timm", "tiny_vit_5m_224.dist_in22k_ft_in1k", "tinyvit", "TinyViT-5M"))
-
-
 def bench_suite(epochs: int, device_name: str, flags: str, as_json: bool) -> int:
     """Time `epochs` real epochs of each model through run_training (CIFAR-sized synthetic data, --dummy)
-    and project the four-run suite at the default --epochs from the measured epoch times."""
+    and project the four-run suite at the default --epochs from the measured epoch times. Pretrained and
+    scratch runs do the same compute, so each model is timed once (from scratch: no download) and counted twice."""
     import contextlib
     import shlex
     import sys
@@ -212,7 +209,7 @@ def bench_suite(epochs: int, device_name: str, flags: str, as_json: bool) -> int
     full_epochs = TrainConfig().epochs
     results: dict = {"timed_epochs": epochs, "full_epochs": full_epochs, "flags": flags, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
-        for family, model, prefix, label in SUITE:
+        for family, model, prefix, label in MODELS:
             argv = [*shlex.split(flags), "--no-pretrained", "--dummy", "--epochs", str(epochs),
                     "--device", device_name, "--output-dir", str(Path(tmp) / prefix)]
             parser = build_parser("bench", model, "")
@@ -229,7 +226,7 @@ def bench_suite(epochs: int, device_name: str, flags: str, as_json: bool) -> int
             summary = json.loads((out / "summary.json").read_text())
             epoch_s = m["epoch_time_s"].tolist()
             later = float(pd.Series(epoch_s[1:]).median()) if len(epoch_s) > 1 else epoch_s[0]
-            setup_s = wall - summary["total_time_s"]  # data, model, process-group set-up before epoch 1
+            setup_s = wall - summary["total_time_s"]  # data and model set-up before epoch 1
             test_s = summary["total_time_s"] - sum(epoch_s)
             results["device"] = cfg.extra.get("device_name") or cfg.extra.get("device")
             results["runs"][label] = {

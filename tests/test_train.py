@@ -142,3 +142,10 @@ def test_bench_profile_names_the_operators_a_step_spends_time_in():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "img/s under the profiler" in r.stdout
     assert "aten::convolution_backward" in r.stdout and "Self CPU" in r.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("mode", [["--bench"], ["--bench-profile", "resnet18"], ["--bench-suite", "1"]])
+def test_bench_on_a_missing_gpu_is_one_line(mode):
+    r = run_cli("check.py", *mode, "--device", "cuda")
+    assert r.returncode == 2 and r.stderr.startswith("error: --device cuda") and "Traceback" not in r.stderr
