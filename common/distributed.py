@@ -59,7 +59,7 @@ def together(info: DistInfo) -> Iterator[None]:
     """Run a block that can raise a UserError on some ranks only (rank 0's download or checkpoint write);
     every rank enters it. If any rank failed, every rank raises: the lowest failed rank its own error, the
     others quietly. So torchrun shows one clear line, and no rank is left waiting in a later collective
-    for a peer that has exited (gloo: a crash with a traceback; NCCL: a hang until the timeout).
+    for a peer that has exited (gloo: a crash with a traceback; NCCL: blocked until torchrun stops it).
     The block itself must hold no collective: a rank that failed early would skip it."""
     err: UserError | None = None
     try:
