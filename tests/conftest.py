@@ -57,3 +57,18 @@ def trained_resnet(cifar_dir, tmp_path_factory) -> Path:
     assert main(["--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir), "--output-dir", str(out),
                  *SMALL]) == 0
     return out
+
+
+def assert_same_run(a: Path, b: Path, epochs: int) -> None:
+    """Two run folders hold the same rows (to 1e-6) for epochs 1..`epochs` and the same last.pt weights."""
+    import pandas as pd
+    import torch
+
+    same = ["lr", "train_loss", "train_acc", "val_loss", "val_acc"]
+    ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
+    assert ma["epoch"].tolist() == mb["epoch"].tolist() == list(range(1, epochs + 1))
+    pd.testing.assert_frame_equal(ma[same], mb[same], atol=1e-6, rtol=0)
+    wa = torch.load(a / "last.pt", weights_only=True)["model"]
+    wb = torch.load(b / "last.pt", weights_only=True)["model"]
+    for k in wa:
+        assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from common.checkpoint import load_checkpoint
 from common.engine import GracefulStop
-from conftest import ROOT, run_cli
+from conftest import ROOT, assert_same_run, run_cli
 
 # 50 steps an epoch, so a stop lands mid-epoch (ranks agree on it every 25 steps)
 DDP = ["--no-pretrained", "--epochs", "2", "--device", "cpu", "--img-size", "32", "--batch-size", "32",
@@ -83,11 +82,7 @@ def test_torchrun_interrupted_twice_resumes_to_the_same_run(cifar_dir, tmp_path,
 
     r = run_cli(*torchrun(*flags, "--resume"), env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = pd.read_csv(straight / "metrics.csv"), pd.read_csv(out / "metrics.csv")
-    cols = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
-    pd.testing.assert_frame_equal(a[cols], b[cols], atol=1e-6, rtol=0)
-    wa, wb = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (straight, out))
-    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+    assert_same_run(straight, out, epochs=2)
 
 
 @pytest.mark.parametrize("case", ["download_fails_on_rank_0", "loss_diverges"])
