@@ -1,4 +1,5 @@
-"""Shared fixtures: a learnable CIFAR-format folder, a trained run, and a CLI runner."""
+"""Shared fixtures: the 200 real CIFAR-10 photos (in tests/data), the full CIFAR-10 archive when it is beside
+the checkout, a learnable CIFAR-format folder, one trained run, and a CLI runner."""
 from __future__ import annotations
 
 import os
@@ -6,39 +7,64 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-# 200 real CIFAR-10 photos (PNG, a folder per class) beside the checkout; tests that need them skip without
-REAL_SAMPLE = Path(os.environ.get("CIFAR10_REAL_SAMPLE", ROOT.parent / "shared" / "cifar10-real-sample"))
+PHOTOS = ROOT / "tests" / "data" / "cifar10-real-sample"
+ARCHIVE = Path(os.environ.get("CIFAR10_ARCHIVE", ROOT.parent / "shared" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"))
 
-from common.data import synthetic_cifar, write_cifar_folder  # noqa: E402
+from common.data.folders import CIFAR_CLASSES  # noqa: E402
+from common.data.sources import synthetic_images, write_batches  # noqa: E402
 
 # Small enough for 2 CPU cores, large enough that a model must learn the classes.
 SMALL = ["--img-size", "32", "--batch-size", "64", "--num-workers", "0", "--val-size", "400",
          "--train-subset", "1600", "--seed", "0"]
 
 
+def real_photos() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 200 real CIFAR-10 photos as uint8 (200, 3, 32, 32) and their labels."""
+    from PIL import Image
+
+    files = sorted(PHOTOS.glob("*/*.png"))
+    assert len(files) == 200, f"expected the 200 real CIFAR-10 photos in {PHOTOS}"
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1) for f in files])
+    y = torch.tensor([CIFAR_CLASSES.index(f.parent.name) for f in files])
+    return x, y
+
+
 def make_cifar_dir(root: Path, n_train: int = 2000, n_test: int = 500) -> Path:
-    train_x, train_y = synthetic_cifar(n_train, seed=11)
-    test_x, test_y = synthetic_cifar(n_test, seed=12)
-    write_cifar_folder(root, train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy())
+    train_x, train_y = synthetic_images(n_train, seed=11)
+    test_x, test_y = synthetic_images(n_test, seed=12)
+    write_batches(root, train_x, train_y, test_x, test_y)
     return root
 
 
 @pytest.fixture(scope="session")
-def real_sample() -> Path:
-    """The real CIFAR-10 photos, or a skip saying where they were looked for."""
-    if not REAL_SAMPLE.is_dir():
-        pytest.skip(f"real CIFAR-10 sample not found at {REAL_SAMPLE} (set CIFAR10_REAL_SAMPLE)")
-    return REAL_SAMPLE
+def cifar_dir(tmp_path_factory) -> Path:
+    """A cifar-10-batches-py folder of learnable (not trivially separable) synthetic images."""
+    return make_cifar_dir(tmp_path_factory.mktemp("cifar"))
 
 
 @pytest.fixture(scope="session")
-def cifar_dir(tmp_path_factory) -> Path:
-    """A CIFAR-10-format folder (data_batch_1..5, test_batch) of learnable synthetic images."""
-    return make_cifar_dir(tmp_path_factory.mktemp("cifar"))
+def archive() -> Path:
+    """The full real CIFAR-10 archive, or a skip that says where it was looked for."""
+    if not ARCHIVE.is_file():
+        pytest.skip(f"the CIFAR-10 archive is not at {ARCHIVE} (it lies in ../shared on the development and CI "
+                    f"machines; set CIFAR10_ARCHIVE to use another copy)")
+    return ARCHIVE
+
+
+@pytest.fixture(scope="session")
+def archive_cache(archive, tmp_path_factory) -> str:
+    """A decode cache of the real archive shared by the tests of one session (decoding takes ~15 s)."""
+    from common.data.sources import open_source
+
+    folder = str(tmp_path_factory.mktemp("archive_cache"))
+    open_source(archive, cache_dir=folder, quiet=True)
+    return folder
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -48,21 +74,34 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None, cwd: Path
                           env=full_env)
 
 
+def train(script: str, *argv: str) -> int:
+    """A train script's main(), in this process (no start-up cost)."""
+    module = __import__(script.removesuffix(".py"))
+    return module.main(list(argv))
+
+
 @pytest.fixture(scope="session")
 def trained_resnet(cifar_dir, tmp_path_factory) -> Path:
     """A ResNet-18 run trained for 2 epochs on the learnable folder (shared by several tests)."""
     out = tmp_path_factory.mktemp("runs") / "resnet_scratch"
-    from train_resnet_cifar import main
-
-    assert main(["--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir), "--output-dir", str(out),
-                 *SMALL]) == 0
+    assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir),
+                 "--output-dir", str(out), "--aug", "light", *SMALL) == 0
     return out
+
+
+def one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
+    """The process failed with exit 2 and printed exactly one `error:` line containing every word, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
 
 
 def assert_same_run(a: Path, b: Path, epochs: int) -> None:
     """Two run folders hold the same rows (to 1e-6) for epochs 1..`epochs` and the same last.pt weights."""
     import pandas as pd
-    import torch
 
     same = ["lr", "train_loss", "train_acc", "val_loss", "val_acc"]
     ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")

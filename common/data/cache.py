@@ -1,0 +1,115 @@
+"""The decode cache of image-folder and archive sources: uint8 arrays in one .npz beside the data (or under
+--cache-dir), named by a fingerprint of the source, written atomically so a killed decode is never read."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..faults import failpoint
+
+FORMAT = 1  # bump when decoding changes what the arrays hold: old caches are then ignored
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-vit-vs-cnn"
+
+
+def source_fingerprint(path: Path) -> str:
+    """A file: the SHA-256 of its bytes. A folder: a hash of every image's relative path, size and mtime
+    (reading 60,000 files would cost seconds; any edit, addition or deletion changes it)."""
+    h = hashlib.sha256(f"format {FORMAT}\n".encode())
+    if path.is_file():
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            rel = os.path.relpath(os.path.join(root, name), path)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cache_file(source: Path, fingerprint: str, cache_dir: str | None, skip_bad: bool) -> Path:
+    """Where the decoded arrays of `source` live: beside it, or in cache_dir; falls back to the user's cache
+    folder (with a message) when the data's folder is read-only and no --cache-dir was given."""
+    name = f"{source.name}.decoded-{fingerprint[:16]}{'-skipbad' if skip_bad else ''}.npz"
+    if cache_dir:
+        folder = Path(cache_dir)
+        if not _writable(folder):
+            raise UserError(f"--cache-dir {folder} is not writable; choose a folder you can write to")
+        return folder / name
+    folder = source.resolve().parent
+    if (folder / name).is_file() or _writable(folder):
+        return folder / name
+    if (USER_CACHE / name).is_file() or _writable(USER_CACHE):
+        return USER_CACHE / name
+    raise UserError(f"cannot write the decode cache of {source} beside it or in {USER_CACHE}; "
+                    f"pass --cache-dir DIR (a writable folder)")
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def load_cache(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+    """The arrays and metadata of a complete cache file, or None (absent, or unusable: it is decoded again)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
+    except Exception as e:  # truncated zip, bad header, missing array: all mean "decode again"
+        print(f"ignoring the unreadable cache {path} ({type(e).__name__}); decoding again", file=sys.stderr)
+        return None
+    if meta.get("format") != FORMAT or len(arrays["train_x"]) != meta.get("counts", {}).get("train"):
+        return None
+    return arrays, meta
+
+
+def save_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Write the cache through a temp file named by this process, then rename: readers never see half a file."""
+    remove_stale_temp(path.parent)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps({**meta, "format": FORMAT})), **arrays)
+            f.flush()
+            failpoint("write:cache")
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        print(f"warning: could not write the decode cache {path} ({e.strerror or e}); the next run decodes "
+              f"again (pass --cache-dir to put it elsewhere)", file=sys.stderr)
+
+
+def remove_stale_temp(folder: Path) -> None:
+    """Delete cache temp files of processes that no longer run (a decode killed half-way)."""
+    for tmp in folder.glob("*.decoded-*.npz.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

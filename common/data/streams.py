@@ -1,0 +1,141 @@
+"""Training batches, epoch by epoch: the sample order (a function of seed and epoch alone) and the two
+pipelines that augment it, DataLoader workers on the CPU or batched ops on the device. Both can start in the
+middle of an epoch and then produce exactly the batches an uninterrupted run would have seen."""
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .augment import Recipe, cpu_train_transform
+from .device_ops import make_device_augment
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The epoch's sample order: a function of (seed, epoch) alone, so a resumed run sees the same batches."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """The augmentation seed of one sample: its place in the epoch, not the worker or rank that draws it."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + position) % (2**63 - 1)
+
+
+class TrainStream:
+    """This rank's share of each epoch: `steps` batches of `local_batch` from the global order, positions
+    rank, rank + world, ... (a last partial batch is dropped: BatchNorm dislikes tiny batches)."""
+
+    name = ""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.device, self.rank, self.world = n, seed, device, rank, world
+        self.local_batch = batch_size // world
+        self.steps = max(1, (n // world) // self.local_batch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def positions(self, start_step: int = 0) -> torch.Tensor:
+        """Positions in the epoch order of this rank's samples from `start_step` on."""
+        mine = torch.arange(self.rank, self.n, self.world)[: self.steps * self.local_batch]
+        return mine[start_step * self.local_batch:]
+
+
+class _Positions(Sampler):
+    """Yields (image index, augmentation seed) for the epoch's positions (set by the stream per epoch)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int]] = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class _SeededImages(Dataset):
+    """uint8 images + labels; each item is augmented under its own seed, so a worker's history does not matter."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        random.seed(seed)                 # timm's RandAugment, crop and erasing draw from random / numpy,
+        np.random.seed(seed % 2**32)      # torchvision's from torch's CPU generator (torch.manual_seed
+        torch.default_generator.manual_seed(seed)  # would also queue a CUDA seeding, 2 ms a call)
+        return self.transform(self.images[index]), self.labels[index]
+
+
+class CpuTrainStream(TrainStream):
+    """Batches from DataLoader workers: timm's / torchvision's per-image transforms, pinned memory. The same
+    batches for any --num-workers, and from any resume point."""
+
+    name = "cpu"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int, batch_size: int,
+                 seed: int, num_workers: int, device: torch.device, rank: int = 0, world: int = 1):
+        super().__init__(len(images), batch_size, seed, device, rank, world)
+        self.sampler = _Positions()
+        self.loader = DataLoader(
+            _SeededImages(images, labels, cpu_train_transform(recipe, img_size)), batch_size=self.local_batch,
+            sampler=self.sampler, drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of `epoch` from step `start_step` on, already on the device."""
+        order = epoch_order(self.n, self.seed, epoch)
+        pos = self.positions(start_step)
+        self.sampler.items = [(int(order[p]), sample_seed(self.seed, epoch, int(p))) for p in pos]
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class DeviceTrainStream(TrainStream):
+    """Batches gathered and augmented on the device; the whole split stays resident as uint8 (150 MB).
+
+    Random choices for a chunk of batches are drawn on the CPU from a generator seeded by (seed, epoch,
+    chunk, rank), so a run resumed mid-epoch augments exactly as an uninterrupted one. Chunks amortise the
+    per-op launches of small images; at large sizes a chunk is one batch (the ops are big enough alone)."""
+
+    name = "gpu"
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int, batch_size: int,
+                 seed: int, device: torch.device, rank: int = 0, world: int = 1):
+        super().__init__(len(images), batch_size, seed, device, rank, world)
+        self.images = images.to(device, non_blocking=True).contiguous()
+        self.labels = labels.to(device, non_blocking=True)
+        self.augment = make_device_augment(recipe, img_size)
+        work = img_size if recipe.family == "timm" else 32  # where the per-op work happens: 4 batches at 224
+        self.chunk = max(1, min(8, (4 * 224 * 224) // (work * work)))
+        self.gen = torch.Generator()
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = epoch_order(self.n, self.seed, epoch)
+        mine = order[self.positions(0)].to(self.device)
+        b, steps = self.local_batch, len(self)
+        for chunk in range(start_step // self.chunk, (steps + self.chunk - 1) // self.chunk):
+            first, last = chunk * self.chunk, min(steps, (chunk + 1) * self.chunk)
+            self.gen.manual_seed(((self.seed * 1_000_003 + epoch) * 7919 + chunk) * 31 + self.rank)
+            idx = mine[first * b:last * b]
+            x = self.augment.apply(self.images[idx], self.augment.sample(len(idx), self.gen))
+            labels = self.labels[idx]
+            for step in range(max(first, start_step), last):
+                j = (step - first) * b
+                yield self.augment.finish(x[j:j + b]), labels[j:j + b]
+
+
+def make_train_stream(pipeline: str, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int,
+                      batch_size: int, seed: int, num_workers: int, device: torch.device, rank: int = 0,
+                      world: int = 1) -> TrainStream:
+    """The training batch source: 'cpu' (DataLoader workers) or 'gpu' (on the device)."""
+    if pipeline == "gpu":
+        return DeviceTrainStream(images, labels, recipe, img_size, batch_size, seed, device, rank, world)
+    return CpuTrainStream(images, labels, recipe, img_size, batch_size, seed, num_workers, device, rank, world)

@@ -1,0 +1,31 @@
+"""Fault injection for the fault tests: with CIFAR_FAILPOINT=<point>[@<action>] set, the process acts at that
+point of a run, exactly, instead of a test guessing the moment from outside. Unset (always, for users),
+every failpoint() is a dictionary lookup and nothing else.
+
+Points: decode (half-way through decoding images), step:<n> (after training step n of the run),
+epoch:<n> (after epoch n's metrics row, before its checkpoints), write:<file> (half-way through writing
+that file: last.pt, best.pt, summary.json, ...), test (during the final test), summary (before
+summary.json). Actions: kill (SIGKILL, the default), int (SIGINT), term (SIGTERM), enospc (the write
+fails as on a full disk)."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+ENV = "CIFAR_FAILPOINT"
+_SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
+
+
+def failpoint(point: str) -> None:
+    """Act here if CIFAR_FAILPOINT names this point (see the module docstring)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    target, _, action = spec.partition("@")
+    if target != point:
+        return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.environ.pop(ENV)  # once: a signal the run survives must not fire again
+    os.kill(os.getpid(), _SIGNALS[action or "kill"])
