@@ -1,5 +1,6 @@
-"""`python check.py --bench`: images/s of each data path, the model-only ceiling, data-fed training and
-eval, for ResNet-18 and TinyViT-5M, timed through the same train_one_epoch / evaluate the scripts use."""
+"""`python check.py --bench`: images/s of each data path (both recipes), each model's training ceiling (input
+already on the device), training fed by each path, evaluation, and model FLOP utilisation (MFU) on GPUs whose
+bf16 peak is known. Timed through the same TrainStep / train_one_epoch / evaluate the scripts use."""
 from __future__ import annotations
 
 import itertools
@@ -9,18 +10,20 @@ import time
 
 import torch
 
-from .config import TrainConfig
-from .data import CpuTrainStream, synthetic_cifar
+from .data.augment import EvalTransform, resolve_recipe
+from .data.sources import synthetic_images
+from .data.streams import make_train_stream
 from .distributed import DistInfo
-from .errors import UserError
-from .engine import EpochSums, GracefulStop, build_optimizer, build_scheduler, evaluate, resolve_amp, \
-    resolve_device, train_one_epoch
-from .gpu_data import GpuTrainStream
-from .models import build_model
+from .engine import (EpochSums, GracefulStop, TrainStep, build_optimizer, build_scheduler, evaluate, make_scaler,
+                     resolve_amp, resolve_device, train_one_epoch)
+from .models import build_model, flops_per_image
+from .specs import MODELS, resolve_model
 
-# family, model, run-folder prefix, label: the train scripts' defaults
-MODELS = (("resnet", "resnet18", "resnet", "ResNet-18"),
-          ("timm", "tiny_vit_5m_224.dist_in22k_ft_in1k", "tinyvit", "TinyViT-5M"))
+# dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "RTX 4090": 165.2, "RTX 4080": 97.5,
+                    "RTX 4070": 58.3, "RTX 3090": 71.0}
+CPU_DEFAULTS = {"img_size": 64, "batch_size": 16, "steps": 2}  # finishes in about a minute on 2 cores
 
 
 def _sync(device: torch.device) -> None:
@@ -36,57 +39,125 @@ def _timed(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _stream(kind: str, images, labels, cfg, device):
-    return (GpuTrainStream if kind == "gpu" else CpuTrainStream)(images, labels, cfg, device)
+def peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    if device.type != "cuda":
+        return None, "no bf16 peak for CPUs"
+    name = torch.cuda.get_device_name(device)
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return value, f"{name}: {value:g} TFLOP/s dense bf16 (data sheet)"
+    return None, f"{name}: bf16 peak unknown"
 
 
-def bench_data(kind: str, images, labels, cfg, device, steps: int) -> float:
+def bench_data(pipeline: str, recipe, images, labels, img_size, batch_size, device, steps: int) -> float:
     """Training batches per second of one data path, as images/s (batches delivered on the device)."""
-    stream = _stream(kind, images, labels, cfg, device)
-    it = stream.epoch(0)
-    for _ in range(2):
-        next(it)  # warm-up: workers started, kernels loaded
+    stream = make_train_stream(pipeline, images, labels, recipe, img_size, batch_size, 0,
+                               min(8, os.cpu_count() or 1), device)
+    it = itertools.chain.from_iterable(stream.epoch(e) for e in itertools.count())
+    chunk = getattr(stream, "chunk", 1)  # the device path augments `chunk` batches at once: time whole chunks
+    steps = -(-steps // chunk) * chunk
+    for _ in itertools.islice(it, chunk):  # warm-up: workers started, kernels loaded
+        pass
     seconds = _timed(lambda: [b for b in itertools.islice(it, steps)], device)
-    return steps * cfg.batch_size / seconds
+    return steps * batch_size / seconds
 
 
-def _stepper(model, cfg, device, batches, amp_dtype):
-    """run(n): n training steps of `model` over `batches` through the scripts' train_one_epoch."""
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, 10_000)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    loss_fn = torch.nn.CrossEntropyLoss()
+def make_step(model, device, amp_dtype, channels_last: bool) -> TrainStep:
+    optimizer = build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, device)
+    scheduler = build_scheduler(optimizer, 1, 0, 10_000)
+    return TrainStep(model, optimizer, scheduler, make_scaler(amp_dtype, device), torch.nn.CrossEntropyLoss(), None,
+                     amp_dtype, 0.0, channels_last, device)
 
+
+def bench_train(step: TrainStep, batches, steps: int, device) -> float:
+    """Training images/s over `batches` (an iterator of device batches), after 3 warm-up steps."""
     def run(n):
-        sums = EpochSums.zeros(device)
-        train_one_epoch(model, itertools.islice(batches, n), optimizer, scheduler, scaler, loss_fn, None, sums,
-                        amp_dtype, 0.0, cfg.channels_last, GracefulStop(), DistInfo())
+        train_one_epoch(step, itertools.islice(batches, n), EpochSums.zeros(device), GracefulStop(), DistInfo())
 
-    return run
-
-
-def bench_train(model, cfg, device, batches, steps: int, amp_dtype) -> float:
-    """Training images/s of `model` over `batches` (an iterator of device batches)."""
-    run = _stepper(model, cfg, device, batches, amp_dtype)
-    run(3)  # warm-up: cudnn autotuning, allocator
-    return steps * cfg.batch_size / _timed(lambda: run(steps), device)
+    run(3)
+    batch = next(batches)[1].shape[0]
+    return steps * batch / _timed(lambda: run(steps), device)
 
 
-def _bench_setup(device_name: str, img_size: int, batch_size: int, compile_model: bool, channels_last: bool):
+def bench_model(arch: str, img_size: int, device, channels_last: bool, compile_model: bool):
+    model = build_model(resolve_model(arch, False), img_size)[0].to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compile_model else model
+
+
+def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | None, steps: int | None,
+                   as_json: bool, compile_model: bool = False, channels_last: bool = True) -> int:
     device = resolve_device(device_name)
+    chosen = []
+    if device.type == "cpu":  # CPU-sized defaults, said out loud, unless the user set them
+        for name, value in (("img_size", img_size), ("batch_size", batch_size), ("steps", steps)):
+            if value is None:
+                chosen.append(f"--bench-{name.replace('_', '-')} {CPU_DEFAULTS[name]}")
+        img_size, batch_size, steps = (img_size or CPU_DEFAULTS["img_size"], batch_size or CPU_DEFAULTS["batch_size"],
+                                       steps or CPU_DEFAULTS["steps"])
+    img_size, batch_size, steps = img_size or 224, batch_size or 128, steps or 50
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    cfg = TrainConfig(img_size=img_size, batch_size=batch_size, num_workers=min(8, os.cpu_count() or 1),
-                      device=device.type, channels_last=channels_last, compile=compile_model)
-    return device, cfg, resolve_amp(cfg, device)
+    amp_dtype = resolve_amp(True, "auto", device)
+    peak, peak_note = peak_tflops(device)
+    x_np, y_np = synthetic_images(max(2_000, batch_size * (steps + 8)), seed=0)
+    images, labels = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+               f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)", "img_size": img_size,
+               "batch_size": batch_size, "steps": steps, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+               "torch": str(torch.__version__), "compile": compile_model, "channels_last": channels_last,
+               "chosen_for_cpu": chosen, "peak": peak_note, "data": {}, "models": {}}
+    if chosen and not as_json:
+        print(f"CPU: chose {' '.join(chosen)} so that this takes about a minute (224 px at batch 128 would take "
+              f"tens of minutes); set them to override", flush=True)
+    for recipe_name in ("reference", "light"):
+        recipe = resolve_recipe(recipe_name)
+        for pipeline in ("cpu", "gpu"):
+            results["data"][f"{recipe_name}/{pipeline}"] = bench_data(pipeline, recipe, images, labels, img_size,
+                                                                      batch_size, device, steps)
+    recipe = resolve_recipe("reference")
+    for arch, spec in MODELS.items():
+        model = bench_model(arch, img_size, device, channels_last, compile_model)
+        step = make_step(model, device, amp_dtype, channels_last)
+        x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+        y = torch.randint(0, 10, (batch_size,), device=device)
+        row = {"ceiling": bench_train(step, itertools.repeat((x, y)), steps, device)}
+        for pipeline in ("cpu", "gpu"):
+            stream = make_train_stream(pipeline, images, labels, recipe, img_size, batch_size, 0,
+                                       min(8, os.cpu_count() or 1), device)
+            row[f"fed_{pipeline}"] = bench_train(step, itertools.chain.from_iterable(
+                stream.epoch(e) for e in itertools.count()), steps, device)
+        eval_tf = EvalTransform(recipe, img_size)
+        n_eval = min(len(images), batch_size * steps * 2)
+        evaluate(model, images[:batch_size], labels[:batch_size], eval_tf, batch_size * 2, device, amp_dtype, channels_last)
+        row["eval"] = evaluate(model, images[:n_eval], labels[:n_eval], eval_tf, batch_size * 2, device, amp_dtype,
+                               channels_last)["img_per_s"]
+        train_flops = 3 * flops_per_image(model, img_size)  # forward + backward ~ 3x forward
+        row["mfu"] = row["fed_gpu"] * train_flops / (peak * 1e12) if peak else None
+        if device.type == "cuda":
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        results["models"][spec.display] = row
+    print(json.dumps(results, indent=2) if as_json else format_table(results))
+    return 0
 
 
-def _bench_model(family: str, name: str, cfg: TrainConfig, device: torch.device):
-    model = build_model(family, name, False, None, cfg.img_size).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if cfg.compile else model
+def format_table(r: dict) -> str:
+    """The markdown tables design.md records."""
+    lines = [f"device: {r['device']}, torch {r['torch']}, {r['img_size']}px, batch {r['batch_size']}, {r['amp']}, "
+             f"compile {r['compile']}, channels_last {r['channels_last']}, {r['steps']} timed steps; {r['peak']}",
+             "", "| recipe / data path | training batches as images/s |", "|---|---:|"]
+    lines += [f"| {k} | {v:,.0f} |" for k, v in r["data"].items()]
+    lines += ["", "| model | ceiling (input on device) | fed by cpu path | fed by gpu path | gpu-fed / ceiling | eval | "
+              "MFU (gpu-fed) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in r["models"].items():
+        mfu = "–" if m["mfu"] is None else f"{m['mfu']:.1%}"
+        lines.append(f"| {name} | {m['ceiling']:,.0f} | {m['fed_cpu']:,.0f} | {m['fed_gpu']:,.0f} | "
+                     f"{m['fed_gpu'] / m['ceiling']:.0%} | {m['eval']:,.0f} | {mfu} |")
+    lines.append("\n(fed paths use the reference recipe; MFU = training FLOP/s, 3x the forward FLOPs, over the bf16 peak)")
+    return "\n".join(lines)
 
 
 def count_ops(model, x: torch.Tensor, y: torch.Tensor, amp_dtype, device: torch.device) -> tuple[int, int]:
@@ -111,149 +182,31 @@ def count_ops(model, x: torch.Tensor, y: torch.Tensor, amp_dtype, device: torch.
     return fwd, c.n - fwd
 
 
-def bench_profile(which: str, device_name: str, img_size: int, batch_size: int, steps: int,
+def bench_profile(arch: str, device_name: str, img_size: int | None, batch_size: int | None, steps: int | None,
                   compile_model: bool = False, channels_last: bool = True, rows: int = 25) -> int:
-    """Where a training step's time goes: the operators (CPU) or kernels (GPU) with the most self time over
-    `steps` steps of synthetic on-device batches (torch.profiler)."""
+    """Where a training step's time goes: the operators (CPU) or kernels (GPU) with the most self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    device, cfg, amp_dtype = _bench_setup(device_name, img_size, batch_size, compile_model, channels_last)
-    family, name, *_ = next(m for m in MODELS if m[1].startswith(which))
-    model = _bench_model(family, name, cfg, device)
+    device = resolve_device(device_name)
+    img_size = img_size or (224 if device.type == "cuda" else CPU_DEFAULTS["img_size"])
+    batch_size = batch_size or (128 if device.type == "cuda" else 4)
+    steps = steps or (20 if device.type == "cuda" else 1)
+    amp_dtype = resolve_amp(True, "auto", device)
+    model = bench_model(arch, img_size, device, channels_last, compile_model)
+    step = make_step(model, device, amp_dtype, channels_last)
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    run = _stepper(model, cfg, device, itertools.repeat((x, y)), amp_dtype)
-    steps = steps or (20 if device.type == "cuda" else 2)
-    run(3)
+    batches = itertools.repeat((x, y))
+    train_one_epoch(step, itertools.islice(batches, 3), EpochSums.zeros(device), GracefulStop(), DistInfo())
     fwd, bwd = count_ops(model, x, y, amp_dtype, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        seconds = _timed(lambda: run(steps), device)
+        seconds = _timed(lambda: train_one_epoch(step, itertools.islice(batches, steps), EpochSums.zeros(device),
+                                                 GracefulStop(), DistInfo()), device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"{name} on {device}, {img_size}px, batch {batch_size}, "
-          f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}, compile {compile_model}, "
-          f"channels_last {channels_last}: {steps} steps in {seconds:.2f} s "
-          f"({steps * batch_size / seconds:,.0f} img/s under the profiler); aten ops per step: "
-          f"{fwd} forward, {bwd} backward")
+    print(f"{arch} on {device}, {img_size}px, batch {batch_size}, "
+          f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}, compile {compile_model}, channels_last "
+          f"{channels_last}: {steps} steps in {seconds:.2f} s ({steps * batch_size / seconds:,.0f} img/s under the "
+          f"profiler); aten ops per step: {fwd} forward, {bwd} backward")
     print(prof.key_averages().table(sort_by=key, row_limit=rows))
     return 0
-
-
-def run_benchmarks(device_name: str, img_size: int, batch_size: int, steps: int, as_json: bool,
-                   compile_model: bool = False, channels_last: bool = True) -> int:
-    device, cfg, amp_dtype = _bench_setup(device_name, img_size, batch_size, compile_model, channels_last)
-    steps = steps or (50 if device.type == "cuda" else 3)
-    images, labels = synthetic_cifar(max(10_000, batch_size * (steps + 8)), seed=0)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores, "
-               f"{torch.get_num_threads()} threads)", "img_size": img_size, "batch_size": batch_size,
-               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", "torch": str(torch.__version__),
-               "compile": compile_model, "channels_last": channels_last,
-               "data": {}, "models": {}}
-    for kind in ("cpu", "gpu"):
-        results["data"][kind] = bench_data(kind, images, labels, cfg, device, steps)
-    for family, name, *_ in MODELS:
-        model = _bench_model(family, name, cfg, device)
-        x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-        y = torch.randint(0, 10, (batch_size,), device=device)
-        row = {"ceiling": bench_train(model, cfg, device, itertools.repeat((x, y)), steps, amp_dtype)}
-        for kind in ("cpu", "gpu"):
-            stream = _stream(kind, images, labels, cfg, device)
-            row[f"fed_{kind}"] = bench_train(model, cfg, device, itertools.chain.from_iterable(
-                stream.epoch(e) for e in itertools.count()), steps, amp_dtype)
-        ev_n = min(len(images), batch_size * steps * 2)
-        evaluate(model, images[:batch_size * 2], labels[:batch_size * 2], img_size, batch_size * 2, device,
-                 amp_dtype, cfg.channels_last)
-        row["eval"] = evaluate(model, images[:ev_n], labels[:ev_n], img_size, batch_size * 2, device, amp_dtype,
-                               cfg.channels_last)["img_per_s"]
-        if device.type == "cuda":
-            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            torch.cuda.reset_peak_memory_stats(device)
-        results["models"][name.split(".")[0]] = row
-        del model
-    if as_json:
-        print(json.dumps(results, indent=2))
-    else:
-        print(format_table(results))
-    return 0
-
-
-def format_table(r: dict) -> str:
-    """The markdown table design.md records."""
-    lines = [f"device: {r['device']}, torch {r['torch']}, {r['img_size']}px, batch {r['batch_size']}, {r['amp']}, "
-             f"compile {r['compile']}, channels_last {r['channels_last']}",
-             "", "| data path | batches/s as images/s |", "|---|---:|"]
-    lines += [f"| {k} | {v:,.0f} |" for k, v in r["data"].items()]
-    lines += ["", "| model | ceiling (synthetic on device) | fed by cpu path | fed by gpu path | gpu-fed / ceiling "
-              "| eval |", "|---|---:|---:|---:|---:|---:|"]
-    for name, m in r["models"].items():
-        lines.append(f"| {name} | {m['ceiling']:,.0f} | {m['fed_cpu']:,.0f} | {m['fed_gpu']:,.0f} | "
-                     f"{m['fed_gpu'] / m['ceiling']:.0%} | {m['eval']:,.0f} |")
-    return "\n".join(lines)
-
-
-def bench_suite(epochs: int, device_name: str, flags: str, as_json: bool) -> int:
-    """Time `epochs` real epochs of each model through run_training (CIFAR-sized synthetic data, --dummy)
-    and project the four-run suite at the default --epochs from the measured epoch times. Pretrained and
-    scratch runs do the same compute, so each model is timed once (from scratch: no download) and counted twice."""
-    import contextlib
-    import shlex
-    import sys
-    import tempfile
-    from pathlib import Path
-
-    import pandas as pd
-
-    from .config import build_parser, config_from_args
-    from .trainer import run_training
-
-    full_epochs = TrainConfig().epochs
-    results: dict = {"timed_epochs": epochs, "full_epochs": full_epochs, "flags": flags, "runs": {}}
-    with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
-        for family, model, prefix, label in MODELS:
-            argv = [*shlex.split(flags), "--no-pretrained", "--dummy", "--epochs", str(epochs),
-                    "--device", device_name, "--output-dir", str(Path(tmp) / prefix)]
-            parser = build_parser("bench", model, "")
-            parser.error = _flags_error
-            cfg = config_from_args(parser.parse_args(argv), family, model, prefix)
-            start = time.perf_counter()
-            with contextlib.redirect_stdout(sys.stderr):  # the epoch lines are progress; stdout is the result
-                code = run_training(cfg)
-            wall = time.perf_counter() - start
-            if code != 0:
-                return code
-            out = Path(cfg.output_dir)
-            m = pd.read_csv(out / "metrics.csv")
-            summary = json.loads((out / "summary.json").read_text())
-            epoch_s = m["epoch_time_s"].tolist()
-            later = float(pd.Series(epoch_s[1:]).median()) if len(epoch_s) > 1 else epoch_s[0]
-            setup_s = wall - summary["total_time_s"]  # data and model set-up before epoch 1
-            test_s = summary["total_time_s"] - sum(epoch_s)
-            results["device"] = cfg.extra.get("device_name") or cfg.extra.get("device")
-            results["runs"][label] = {
-                "first_epoch_s": epoch_s[0], "later_epoch_s": later,
-                "train_img_per_s": float(m["train_img_per_s"].iloc[-1]),
-                "val_img_per_s": float(m["val_img_per_s"].iloc[-1]),
-                "peak_mem_gb": float(m["peak_mem_gb"].max()), "setup_s": setup_s, "test_s": test_s,
-                "train_images": cfg.extra["train_images"], "batch_size": cfg.batch_size, "img_size": cfg.img_size,
-                "projected_run_s": setup_s + epoch_s[0] + (full_epochs - 1) * later + test_s}
-    results["projected_suite_s"] = 2 * sum(r["projected_run_s"] for r in results["runs"].values())
-    print(json.dumps(results, indent=2) if as_json else format_suite(results))
-    return 0
-
-
-def _flags_error(message: str):
-    raise UserError(f"--bench-suite-flags: {message} (the flags of python train_resnet_cifar.py --help)")
-
-
-def format_suite(r: dict) -> str:
-    lines = [f"device: {r['device']}; {r['timed_epochs']} timed epoch(s) per model; "
-             f"extra flags: {r['flags'] or 'none'}",
-             "", "| model | first epoch | later epochs | train img/s | val img/s | peak GB | set-up + test "
-             f"| projected {r['full_epochs']}-epoch run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, x in r["runs"].items():
-        lines.append(f"| {name} | {x['first_epoch_s']:.1f} s | {x['later_epoch_s']:.1f} s "
-                     f"| {x['train_img_per_s']:,.0f} | {x['val_img_per_s']:,.0f} | {x['peak_mem_gb']:.1f} "
-                     f"| {x['setup_s'] + x['test_s']:.1f} s | {x['projected_run_s'] / 60:.1f} min |")
-    lines += ["", f"four-run suite (each model pretrained and from scratch, {r['full_epochs']} epochs): "
-              f"{r['projected_suite_s'] / 60:.1f} min projected from these epochs"]
-    return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The pieces of the training loop both scripts share: device and AMP choice, AdamW (or SGD) with
-warmup + cosine, one training epoch with on-device metric sums, evaluation, and Ctrl+C handling."""
+"""The pieces of the training loop both scripts share: device and AMP choice, AdamW (or SGD) with warm-up +
+cosine, one training step and one epoch with on-device metric sums, evaluation, and Ctrl+C handling."""
 from __future__ import annotations
 
 import contextlib
@@ -10,19 +10,18 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import distributed as D
-from .config import TrainConfig
-from .data import NUM_CLASSES, eval_batch
 from .errors import UserError
-from .models import head_module, unwrap_model
+from .faults import failpoint
+from .models import head_module, set_train_mode, unwrap_model
 
-CHECK_EVERY = 25  # steps between host reads of the on-device counters (progress bar, NaN check, DDP stop)
+CHECK_EVERY = 25  # steps between host reads of the on-device counters (progress, NaN check, DDP stop)
 
 
 class NonFiniteLoss(UserError):
@@ -42,16 +41,21 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AMP is a CUDA default; on the CPU only an explicit
-    --amp-dtype turns it on (CPU autocast is slower than fp32 on most CPUs)."""
-    if not cfg.amp or (device.type == "cpu" and cfg.amp_dtype == "auto"):
+def resolve_amp(amp: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. AMP is a CUDA default; on the CPU only an explicit --amp-dtype
+    turns it on (CPU autocast is slower than fp32 on most CPUs)."""
+    if not amp or (device.type == "cpu" and amp_dtype == "auto"):
         return None
-    if cfg.amp_dtype == "fp16":
+    if amp_dtype == "fp16":
         return torch.float16
-    if cfg.amp_dtype == "bf16" or device.type == "cpu" or torch.cuda.is_bf16_supported():
+    if amp_dtype == "bf16" or device.type == "cpu" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
+
+
+def make_scaler(amp_dtype: torch.dtype | None, device: torch.device):
+    """A GradScaler for fp16 (its small range underflows gradients), none for bf16 or fp32."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -68,67 +72,78 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- optimisation
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """Four parameter groups: (backbone, head) x (decayed weights, no-decay biases and norms)."""
+def build_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: float, momentum: float,
+                    head_lr_mult: float, device: torch.device) -> torch.optim.Optimizer:
+    """Parameter groups (backbone, head) x (decayed weights, no-decay biases and norms), trainable ones only."""
     head_ids = {id(p) for p in head_module(model).parameters()}
     groups = {(h, d): [] for h in (False, True) for d in (False, True)}
     for p in unwrap_model(model).parameters():
         if p.requires_grad:
             groups[(id(p) in head_ids, p.ndim >= 2)].append(p)
-    params = [{"params": ps, "lr": cfg.lr * (cfg.head_lr_mult if head else 1.0),
-               "weight_decay": cfg.weight_decay if decay else 0.0}
+    params = [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": weight_decay if decay else 0.0}
               for (head, decay), ps in groups.items() if ps]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    fused = device.type == "cuda"  # one kernel for all parameters
-    return torch.optim.AdamW(params, lr=cfg.lr, fused=fused)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")  # fused: one kernel for all parameters
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warmup from ~0, then cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+class CosineSchedule:
+    """The lr factor per step: linear warm-up from ~0, then cosine to 0 at the last step. A stateful callable,
+    so LambdaLR saves it: when a resumed run changes --epochs, `retarget` continues the cosine from the
+    current factor down to 0 at the new last step (no jump back to warm-up)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int):
+        self.total, self.warmup = total_steps, warmup_steps
+        self.segments: list[tuple[int, float, int]] = []  # (start step, factor there, new last step)
+
+    def __call__(self, step: int) -> float:
+        for start, factor, end in reversed(self.segments):
+            if step >= start:
+                return factor * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - start) / max(1, end - start))))
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def retarget(self, step: int, total_steps: int) -> None:
+        self.segments.append((step, self(step), total_steps))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: float, steps_per_epoch: int):
+    schedule = CosineSchedule(epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def build_mixup(cfg: TrainConfig):
-    if not (cfg.mixup or cfg.cutmix):
-        return None
+def build_loss_and_mixup(label_smoothing: float, mixup: float, cutmix: float, num_classes: int):
+    if not (mixup or cutmix):
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing), None
     from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
 
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.label_smoothing,
-                 num_classes=NUM_CLASSES)
+    return SoftTargetCrossEntropy(), Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                                           num_classes=num_classes)  # Mixup applies the smoothing itself
 
 
 # ----------------------------------------------------------------------------- interrupts
 
 class GracefulStop:
-    """First Ctrl+C / SIGTERM sets `requested` (the loop saves and exits after the current step);
-    a second Ctrl+C raises KeyboardInterrupt at once. Under torchrun one Ctrl+C reaches a rank twice
-    (from the terminal, then forwarded by the launcher), so a repeat within `echo_s` counts as the same."""
+    """First Ctrl+C / SIGTERM sets `requested` (the loop saves and exits after the current step); a second
+    Ctrl+C raises KeyboardInterrupt at once. Under torchrun one Ctrl+C reaches a rank twice (from the
+    terminal, then forwarded by the launcher), so a repeat within `echo_s` counts as the same."""
 
-    def __init__(self, announce: bool = True, echo_s: float = 0.0) -> None:
-        self.announce = announce  # under torchrun every rank gets the signal; rank 0 alone says so
-        self.echo_s = echo_s
-        self.requested = False
-        self.signum = 0
-        self._first = 0.0
+    def __init__(self, announce: bool = True, echo_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.announce, self.echo_s, self.clock = announce, echo_s, clock
+        self.requested, self.signum, self._first = False, 0, 0.0
         self._old: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested:
-            if signum == signal.SIGINT and time.monotonic() - self._first > self.echo_s:
+            if signum == signal.SIGINT and self.clock() - self._first > self.echo_s:
                 raise KeyboardInterrupt
             return
-        self.requested, self.signum, self._first = True, signum, time.monotonic()
+        self.requested, self.signum, self._first = True, signum, self.clock()
         if self.announce:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt "
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving "
                   f"(Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "GracefulStop":
@@ -142,7 +157,7 @@ class GracefulStop:
             signal.signal(s, h)
 
 
-# ----------------------------------------------------------------------------- one epoch
+# ----------------------------------------------------------------------------- one step, one epoch
 
 @dataclass
 class EpochSums:
@@ -153,74 +168,91 @@ class EpochSums:
     count: torch.Tensor
     bad_streak: torch.Tensor  # consecutive non-finite losses
 
+    KEYS = ("loss", "correct", "count", "bad_streak")
+
     @classmethod
     def zeros(cls, device: torch.device) -> "EpochSums":
-        return cls(*(torch.zeros((), device=device, dtype=torch.float64) for _ in range(4)))
+        return cls(*(torch.zeros((), device=device, dtype=torch.float64) for _ in cls.KEYS))
 
     def state(self) -> dict[str, float]:
-        return {k: float(getattr(self, k)) for k in ("loss", "correct", "count", "bad_streak")}
+        return {k: float(getattr(self, k)) for k in self.KEYS}
 
     @classmethod
     def from_state(cls, s: dict[str, float], device: torch.device) -> "EpochSums":
-        return cls(*(torch.tensor(float(s[k]), device=device, dtype=torch.float64)
-                     for k in ("loss", "correct", "count", "bad_streak")))
+        return cls(*(torch.tensor(float(s[k]), device=device, dtype=torch.float64) for k in cls.KEYS))
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable, optimizer, scheduler, scaler, loss_fn, mixup,
-                    sums: EpochSums, amp_dtype, grad_clip: float, channels_last: bool,
-                    stop: GracefulStop, dist: D.DistInfo, start_step: int = 0, progress=None) -> tuple[int, bool]:
-    """Train over `batches` from `start_step`; returns (steps done in the epoch, stopped early)."""
-    device = sums.loss.device
-    model.train()
-    step = start_step
-    for x, y in batches:
-        if channels_last:
+class TrainStep:
+    """One optimisation step on a batch: autocast forward, (scaled) backward, optional clipping, optimizer and
+    scheduler step. Returns (loss, logits) for the metric sums."""
+
+    def __init__(self, model: nn.Module, optimizer, scheduler, scaler, loss_fn, mixup, amp_dtype,
+                 grad_clip: float, channels_last: bool, device: torch.device):
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.loss_fn, self.mixup, self.amp_dtype = loss_fn, mixup, amp_dtype
+        self.grad_clip, self.channels_last, self.device = grad_clip, channels_last, device
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         target = y
-        if mixup is not None:
-            x, target = mixup(x, y)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-            loss = loss_fn(logits, target)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+        if self.mixup is not None:
+            x, target = self.mixup(x, y)
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+            loss = self.loss_fn(logits, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         else:
             loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-        scheduler.step()
+            if self.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+
+def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop: GracefulStop,
+                    dist: D.DistInfo, start_step: int = 0, progress=None,
+                    frozen_backbone: bool = False) -> tuple[int, bool]:
+    """Train over `batches` from `start_step`; returns (steps done in the epoch, stopped early)."""
+    set_train_mode(step_fn.model, frozen_backbone)
+    step = start_step
+    for x, y in batches:
+        loss, logits = step_fn(x, y)
         step += 1
         with torch.no_grad():
-            finite = torch.isfinite(loss.detach())
+            finite = torch.isfinite(loss)
             n = y.shape[0]
-            sums.loss += torch.where(finite, loss.detach().double(), 0.0) * n
+            sums.loss += torch.where(finite, loss.double(), 0.0) * n
             sums.correct += (logits.argmax(1) == y).sum()
             sums.count += n
             sums.bad_streak.mul_(~finite).add_(~finite)
+        failpoint(f"step:{step}")
         stop_now = stop.requested and not dist.enabled  # one process: a host bool, checked every step
         if step % CHECK_EVERY == 0:  # the only host syncs of the epoch
-            stop_now = _check_in(sums, CHECK_EVERY, scheduler, stop, dist)
+            stop_now = _check_in(sums, CHECK_EVERY, step_fn.scheduler, stop, dist)
             if progress is not None:
-                progress.update_stats(sums)
+                count = max(1.0, float(sums.count))
+                progress.set_postfix(loss=f"{float(sums.loss) / count:.3f}", acc=f"{float(sums.correct) / count:.3f}")
         if progress is not None:
             progress.advance(1)
         if stop_now:
             return step, True
-    stopped = _check_in(sums, min(CHECK_EVERY, max(1, step // 2)), scheduler, stop, dist)  # ended in NaNs?
+    stopped = _check_in(sums, min(CHECK_EVERY, max(1, step // 2)), step_fn.scheduler, stop, dist)
     return step, stopped
 
 
 def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist: D.DistInfo) -> bool:
     """Raise NonFiniteLoss when the last `streak` losses were all NaN/Inf (fp16 steps the scaler skips have
     finite losses and never count); return whether a stop was asked. Under DDP both are a max over ranks
-    (one collective), so the ranks stop or fail together instead of one waiting on another that left."""
+    (one collective), so the ranks stop or fail together."""
     flags = D.max_over_ranks(torch.stack([sums.bad_streak.double(),
                                           torch.tensor(float(stop.requested), dtype=torch.float64,
                                                        device=sums.bad_streak.device)]), dist)
@@ -235,27 +267,36 @@ def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, img_size: int, batch_size: int,
-             device: torch.device, amp_dtype=None, channels_last: bool = False,
-             dist: D.DistInfo = D.DistInfo()) -> dict[str, float]:
-    """Loss and accuracy over uint8 images (this rank's shard; summed over ranks)."""
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform, batch_size: int,
+             device: torch.device, amp_dtype=None, channels_last: bool = False, dist: D.DistInfo = D.DistInfo(),
+             keep_probs: bool = False, stop: GracefulStop | None = None) -> dict | None:
+    """Loss and accuracy over uint8 images (this rank's shard, summed over ranks); with keep_probs, also the
+    softmax of every image (single process). None when `stop` was requested half-way."""
     model.eval()
     if dist.enabled:
         images, labels = images[dist.rank::dist.world], labels[dist.rank::dist.world]
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
+    probs = []
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
-        x = eval_batch(images[i:i + batch_size].to(device, non_blocking=True), img_size)
+        if stop is not None and stop.requested:
+            return None
+        x = transform(images[i:i + batch_size].to(device, non_blocking=True))
         y = labels[i:i + batch_size].to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            logits = model(x)
-        loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+            logits = model(x).float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-    totals = D.all_reduce_sum(torch.stack([loss_sum, correct,
-                                           torch.tensor(float(len(images)), device=device, dtype=torch.float64)]), dist)
+        if keep_probs:
+            probs.append(torch.softmax(logits, 1).cpu())
+    totals = D.all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(len(images)), device=device,
+                                                                             dtype=torch.float64)]), dist)
     n = max(1.0, float(totals[2]))
-    return {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "n": int(n),
-            "img_per_s": n / max(1e-9, time.perf_counter() - start)}
+    out = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "n": int(n),
+           "img_per_s": n / max(1e-9, time.perf_counter() - start)}
+    if keep_probs:
+        out["probs"] = torch.cat(probs) if probs else torch.empty(0, 0)
+    return out

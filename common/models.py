@@ -1,9 +1,12 @@
-"""Models: torchvision ResNets and timm models (TinyViT-5M by default) with a 10-way head, ImageNet
-weights from the real download paths (failing fast offline) or from a local `--weights` file."""
+"""Models with a 10-way head: timm models (ResNet-18, TinyViT-5M, any other) or torchvision ResNets, started
+from random init or from ImageNet weights. Weights come from the library's download path (checked against
+the published hash, then loaded without unpickling code) or from a local --weights file."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,17 +15,18 @@ import torch
 from torch import nn
 
 from .checkpoint import load_error_reason
-from .data import NUM_CLASSES
 from .downloads import host_reachable
 from .errors import UserError
+from .specs import ModelChoice
 
 OFFLINE_HINT = "pass --weights PATH (a local weights file) or --no-pretrained to train from scratch"
+NUM_CLASSES = 10
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip DDP and torch.compile wrappers so state dicts have plain keys."""
     while True:
-        if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -33,109 +37,186 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def head_module(model: nn.Module) -> nn.Module:
     """The classifier layer that is replaced by a fresh 10-way one."""
     model = unwrap_model(model)
-    if hasattr(model, "get_classifier"):
-        return model.get_classifier()
-    return model.fc
+    return model.get_classifier() if hasattr(model, "get_classifier") else model.fc
 
 
-# ----------------------------------------------------------------------------- torchvision
-
-def _build_torchvision(name: str, pretrained_download: bool) -> nn.Module:
-    import torchvision
-
-    if name not in torchvision.models.list_models(module=torchvision.models):
-        raise UserError(f"--model {name} is not a torchvision classification model "
-                        f"(e.g. resnet18, resnet34, resnet50)")
-    weights = None
-    if pretrained_download:
-        try:
-            weights = torchvision.models.get_model_weights(name)["IMAGENET1K_V1"]
-        except KeyError:
-            raise UserError(f"--model {name} has no IMAGENET1K_V1 weights in torchvision; {OFFLINE_HINT}") from None
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-        if not cached.is_file() and not host_reachable(weights.url):
-            raise UserError(f"cannot download the ImageNet weights of {name} from {weights.url} "
-                            f"(no network?): {OFFLINE_HINT}")
-    try:
-        model = torchvision.models.get_model(name, weights=weights)
-    except (OSError, RuntimeError) as e:  # urllib errors are OSErrors; a bad cached file is a RuntimeError
-        raise UserError(f"downloading the ImageNet weights of {name} failed ({e}): {OFFLINE_HINT}") from None
-    if not isinstance(getattr(model, "fc", None), nn.Linear):
-        raise UserError(f"--model {name} has no `fc` classifier; the ResNet script takes ResNet-style models")
-    model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
-    return model
+def freeze_backbone(model: nn.Module) -> list[str]:
+    """Linear probe: only the head trains. Returns the frozen parameter names."""
+    head = {id(p) for p in head_module(model).parameters()}
+    frozen = []
+    for name, p in unwrap_model(model).named_parameters():
+        if id(p) not in head:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
-# ----------------------------------------------------------------------------- timm
+def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
+    """model.train(), except that a frozen backbone stays in eval mode (its BatchNorm statistics too)."""
+    model.train()
+    if frozen_backbone:
+        target = unwrap_model(model)
+        target.eval()
+        head_module(target).train()
 
-def tiny_vit_window_sizes(name: str, img_size: int) -> tuple[int, ...] | None:
-    """Window sizes for a timm TinyViT at `img_size`: scaled down below the native size, since its
-    windows pad small feature maps and most compute would go to padding. None for other models."""
+
+# ----------------------------------------------------------------------------- building
+
+def tiny_vit_window_sizes(arch: str, img_size: int) -> tuple[int, ...] | None:
+    """Window sizes for a timm TinyViT at `img_size`: scaled down below its native size, since its windows
+    pad small feature maps and most compute would go to padding. None for other models or at full size."""
     import timm
 
-    base, _ = timm.models.split_model_name_tag(name)
-    if not base.startswith("tiny_vit_"):
+    if not arch.startswith("tiny_vit_"):
         return None
-    native = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(base)
-    native_size = native.input_size[-1] if native is not None else 224
-    if img_size >= native_size:
+    native = getattr(timm.models.get_pretrained_cfg(arch), "input_size", (3, 224, 224))[-1]
+    if img_size >= native:
         return None
     with torch.device("meta"):
-        probe = timm.create_model(base, pretrained=False)
+        probe = timm.create_model(arch, pretrained=False)
     windows = [7] + [stage.blocks[0].window_size for stage in probe.stages[1:]]
-    return tuple(max(1, math.ceil(w * img_size / native_size)) for w in windows)
+    return tuple(max(1, math.ceil(w * img_size / native)) for w in windows)
 
 
-def _timm_hub_ready(name: str) -> None:
-    """Fail in seconds, not after a minute of retries, when the hub weights are neither cached nor reachable."""
+def _create(choice: ModelChoice, img_size: int) -> nn.Module:
+    """The architecture with a fresh 10-way head and random weights."""
+    if choice.library == "torchvision":
+        import torchvision
+
+        if choice.arch not in torchvision.models.list_models(module=torchvision.models):
+            raise UserError(f"--model {choice.requested}: {choice.arch} is not a torchvision classification model "
+                            f"(e.g. tv/resnet18, tv/resnet50)")
+        model = torchvision.models.get_model(choice.arch, weights=None)
+        if not isinstance(getattr(model, "fc", None), nn.Linear):
+            raise UserError(f"--model {choice.requested} has no `fc` classifier; use a ResNet-style model")
+        model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
+        return model
     import timm
-    from huggingface_hub import try_to_load_from_cache
 
+    if not timm.is_model(choice.arch):
+        raise UserError(f"--model {choice.requested} is not a timm model (e.g. resnet18.a1_in1k, "
+                        f"tiny_vit_5m_224.dist_in22k_ft_in1k, tv/resnet18); list them with timm.list_models()")
+    kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES}
+    windows = tiny_vit_window_sizes(choice.arch, img_size)
+    if windows is not None:
+        kwargs["window_sizes"] = windows
+    if "vit_" in choice.arch and not choice.arch.startswith("tiny_vit_"):
+        kwargs["img_size"] = img_size  # plain ViTs fix their input size at construction
+    return timm.create_model(choice.arch, pretrained=False, **kwargs)
+
+
+def build_model(choice: ModelChoice, img_size: int, weights_file: str | None = None,
+                quiet: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and a record of its weights: random init, the library's ImageNet weights (downloaded or
+    cached, hash-checked), or a local file."""
+    model = _create(choice, img_size)
+    if weights_file:
+        state = read_state_dict(weights_file)
+        record = {"init": "file", "file": str(weights_file), "sha256": sha256_file(Path(weights_file))}
+    elif choice.tag is not None:
+        state, record = download_weights(choice, quiet)
+    else:
+        return model, {"init": "random init", "library": choice.library, "arch": choice.arch}
+    report = load_weights(model, state, str(weights_file or record["file"]), quiet)
+    info = choice.weights_info
+    record.update({"library": choice.library, "arch": choice.arch, "tag": choice.tag if not weights_file else None,
+                   "loaded_tensors": report["loaded"], "new_head": report["dropped"],
+                   "imagenet_top1": info.imagenet_top1 if info and not weights_file else None,
+                   "top1_source": info.top1_source if info and not weights_file else None,
+                   "pretrain_data": info.pretrain_data if info and not weights_file else None})
+    return model, record
+
+
+# ----------------------------------------------------------------------------- downloads, checked
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_weights(choice: ModelChoice, quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The ImageNet state dict of `choice` from the library's download path, verified against the hash the
+    library publishes (torchvision: in the file name; Hugging Face hub: the blob's SHA-256), never unpickled."""
+    if choice.library == "torchvision":
+        path, expected = _torchvision_file(choice, quiet)
+    else:
+        path, expected = _timm_file(choice, quiet)
+    actual = sha256_file(path)
+    if expected and not actual.startswith(expected):
+        raise UserError(f"{path} does not match its published SHA-256 ({expected[:16]}..., found {actual[:16]}...): "
+                        f"it is damaged or was replaced; delete it to download it again, or {OFFLINE_HINT}")
+    state = read_state_dict(path, flag="pretrained weights")
+    source = "torchvision" if choice.library == "torchvision" else "Hugging Face hub (timm)"
+    return state, {"init": "ImageNet", "source": source, "file": str(path), "sha256": actual,
+                   "hash_checked": bool(expected)}
+
+
+def _torchvision_file(choice: ModelChoice, quiet: bool) -> tuple[Path, str]:
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(choice.arch)[choice.tag]
+    except (KeyError, ValueError):
+        raise UserError(f"--model {choice.requested}: torchvision has no {choice.tag} weights for {choice.arch}; "
+                        f"{OFFLINE_HINT}") from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    prefix = re.search(r"-([a-f0-9]{6,})\.", path.name)
+    if not path.is_file():
+        if not host_reachable(weights.url):
+            raise UserError(f"cannot download the ImageNet weights of {choice.arch} from {weights.url} "
+                            f"(no network?): {OFFLINE_HINT}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=prefix.group(1) if prefix else None,
+                                           progress=not quiet)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"downloading {weights.url} failed ({e}): {OFFLINE_HINT}") from None
+    return path, prefix.group(1) if prefix else ""
+
+
+def _timm_file(choice: ModelChoice, quiet: bool) -> tuple[Path, str]:
+    import timm
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    name = f"{choice.arch}.{choice.tag}"
     cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        raise UserError(f"--model {name}: timm has no pretrained weights under this name; "
-                        f"use a full tag such as tiny_vit_5m_224.dist_in22k_ft_in1k, or {OFFLINE_HINT}")
-    hub_id = cfg.hf_hub_id
-    if not hub_id:
-        return  # weights served from a plain URL: timm's own download reports failures quickly
-    hub_id = hub_id.split("@")[0]
-    for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-        if isinstance(try_to_load_from_cache(hub_id, filename), str):
-            return
+    if cfg is None or not cfg.hf_hub_id:
+        raise UserError(f"--model {choice.requested}: timm has no hub weights named {name}; "
+                        f"use a full tag such as resnet18.a1_in1k, or {OFFLINE_HINT}")
+    repo = cfg.hf_hub_id.split("@")[0]
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        cached = try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return Path(cached), _hub_blob_hash(Path(cached))
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not host_reachable(endpoint):
         raise UserError(f"cannot download the pretrained weights of {name} from the Hugging Face hub "
                         f"(no network, not cached): {OFFLINE_HINT}")
-
-
-def _build_timm(name: str, pretrained_download: bool, img_size: int) -> nn.Module:
-    import timm
-
-    base, _ = timm.models.split_model_name_tag(name)
-    if not timm.is_model(base):
-        raise UserError(f"--model {name} is not a timm model (e.g. tiny_vit_5m_224.dist_in22k_ft_in1k, "
-                        f"vit_tiny_patch16_224); list them with timm.list_models()")
-    kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES}
-    windows = tiny_vit_window_sizes(name, img_size)
-    if windows is not None:
-        kwargs["window_sizes"] = windows
-    if "vit_" in base and not base.startswith("tiny_vit_"):
-        kwargs["img_size"] = img_size  # plain ViTs fix their input size at construction
-    if pretrained_download:
-        _timm_hub_ready(name)
     try:
-        return timm.create_model(name, pretrained=pretrained_download, **kwargs)
-    except (OSError, RuntimeError) as e:  # hub errors are OSErrors
-        raise UserError(f"loading the pretrained weights of {name} failed ({e}): {OFFLINE_HINT}") from None
+        path = Path(hf_hub_download(repo, "model.safetensors"))
+    except Exception as e:  # hub errors: network, missing file, auth; one message
+        raise UserError(f"downloading the weights of {name} from the hub failed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:150]}): {OFFLINE_HINT}") from None
+    return path, _hub_blob_hash(path)
+
+
+def _hub_blob_hash(path: Path) -> str:
+    """The hub stores a large file as blobs/<its SHA-256>; the snapshot file links there."""
+    real = path.resolve()
+    return real.name if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name) else ""
 
 
 # ----------------------------------------------------------------------------- weights files
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: a state dict, or a checkpoint holding one under `model`/`state_dict`."""
+def read_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torch.Tensor]:
+    """Tensors of a weights file (.safetensors, or .pth/.pt/.bin read with weights_only=True): a state dict,
+    or a checkpoint holding one under `model` / `state_dict`."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--weights {path}: no such file")
+        raise UserError(f"{flag} {path}: no such file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -144,75 +225,53 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, pickled code objects: one message
-        raise UserError(f"--weights {path} is not a readable weights file ({load_error_reason(e)}); "
-                        f"re-download it or pass another file") from None
+        raise UserError(f"{flag} {path} is not a readable weights file ({load_error_reason(e)}); "
+                        f"download it again or pass another file") from None
     for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"--weights {path} holds no state dict (expected tensors, or a dict with 'model' "
+        raise UserError(f"{flag} {path} holds no state dict (expected tensors, or a dict with 'model' "
                         f"or 'state_dict')")
-    prefixes = ("module.", "_orig_mod.")
     clean = {}
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
-            for p in prefixes:
+            for p in ("module.", "_orig_mod."):
                 k = k[len(p):] if k.startswith(p) else k
             clean[k] = v
     return clean
 
 
-def load_weights_file(model: nn.Module, path: str | Path, quiet: bool = False) -> dict[str, list[str]]:
-    """Load `path` into `model`: the checkpoint filter of the model's timm module is applied (it resizes
-    TinyViT attention biases), tensors whose shape differs (the 1000-class head) are dropped, and
-    missing / unexpected / dropped keys are reported. Refuses a file that matches nothing."""
-    state = read_state_dict(path)
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str, quiet: bool = False) -> dict:
+    """Load `state` into `model`: the timm checkpoint filter of the model is applied (it resizes TinyViT
+    attention biases), tensors of another shape (the 1000-class head) are dropped and reported. Refuses a
+    file that fits less than half the model."""
     target = unwrap_model(model)
     filter_fn = getattr(sys.modules.get(type(target).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None and type(target).__module__.startswith("timm."):
         try:
             state = filter_fn(state, target)
         except Exception as e:  # foreign layouts make the filter fail: that is a wrong file
-            raise UserError(f"--weights {path} does not fit {type(target).__name__} ({type(e).__name__}: {e})") from None
+            raise UserError(f"{label} does not fit {type(target).__name__} ({type(e).__name__}: {e})") from None
     own = target.state_dict()
     dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    for k in dropped:
-        del state[k]
+    state = {k: v for k, v in state.items() if k not in dropped}
     result = target.load_state_dict(state, strict=False)
-    report = {"missing": [k for k in result.missing_keys if k not in dropped],
-              "unexpected": list(result.unexpected_keys), "dropped": dropped}
-    loaded = len(state) - len(report["unexpected"])
+    loaded = len(state) - len(result.unexpected_keys)
     if loaded == 0 or loaded < 0.5 * len(own):
-        raise UserError(f"--weights {path} does not match {type(target).__name__}: only {loaded} of "
-                        f"{len(own)} tensors fit; is it a file for another model?")
+        raise UserError(f"{label} does not match {type(target).__name__}: only {loaded} of {len(own)} tensors "
+                        f"fit; is it a file for another model? (pass the matching --model)")
+    report = {"loaded": loaded, "missing": [k for k in result.missing_keys if k not in dropped],
+              "unexpected": list(result.unexpected_keys), "dropped": dropped}
     if not quiet:
-        print(f"loaded {loaded}/{len(own)} tensors from {path}", file=sys.stderr)
-        for label, keys in report.items():
-            if keys:
-                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-                note = " (shape differs: the new 10-way head, initialised fresh)" if label == "dropped" and all(
-                    k.startswith(("fc.", "head.", "classifier.")) for k in keys) else ""
-                print(f"  {label}: {shown}{note}", file=sys.stderr)
+        print(f"loaded {loaded}/{len(own)} tensors from {label}", file=sys.stderr)
+        for key in ("missing", "unexpected", "dropped"):
+            if report[key]:
+                shown = ", ".join(report[key][:6]) + (f" (+{len(report[key]) - 6} more)" if len(report[key]) > 6 else "")
+                note = " (another shape: the new 10-way head, initialised fresh)" if key == "dropped" else ""
+                print(f"  {key}: {shown}{note}", file=sys.stderr)
     return report
-
-
-# ----------------------------------------------------------------------------- entry point
-
-def build_model(family: str, name: str, pretrained: bool, weights: str | None, img_size: int,
-                quiet: bool = False) -> nn.Module:
-    """A classifier with a 10-way head: ImageNet weights downloaded (pretrained, no file), loaded
-    from `weights`, or random (scratch)."""
-    download = pretrained and not weights
-    if family == "resnet":
-        model = _build_torchvision(name, download)
-    elif family == "timm":
-        model = _build_timm(name, download, img_size)
-    else:
-        raise ValueError(f"unknown model family {family!r}")
-    if pretrained and weights:
-        load_weights_file(model, weights, quiet=quiet)
-    return model
 
 
 def count_parameters(model: nn.Module) -> int:

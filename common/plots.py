@@ -1,32 +1,21 @@
-"""Reading runs back (metrics.csv, summary.json, config.json) and drawing them: four-panel curves with
-end-of-curve values and best-epoch markers, seed groups as mean + band, and the markdown results table."""
+"""Figures: training curves (four panels, seeds as a mean with a band), per-class accuracy as small
+multiples, and reliability diagrams. Colour-blind-safe colours (Okabe-Ito) with line style and marker as a
+second cue; accuracies in %; integer epochs; a provenance footnote under every figure."""
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
+from . import stats
 from .errors import UserError
 
-REQUIRED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
-PANELS = (("train_loss", "Train Loss"), ("val_loss", "Val Loss"), ("train_acc", "Train Acc"), ("val_acc", "Val Acc"))
-
-
-@dataclass
-class Run:
-    """One run folder's outputs."""
-
-    path: Path                       # the metrics.csv
-    label: str
-    metrics: Any                     # pandas.DataFrame
-    summary: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-
-    @property
-    def folder(self) -> Path:
-        return self.path.parent
+OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+STYLE = {"pretrained": ("-", "o"), "scratch": ("--", "s"), "linear probe": (":", "^")}
+PANELS = (("train_loss", "Train loss"), ("val_loss", "Validation loss"), ("train_acc", "Train accuracy"),
+          ("val_acc", "Validation accuracy"))
 
 
 def setup_matplotlib(safe: bool):
@@ -48,66 +37,45 @@ def can_show(plt) -> bool:
     return matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "ps", "cairo", "template")
 
 
-def read_run(path: str | Path, label: str | None = None) -> Run:
-    """A run from its folder or its metrics.csv, validated; a UserError names the file and the problem."""
+def save_figure(fig, output: str | Path) -> Path:
+    """Save by the output's extension (png, pdf, svg); a UserError for an unwritable path or format."""
+    output = Path(output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(output, dpi=150, bbox_inches="tight")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot save {output} ({e}); use a .png, .pdf or .svg path in a writable folder") from None
+    return output
+
+
+def add_footnote(fig, text: str) -> None:
+    import textwrap
+
+    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, 150)), fontsize=7.5, color="#444444", va="bottom", ha="left")
+
+
+def series_style(settings) -> list[dict[str, Any]]:
+    """Colour per architecture, line style + marker per mode (pretrained / scratch / linear probe)."""
+    archs: list[str] = []
+    out = []
+    for s in settings:
+        if s.arch not in archs:
+            archs.append(s.arch)
+        line, marker = STYLE.get(s.mode, ("-.", "D"))
+        if not s.default_weights:
+            line, marker = "-.", "D"
+        out.append({"setting": s, "color": OKABE_ITO[archs.index(s.arch) % len(OKABE_ITO)], "linestyle": line,
+                    "marker": marker})
+    return out
+
+
+# ----------------------------------------------------------------------------- curves
+
+def mean_band(runs, column: str, band: str = "minmax"):
+    """Per-epoch mean and (low, high) band over runs, on the epochs every run has."""
     import pandas as pd
 
-    path = Path(path)
-    csv = path / "metrics.csv" if path.is_dir() else path
-    if not csv.is_file():
-        raise UserError(f"{csv} does not exist (pass a run folder or its metrics.csv)")
-    try:
-        frame = pd.read_csv(csv)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{csv} is empty: the run has not finished an epoch yet") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{csv} is not a readable CSV ({str(e).splitlines()[0]})") from None
-    missing = [c for c in REQUIRED if c not in frame.columns]
-    if missing:
-        raise UserError(f"{csv} lacks the column(s) {', '.join(missing)}; expected a metrics.csv of the train scripts")
-    if frame.empty:
-        raise UserError(f"{csv} has a header but no rows: the run has not finished an epoch yet")
-    numeric = frame[list(REQUIRED)].apply(pd.to_numeric, errors="coerce")
-    bad = numeric.isna() & frame[list(REQUIRED)].notna()
-    if bad.any().any():
-        col = bad.any().idxmax()
-        row = int(bad[col].idxmax()) + 2  # header is line 1
-        raise UserError(f"{csv} line {row}: column {col} holds {frame[col].iloc[row - 2]!r}, not a number")
-    frame[list(REQUIRED)] = numeric
-    folder = csv.parent
-    summary = _read_json(folder / "summary.json")
-    config = _read_json(folder / "config.json")
-    return Run(csv, label or folder.name, frame.sort_values("epoch").reset_index(drop=True), summary, config)
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; delete it or re-run the training") from None
-
-
-def group_runs(runs: Sequence[Run], group_by: str | None = None) -> dict[str, list[Run]]:
-    """Runs grouped by label (the same label = seeds of one setting) or by a config key."""
-    groups: dict[str, list[Run]] = {}
-    for r in runs:
-        key = r.label
-        if group_by:
-            if group_by not in r.config:
-                raise UserError(f"--group-by {group_by}: {r.folder / 'config.json'} has no such key")
-            key = f"{group_by}={r.config[group_by]}"
-        groups.setdefault(key, []).append(r)
-    return groups
-
-
-def mean_band(runs: Sequence[Run], column: str, band: str = "minmax"):
-    """Per-epoch mean and (low, high) band across runs, over the epochs every run has."""
-    import pandas as pd
-
-    table = pd.concat([r.metrics.set_index("epoch")[column].rename(i) for i, r in enumerate(runs)], axis=1)
-    table = table.dropna()
+    table = pd.concat([r.metrics.set_index("epoch")[column].rename(i) for i, r in enumerate(runs)], axis=1).dropna()
     mean = table.mean(axis=1)
     if band == "std":
         std = table.std(axis=1).fillna(0.0)
@@ -136,44 +104,50 @@ def spread_labels(values: Sequence[float], low: float, high: float, min_gap: flo
     return pos
 
 
-def draw_panels(axes, series: list[dict], best_marks: bool = True) -> None:
-    """Draw curves on the four axes. Each series: label, color, linestyle, runs (one or several seeds)."""
-    for ax, (column, title) in zip(axes, PANELS):
+def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str = "minmax"):
+    """Train/validation loss and accuracy against epoch, one series per setting (several seeds: their mean
+    with a band); a star marks each series' best validation epoch (the epoch best.pt holds)."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    for ax, (column, name) in zip(axes.flat, PANELS):
+        acc = column.endswith("acc")
+        scale = 100.0 if acc else 1.0
         ends = []
-        for s in series:
-            runs = s["runs"]
+        for st in styles:
+            runs = st["setting"].runs
             if len(runs) == 1:
-                m = runs[0].metrics
-                x, y = m["epoch"].to_numpy(), m[column].to_numpy()
+                x, y = runs[0].metrics["epoch"].to_numpy(), runs[0].metrics[column].to_numpy() * scale
             else:
-                mean, lo, hi = mean_band(runs, column, s.get("band", "minmax"))
-                x, y = mean.index.to_numpy(), mean.to_numpy()
-                ax.fill_between(x, lo.to_numpy(), hi.to_numpy(), color=s["color"], alpha=0.25, linewidth=0)
-            label = s["label"] + (f" (n={len(runs)})" if len(runs) > 1 else "")
-            ax.plot(x, y, color=s["color"], linestyle=s.get("linestyle", "-"), linewidth=1.8, label=label)
-            ends.append((x[-1], y[-1], s["color"]))
-            if best_marks and column == "val_acc" and len(y):
-                b = int(y.argmax())
-                ax.plot(x[b], y[b], marker="*", markersize=11, color=s["color"], markeredgecolor="black",
+                mean, lo, hi = mean_band(runs, column, band)
+                x, y = mean.index.to_numpy(), mean.to_numpy() * scale
+                ax.fill_between(x, lo.to_numpy() * scale, hi.to_numpy() * scale, color=st["color"], alpha=0.18, lw=0)
+            label = st["setting"].label + (f" (n={len(runs)} seeds)" if len(runs) > 1 else "")
+            ax.plot(x, y, color=st["color"], linestyle=st["linestyle"], marker=st["marker"], markersize=4,
+                    markevery=max(1, len(x) // 8), linewidth=1.7, label=label)
+            ends.append((x[-1], y[-1], st["color"]))
+            if column == "val_acc":
+                b = int(np.argmax(y))
+                ax.plot(x[b], y[b], marker="*", markersize=12, color=st["color"], markeredgecolor="black",
                         markeredgewidth=0.6, zorder=5)
-        _annotate_ends(ax, ends, percent=column.endswith("acc"))
-        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _annotate_ends(ax, ends, "{:.1f}%" if acc else "{:.3f}")
+        ax.set_title(name)
         ax.set_xlabel("epoch")
-        ax.set_ylabel("accuracy" if column.endswith("acc") else "cross-entropy")
+        ax.set_ylabel("accuracy (%)" if acc else "cross-entropy loss")
+        if acc:
+            ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
         ax.grid(alpha=0.3)
-
-
-def panel_figure(plt, series: list[dict], title: str):
-    """The 2x2 figure (Train Loss / Val Loss / Train Acc / Val Acc) of `series` (see draw_panels)."""
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    draw_panels(axes.flat, series)
-    axes[0, 0].legend(loc="upper right", fontsize=9)
+    band_text = {"minmax": "band: min–max over seeds", "std": "band: ±1 std over seeds"}[band]
+    axes[0, 0].legend(loc="upper right", fontsize=8.5, title=f"★ best validation epoch; {band_text}",
+                      title_fontsize=8)
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    add_footnote(fig, footnote)
     return fig
 
 
-def _annotate_ends(ax, ends, percent: bool) -> None:
+def _annotate_ends(ax, ends, fmt: str) -> None:
     """Final values at the right of each curve, spread so that they do not overlap."""
     if not ends:
         return
@@ -184,67 +158,73 @@ def _annotate_ends(ax, ends, percent: bool) -> None:
     gap = (hi - lo) * 0.075
     pos = spread_labels([e[1] for e in ends], lo + gap / 2, hi - gap / 2, min_gap=gap)
     for (x, y, color), p in zip(ends, pos):
-        text = f"{y:.1%}" if percent else f"{y:.3f}"
-        ax.annotate(text, xy=(x, y), xytext=(x_max + max(0.4, 0.04 * x_max), p), color=color, fontsize=8,
-                    va="center", fontweight="bold",
-                    arrowprops=dict(arrowstyle="-", color=color, lw=0.6, alpha=0.6))
+        ax.annotate(fmt.format(y), xy=(x, y), xytext=(x_max + max(0.4, 0.04 * x_max), p), color=color, fontsize=8,
+                    va="center", fontweight="bold", arrowprops=dict(arrowstyle="-", color=color, lw=0.6, alpha=0.6))
     left, _ = ax.get_xlim()
     ax.set_xlim(left, x_max * 1.18 + 1)
+    ax.set_xticks([t for t in ax.get_xticks() if left <= t <= x_max])  # no epoch ticks past the data
 
 
-def run_row(runs: Sequence[Run]) -> dict[str, Any]:
-    """One results-table row: per-run numbers, mean and std over the runs (seeds)."""
-    import numpy as np
+# ----------------------------------------------------------------------------- per class, calibration
 
-    def stat(values):
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-    best = [float(r.metrics["val_acc"].max()) for r in runs]
-    best_epoch = [int(r.metrics.loc[r.metrics["val_acc"].idxmax(), "epoch"]) for r in runs]
-    return {"n": len(runs), "best_val": stat(best), "best_epoch": best_epoch,
-            "train_acc": stat([float(r.metrics["train_acc"].iloc[-1]) for r in runs]),
-            "val_acc": stat([float(r.metrics["val_acc"].iloc[-1]) for r in runs]),
-            "test_acc": stat([r.summary.get("test_acc") for r in runs]),
-            "epochs": [int(r.metrics["epoch"].iloc[-1]) for r in runs],
-            "time_s": stat([r.summary.get("total_time_s", float(r.metrics["epoch_time_s"].sum())
-                                          if "epoch_time_s" in r.metrics else None) for r in runs]),
-            "img_s": stat([float(r.metrics["train_img_per_s"].mean()) if "train_img_per_s" in r.metrics else None
-                           for r in runs])}
-
-
-def _fmt(s, pct: bool = True, digits: int = 1) -> str:
-    if s is None:
-        return "–"
-    mean, std = s
-    if pct:
-        return f"{mean:.{digits}%}" + (f" ± {std:.{digits}%}" if std else "")
-    return f"{mean:,.0f}" + (f" ± {std:,.0f}" if std else "")
-
-
-def results_table(groups: dict[str, list[Run]]) -> str:
-    """Markdown: run, best val acc (epoch), final train/val acc, test acc, epochs, wall time, images/s."""
-    lines = ["| run | best val acc (epoch) | final train acc | final val acc | test acc | epochs | wall time | "
-             "train img/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, runs in groups.items():
-        r = run_row(runs)
-        epoch = str(r["best_epoch"][0]) if r["n"] == 1 else "/".join(map(str, r["best_epoch"]))
-        epochs = str(r["epochs"][0]) if len(set(r["epochs"])) == 1 else "/".join(map(str, r["epochs"]))
-        wall = "–" if r["time_s"] is None else f"{r['time_s'][0] / 60:.1f} min"
-        name = label + (f" (n={r['n']})" if r["n"] > 1 else "")
-        lines.append(f"| {name} | {_fmt(r['best_val'])} ({epoch}) | {_fmt(r['train_acc'])} | {_fmt(r['val_acc'])} | "
-                     f"{_fmt(r['test_acc'])} | {epochs} | {wall} | {_fmt(r['img_s'], pct=False)} |")
-    return "\n".join(lines)
+def per_class_figure(plt, styles: list[dict], per_class: dict[str, tuple], title: str, footnote: str):
+    """Small multiples, one panel per class: each setting's test accuracy on that class with its 95% Wilson
+    interval (over the class's test images, pooled over seeds)."""
+    first = next(iter(per_class.values()))
+    classes, counts = first[0], first[2]
+    cols = 5
+    rows = (len(classes) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows + 0.6), sharex=True, squeeze=False)
+    present = [st for st in styles if st["setting"].label in per_class]
+    for k, (ax, cls) in enumerate(zip(axes.flat, classes)):
+        for j, st in enumerate(present):
+            s = st["setting"]
+            acc = per_class[s.label][1][k]
+            n = int(counts[k]) * len(s.runs)
+            lo, hi = stats.wilson(round(acc * n), n)
+            ax.errorbar(100 * acc, j, xerr=[[100 * max(0.0, acc - lo)], [100 * max(0.0, hi - acc)]], fmt=st["marker"],
+                        color=st["color"], ms=6, capsize=2)
+        ax.set_yticks(range(len(present)), [st["setting"].label for st in present] if k % cols == 0 else [],
+                      fontsize=8)
+        ax.set_ylim(-0.7, len(present) - 0.3)
+        ax.invert_yaxis()
+        ax.set_title(f"{cls} (n={int(counts[k])})", fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes.flat[len(classes):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("test accuracy (%)")
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    add_footnote(fig, footnote + "; whiskers: 95% Wilson interval")
+    return fig
 
 
-def save_figure(fig, output: str | Path) -> Path:
-    """Save by the output's extension (png, pdf, svg); a UserError for an unwritable path or format."""
-    output = Path(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(output, dpi=150, bbox_inches="tight")
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot save {output} ({e}); use a .png, .pdf or .svg path in a writable folder") from None
-    return output
+def reliability_figure(plt, styles: list[dict], calibration: dict[str, tuple], title: str, footnote: str):
+    """One reliability diagram per setting: accuracy against confidence in 15 bins, the diagonal of perfect
+    calibration, bar widths the bins, ECE in the panel title."""
+    present = [st for st in styles if st["setting"].label in calibration]
+    cols = min(4, len(present))
+    rows = (len(present) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows + 0.6), squeeze=False)
+    for ax, st in zip(axes.flat, present):
+        ece, bins = calibration[st["setting"].label]
+        n = sum(b["n"] for b in bins)
+        for b in bins:
+            ax.bar(100 * b["lo"], 100 * b["acc"], width=100 * (b["hi"] - b["lo"]), align="edge", color=st["color"],
+                   alpha=0.75, edgecolor="white")
+            ax.bar(100 * b["lo"], 100 * (b["conf"] - b["acc"]), bottom=100 * b["acc"],
+                   width=100 * (b["hi"] - b["lo"]), align="edge", color="none", edgecolor="#999999", hatch="//",
+                   linewidth=0.5)
+        ax.plot([0, 100], [0, 100], color="black", lw=0.8, linestyle="--")
+        ax.set_xlim(0, 100)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{st['setting'].label}\nECE {100 * ece:.1f}% (n={n:,})", fontsize=9.5)
+        ax.set_xlabel("confidence (%)")
+        ax.set_ylabel("accuracy (%)")
+    for ax in axes.flat[len(present):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=12)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    add_footnote(fig, footnote + "; hatched: gap between confidence and accuracy; dashed: perfect calibration")
+    return fig

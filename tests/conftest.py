@@ -99,6 +99,17 @@ def one_line_error(r: subprocess.CompletedProcess, *words: str) -> None:
         assert w in lines[0], (w, lines[0])
 
 
+def one_line_error_in_process(main, argv: list[str], capsys, *words: str) -> None:
+    """main(argv) exits 2 after one `error:` line containing every word (the in-process twin of one_line_error)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
 def assert_same_run(a: Path, b: Path, epochs: int) -> None:
     """Two run folders hold the same rows (to 1e-6) for epochs 1..`epochs` and the same last.pt weights."""
     import pandas as pd

@@ -1,0 +1,81 @@
+"""`python check.py --bench-suite EPOCHS`: time real epochs of both models by running the train scripts
+themselves (as subprocesses, on CIFAR-sized synthetic data) and project the four 30-epoch runs from them."""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import TrainConfig, build_parser
+from .errors import UserError
+from .runfolder import CONFIG, SUMMARY, read_json, read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = (("ResNet-18", "train_resnet_cifar.py"), ("TinyViT-5M", "train_tinyvit_cifar.py"))
+
+
+def check_flags(flags: str) -> list[str]:
+    """The extra training flags, parsed as the train scripts would (one-line errors for bad ones)."""
+    argv = shlex.split(flags)
+    parser = build_parser("bench", "resnet18")
+
+    def fail(message: str):
+        raise UserError(f"--bench-suite-flags: {message} (the flags of python train_resnet_cifar.py --help)")
+
+    parser.error = fail
+    args = parser.parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values.pop("output_dir", None)
+    TrainConfig(**values).validate()
+    return argv
+
+
+def bench_suite(epochs: int, device_name: str, flags: str, as_json: bool) -> int:
+    """Projected wall time of the four-run suite, from `epochs` timed epochs per model (set-up, validation
+    and test included). Pretrained and scratch runs do the same compute, so each model runs once, from scratch."""
+    extra = check_flags(flags)
+    full_epochs = TrainConfig().epochs
+    results: dict = {"timed_epochs": epochs, "full_epochs": full_epochs, "flags": flags, "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
+        for label, script in SCRIPTS:
+            out = Path(tmp) / script.split("_")[1]
+            cmd = [sys.executable, str(REPO / script), *extra, "--no-pretrained", "--dummy", "--epochs", str(epochs),
+                   "--device", device_name, "--output-dir", str(out)]
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)  # epochs lines = progress
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise UserError(f"the timed {label} run failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            m = read_metrics(out / "metrics.csv")
+            summary, config = read_json(out / SUMMARY), read_json(out / CONFIG)
+            epoch_s = m["epoch_time_s"].tolist()
+            later = float(m["epoch_time_s"].iloc[1:].median()) if len(epoch_s) > 1 else epoch_s[0]
+            other_s = wall - sum(epoch_s)  # start-up, data, model, test
+            results["device"] = config["environment"]["device_name"]
+            results["runs"][label] = {
+                "first_epoch_s": epoch_s[0], "later_epoch_s": later, "train_img_per_s": float(m["train_img_per_s"].iloc[-1]),
+                "val_img_per_s": float(m["val_img_per_s"].iloc[-1]), "peak_mem_gb": float(m["peak_mem_gb"].max()),
+                "other_s": other_s, "train_images": config["data"]["splits"]["train"],
+                "batch_size": config["batch_size"], "img_size": config["img_size"],
+                "test_images": summary["test_images"],
+                "projected_run_s": other_s + epoch_s[0] + (full_epochs - 1) * later}
+    results["projected_suite_s"] = 2 * sum(r["projected_run_s"] for r in results["runs"].values())
+    print(json.dumps(results, indent=2) if as_json else format_suite(results))
+    return 0
+
+
+def format_suite(r: dict) -> str:
+    lines = [f"device: {r['device']}; {r['timed_epochs']} timed epoch(s) per model; extra flags: {r['flags'] or 'none'}",
+             "", "| model | first epoch | later epochs | train img/s | val img/s | peak GB | start-up + test "
+             f"| projected {r['full_epochs']}-epoch run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, x in r["runs"].items():
+        lines.append(f"| {name} | {x['first_epoch_s']:.1f} s | {x['later_epoch_s']:.1f} s | {x['train_img_per_s']:,.0f} "
+                     f"| {x['val_img_per_s']:,.0f} | {x['peak_mem_gb']:.1f} | {x['other_s']:.1f} s | "
+                     f"{x['projected_run_s'] / 60:.1f} min |")
+    lines += ["", f"four-run suite (each model pretrained and from scratch, {r['full_epochs']} epochs): "
+              f"{r['projected_suite_s'] / 60:.1f} min projected from these epochs"]
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Read runs back and write what they show: the curves figure, per-class and calibration figures, and
+results.md. compare_runs.py and plot_four_panels.py are thin front ends to report()."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import analysis, plots
+from .checkpoint import atomic_write
+from .errors import UserError
+from .runfolder import METRICS, load_run
+
+
+def load_runs(paths: Sequence[str], labels: Sequence[str] | None, skip_missing: bool = False):
+    """(runs, missing paths): run folders or metrics.csv files, validated."""
+    if labels and len(labels) != len(paths):
+        raise UserError(f"--labels has {len(labels)} names for {len(paths)} runs; give one per run")
+    runs, kept_labels, missing = [], [], []
+    for i, path in enumerate(paths):
+        p = Path(path)
+        csv = p / METRICS if not str(p).endswith(".csv") else p
+        if skip_missing and not csv.is_file():
+            missing.append(str(path))
+            continue
+        runs.append(load_run(p))
+        if labels:
+            kept_labels.append(labels[i])
+    if not runs:
+        raise UserError(f"none of the runs exist ({', '.join(paths)}); train them first (README.md)")
+    return runs, (kept_labels or None), missing
+
+
+def report(paths: Sequence[str], labels: Sequence[str] | None, output: str | Path, results: str | Path | None,
+           allow_mismatch: bool, band: str, safe: bool, title: str | None, extra_figures: bool,
+           skip_missing: bool = False) -> int:
+    runs, labels, missing = load_runs(paths, labels, skip_missing)
+    if missing:
+        print(f"missing (not drawn): {', '.join(missing)}", file=sys.stderr)
+    comparison = analysis.compare(runs, labels, allow_mismatch)
+    styles = plots.series_style(comparison.settings)
+    footnote = analysis.footnote(comparison.settings)
+    if missing:
+        footnote += f"; missing runs: {', '.join(missing)}"
+    plt = plots.setup_matplotlib(safe)
+    figures = [(plots.curves_figure(plt, styles, title or _title(comparison), footnote, band), Path(output))]
+    if extra_figures:
+        per_class = {s.label: pc for s in comparison.settings if (pc := analysis.per_class(s)) is not None}
+        calibration = {s.label: cal for s in comparison.settings if (cal := analysis.calibration(s)) is not None}
+        if per_class:
+            figures.append((plots.per_class_figure(plt, styles, per_class, "Test accuracy per class (best.pt)",
+                                                   footnote), Path(output).with_name("per_class.png")))
+        if calibration:
+            figures.append((plots.reliability_figure(plt, styles, calibration, "Calibration of best.pt on the test "
+                                                     "set (reliability diagrams)", footnote),
+                            Path(output).with_name("calibration.png")))
+    for fig, path in figures:
+        plots.save_figure(fig, path)
+    text = analysis.results_markdown(comparison)
+    if missing:
+        text += f"\nMissing runs (not included): {', '.join(missing)}\n"
+    if results:
+        atomic_write(results, text)
+    print(text)
+    print("saved " + ", ".join(str(p) for _, p in figures) + (f" and {results}" if results else ""))
+    if not safe and plots.can_show(plt):
+        plt.show()
+    for fig, _ in figures:
+        plt.close(fig)
+    return 0
+
+
+def _title(c: analysis.Comparison) -> str:
+    data = {analysis.data_label(r.config) for s in c.settings for r in s.runs}
+    inits = {(r.config.get("weights") or {}).get("init") for s in c.settings if s.mode != "scratch" for r in s.runs}
+    if not inits:
+        what = "Training from scratch"
+    elif inits == {"ImageNet"}:
+        what = "ImageNet pre-training"
+    else:
+        what = "Pre-training (weights from local files)" if "ImageNet" not in inits else "Pre-training"
+    return f"{what} on {' / '.join(sorted(data))}: colour = model, solid = pretrained, dashed = from scratch"

@@ -1,0 +1,312 @@
+"""The run folder, owned here: its file names, the metrics schema, the writer, the validating readers, the
+lock that keeps a second process out, and the clean-up of temp files a kill left behind. The trainer, the
+analysis scripts and the demo all go through this module."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import atomic_write
+from .errors import UserError
+
+CONFIG, METRICS, SUMMARY, PREDICTIONS = "config.json", "metrics.csv", "summary.json", "test_predictions.csv"
+LAST, BEST, LOCK = "last.pt", "best.pt", ".lock"
+RUN_FILES = (LAST, BEST, METRICS, SUMMARY, PREDICTIONS, CONFIG)
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s",
+                  "train_img_per_s", "val_img_per_s", "peak_mem_gb")
+REQUIRED = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+PREDICTION_COLUMNS = ("index", "label", "best_pred", "best_conf", "best_p_true", "best_top5",
+                      "final_pred", "final_conf", "final_p_true", "final_top5")
+
+
+# ----------------------------------------------------------------------------- lock and stale files
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on .lock, which also names the holder). A lock left by a dead
+    process (kill -9, reboot) is free again; taking it over says so. flock never blocks here (LOCK_NB); where
+    the file system cannot lock (some network mounts: ENOLCK/EOPNOTSUPP) the holder's pid and host in .lock
+    decide instead, and a live holder on another host can only be reported, not checked."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock, or raise a UserError naming the holder; returns a message when a stale one was taken."""
+        import fcntl
+
+        previous = self._holder()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = None
+            raise UserError(f"{self.path.parent} is in use by another training process ({previous or 'unknown'}); "
+                            f"wait for it to finish or stop it, or use another --output-dir") from None
+        except OSError:  # no flock on this file system: fall back to the recorded holder
+            if previous and _holder_alive(previous):
+                os.close(self.fd)
+                self.fd = None
+                raise UserError(f"{self.path.parent} is in use by {previous} (this file system cannot lock; if that "
+                                f"process is gone, delete {self.path})") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                 .encode())
+        if previous:
+            return f"took over the lock of {previous}, which no longer runs"
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+            self.path.unlink(missing_ok=True)
+
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+
+def _holder_alive(holder: str) -> bool:
+    parts = holder.split()
+    if len(parts) < 4 or parts[0] != "pid" or parts[3] != socket.gethostname():
+        return len(parts) >= 4  # another host: cannot tell, assume alive
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
+
+
+def remove_stale_temp(folder: Path) -> list[str]:
+    """Delete the temp files of interrupted atomic writes (.last.pt.xxxx.tmp); call with the lock held."""
+    removed = []
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+# ----------------------------------------------------------------------------- metrics.csv
+
+class MetricsLog:
+    """metrics.csv (one flat row per epoch, flushed) and the same scalars in TensorBoard."""
+
+    def __init__(self, folder: str | Path, tensorboard: bool = True):
+        self.path = Path(folder) / METRICS
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(folder))
+
+    def reconcile(self, epochs_done: int) -> list[str]:
+        """Before a resume: keep one whole row per epoch up to the checkpoint's epoch; drop a truncated last
+        line, rows past the checkpoint and duplicates (the last one wins). Returns what was repaired."""
+        if not self.path.is_file():
+            return []
+        header, rows, problems = _parse_rows(self.path, strict_end=True)
+        by_epoch: dict[int, list[str]] = {}
+        for line_no, values in rows:
+            epoch = values.get("epoch", "")
+            if not epoch.isdigit():
+                problems.append(f"line {line_no}: no epoch number")
+            elif int(epoch) > epochs_done:
+                problems.append(f"line {line_no}: epoch {epoch} is past the checkpoint (epoch {epochs_done})")
+            else:
+                if int(epoch) in by_epoch:
+                    problems.append(f"line {line_no}: epoch {epoch} appears twice (kept the later row)")
+                by_epoch[int(epoch)] = values
+        if problems:
+            buffer = io.StringIO()
+            w = csv.DictWriter(buffer, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore", lineterminator="\n")
+            w.writeheader()
+            w.writerows(by_epoch[e] for e in sorted(by_epoch))
+            atomic_write(self.path, buffer.getvalue())
+        return problems
+
+    def append(self, row: dict[str, float]) -> None:
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        try:
+            with open(self.path, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore", lineterminator="\n")
+                if new:
+                    w.writeheader()
+                w.writerow({k: (f"{v:.7g}" if isinstance(v, float) else v) for k, v in row.items()})
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise UserError(f"cannot append to {self.path} ({e.strerror or e}); free disk space, then --resume "
+                            f"(the checkpoint of the previous epoch is intact)") from None
+        if self.writer is not None:
+            for k, v in row.items():
+                if k != "epoch" and v is not None:
+                    self.writer.add_scalar(k, v, row["epoch"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _parse_rows(path: Path, strict_end: bool = False) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[str]]:
+    """(header, [(line number, row)], problems) of a metrics.csv; malformed lines become problems. With
+    strict_end, a last line without its newline counts as cut off (the writer always ends rows with one)."""
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    elif lines and strict_end:
+        lines[-1] = lines[-1] + "\0"
+    if not lines:
+        return [], [], []
+    header = next(csv.reader([lines[0]]))
+    rows, problems = [], []
+    for i, line in enumerate(lines[1:], start=2):
+        fields = next(csv.reader([line.rstrip("\0")]), [])
+        if line.endswith("\0") or len(fields) != len(header):
+            problems.append(f"line {i}: truncated row ({len(fields)} of {len(header)} fields)")
+            continue
+        rows.append((i, dict(zip(header, fields))))
+    return header, rows, problems
+
+
+def read_metrics(path: str | Path):
+    """A validated metrics.csv as a DataFrame sorted by epoch; a UserError names the file, the line and the
+    problem (missing columns, a truncated row, a value that is not a number, an epoch twice or out of order)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist (pass a run folder or its metrics.csv)")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path} is empty: the run has not finished an epoch yet")
+    header, rows, problems = _parse_rows(path)
+    missing = [c for c in REQUIRED if c not in header]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; expected a metrics.csv of the train scripts")
+    if problems:
+        raise UserError(f"{path} {problems[0]}; delete that line (or --resume the run, which repairs it)")
+    if not rows:
+        raise UserError(f"{path} has a header but no rows: the run has not finished an epoch yet")
+    records, previous = [], 0
+    for line_no, values in rows:
+        record = {}
+        for col in header:
+            try:
+                record[col] = float(values[col])
+            except ValueError:
+                if col in REQUIRED:
+                    raise UserError(f"{path} line {line_no}: column {col} holds {values[col]!r}, not a number") from None
+                record[col] = math.nan
+            if col in REQUIRED and not math.isfinite(record[col]):
+                raise UserError(f"{path} line {line_no}: column {col} is {values[col]!r}; the run diverged or the "
+                                f"file is damaged")
+        epoch = record["epoch"]
+        if epoch != int(epoch) or epoch <= previous:
+            what = "appears twice" if epoch == previous else "is out of order"
+            raise UserError(f"{path} line {line_no}: epoch {values['epoch']} {what}; delete the wrong row")
+        previous = int(epoch)
+        records.append(record)
+    frame = pd.DataFrame.from_records(records, columns=header)
+    frame["epoch"] = frame["epoch"].astype(int)
+    return frame
+
+
+# ----------------------------------------------------------------------------- JSON and predictions
+
+def read_json(path: str | Path, required: bool = False) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise UserError(f"{path} does not exist")
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and --resume the run to write it again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return data
+
+
+def prediction_rows(index, labels, best_probs, final_probs) -> str:
+    """test_predictions.csv: per test image its label and, for best.pt and the final epoch, the top-1 class,
+    its probability, the probability of the true class and the top-5 classes."""
+    buffer = io.StringIO()
+    w = csv.writer(buffer, lineterminator="\n")
+    w.writerow(PREDICTION_COLUMNS)
+    parts = []
+    for probs in (best_probs, final_probs):
+        top = probs.topk(min(5, probs.shape[1]), dim=1)
+        parts.append((top.indices[:, 0].tolist(), top.values[:, 0].tolist(),
+                      probs.gather(1, labels.view(-1, 1)).squeeze(1).tolist(), top.indices.tolist()))
+    (bp, bc, bt, b5), (fp, fc, ft, f5) = parts
+    for i, idx in enumerate(index.tolist()):
+        w.writerow([idx, int(labels[i]), bp[i], f"{bc[i]:.5f}", f"{bt[i]:.5f}", " ".join(map(str, b5[i])),
+                    fp[i], f"{fc[i]:.5f}", f"{ft[i]:.5f}", " ".join(map(str, f5[i]))])
+    return buffer.getvalue()
+
+
+def read_predictions(path: str | Path):
+    """test_predictions.csv as a DataFrame, validated; None when the run has none (older runs)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        frame = pd.read_csv(path, dtype={"best_top5": str, "final_top5": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
+    if missing or frame[["label", "best_pred", "final_pred"]].isna().any().any():
+        raise UserError(f"{path} is damaged (missing {', '.join(missing) or 'values'}); re-run the test with --resume")
+    return frame
+
+
+# ----------------------------------------------------------------------------- a run, read back
+
+@dataclass
+class Run:
+    """One run folder's outputs, validated."""
+
+    folder: Path
+    label: str
+    metrics: Any                               # pandas.DataFrame
+    config: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    _predictions: Any = None
+
+    @property
+    def predictions(self):
+        if self._predictions is None:
+            self._predictions = read_predictions(self.folder / PREDICTIONS)
+        return self._predictions
+
+
+def load_run(path: str | Path, label: str | None = None) -> Run:
+    """A run from its folder or its metrics.csv."""
+    path = Path(path)
+    csv_path = path / METRICS if path.is_dir() else path
+    folder = csv_path.parent
+    metrics = read_metrics(csv_path)
+    return Run(folder, label or folder.name, metrics, read_json(folder / CONFIG), read_json(folder / SUMMARY))
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,107 @@
+"""The models this repository compares, in one registry that every script reads: what each is called, where
+its ImageNet weights come from, and how good those weights are on ImageNet according to their source.
+
+A `--model` name is `arch` (the registry's default weights when pretrained), `arch.tag` (timm weights with
+that tag, e.g. resnet18.a1_in1k) or `tv/arch` (torchvision, IMAGENET1K_V1 weights)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One set of ImageNet weights and the top-1 accuracy its publisher reports."""
+
+    library: str                 # timm | torchvision
+    tag: str                     # timm tag or torchvision enum name
+    pretrain_data: str
+    imagenet_top1: float | None
+    top1_source: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture the comparison uses, with its default and alternative ImageNet weights."""
+
+    arch: str                    # timm (and torchvision) architecture name
+    display: str                 # name in figures and tables
+    run_prefix: str              # default run folder prefix: runs/<prefix>_<ft|scratch>
+    paper: str
+    default_tag: str
+    weights: tuple[Weights, ...]
+
+    def weights_for(self, library: str, tag: str) -> Weights | None:
+        return next((w for w in self.weights if w.library == library and w.tag == tag), None)
+
+
+TIMM_TABLE = "timm results-imagenet.csv"
+RESNET18 = ModelSpec(
+    "resnet18", "ResNet-18", "resnet", "He et al., Deep Residual Learning for Image Recognition, CVPR 2016",
+    default_tag="a1_in1k",  # the weights the experiment's public code fine-tuned
+    weights=(
+        Weights("timm", "a1_in1k", "ImageNet-1k", 73.16, f"{TIMM_TABLE} (evaluated at 288 px)"),
+        Weights("timm", "tv_in1k", "ImageNet-1k", 69.76, TIMM_TABLE),
+        Weights("timm", "fb_swsl_ig1b_ft_in1k", "Instagram-1B (semi-weakly supervised), then ImageNet-1k", 73.28,
+                TIMM_TABLE),
+        Weights("torchvision", "IMAGENET1K_V1", "ImageNet-1k", 69.758, "torchvision ResNet18_Weights.IMAGENET1K_V1"),
+    ))
+TINYVIT_5M = ModelSpec(
+    "tiny_vit_5m_224", "TinyViT-5M", "tinyvit",
+    "Wu et al., TinyViT: Fast Pretraining Distillation for Small Vision Transformers, ECCV 2022",
+    default_tag="dist_in22k_ft_in1k",
+    weights=(
+        Weights("timm", "dist_in22k_ft_in1k", "ImageNet-22k (distilled from a large teacher), then ImageNet-1k",
+                80.7, "microsoft/Cream TinyViT model zoo"),
+        Weights("timm", "in1k", "ImageNet-1k (distilled from a large teacher)", 79.1,
+                "microsoft/Cream TinyViT model zoo"),
+    ))
+MODELS = {s.arch: s for s in (RESNET18, TINYVIT_5M)}
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a --model name means once resolved: which library builds it, and which weights (if pretrained)."""
+
+    library: str                 # timm | torchvision
+    arch: str
+    tag: str | None              # None = random init (scratch)
+    requested: str               # the --model value as given
+
+    @property
+    def spec(self) -> ModelSpec | None:
+        return MODELS.get(self.arch)
+
+    @property
+    def display(self) -> str:
+        return self.spec.display if self.spec else self.arch
+
+    @property
+    def weights_info(self) -> Weights | None:
+        if self.tag is None or self.spec is None:
+            return None
+        return self.spec.weights_for(self.library, self.tag)
+
+    @property
+    def name(self) -> str:
+        """A name that says the weights actually used: resnet18.a1_in1k, tv/resnet18, tiny_vit_5m_224 (scratch)."""
+        base = f"tv/{self.arch}" if self.library == "torchvision" else self.arch
+        return base if self.tag is None or self.library == "torchvision" else f"{base}.{self.tag}"
+
+
+def resolve_model(name: str, pretrained: bool) -> ModelChoice:
+    """Parse a --model value. Scratch runs drop any tag: the name then says "no pretrained weights"."""
+    library, rest = ("torchvision", name[3:]) if name.startswith("tv/") else ("timm", name)
+    arch, _, tag = rest.partition(".")
+    if library == "torchvision":
+        tag = "IMAGENET1K_V1"
+    elif not tag and pretrained:
+        spec = MODELS.get(arch)
+        tag = spec.default_tag if spec else _timm_default_tag(arch)
+    return ModelChoice(library, arch, (tag or None) if pretrained else None, name)
+
+
+def _timm_default_tag(arch: str) -> str:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+    return (getattr(cfg, "tag", "") or "") if cfg is not None else ""

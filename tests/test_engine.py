@@ -1,0 +1,182 @@
+"""The loop's pieces, each on tiny tensors: the lr schedule against hand-computed values, the optimiser's
+class and weight decay, the AMP decision and the autocast/GradScaler paths, evaluation in eval mode, the NaN
+stop, Ctrl+C handling."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from unittest import mock
+
+import pytest
+import torch
+from torch import nn
+
+from common import engine as E
+from common.distributed import DistInfo
+from common.errors import UserError
+
+CPU = torch.device("cpu")
+
+
+class Tiny(nn.Module):
+    """conv + BatchNorm + a `fc` head: enough for weight decay groups, BN statistics and the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_cosine_schedule_matches_hand_computed_values():
+    s = E.CosineSchedule(total_steps=100, warmup_steps=10)
+    assert s(0) == pytest.approx(0.1) and s(4) == pytest.approx(0.5) and s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0)
+    assert s(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))  # = 0.5
+    assert s(55) == pytest.approx(0.5) and s(100) == pytest.approx(0.0) and s(200) == pytest.approx(0.0)
+    no_warmup = E.CosineSchedule(100, 0)
+    assert no_warmup(0) == pytest.approx(1.0) and no_warmup(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_a_retargeted_schedule_continues_from_the_current_factor_to_zero():
+    s = E.CosineSchedule(100, 0)
+    at_40 = s(40)
+    s.retarget(40, 200)  # --epochs raised on resume
+    assert s(39) == pytest.approx(E.CosineSchedule(100, 0)(39)), "the past is unchanged"
+    assert s(40) == pytest.approx(at_40), "no jump"
+    assert s(120) == pytest.approx(at_40 * 0.5) and s(200) == pytest.approx(0.0)
+    assert all(s(t) >= s(t + 1) - 1e-12 for t in range(40, 200)), "decays monotonically to the new end"
+
+
+def test_the_scheduler_drives_the_optimizer_lr():
+    model = Tiny()
+    opt = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU)
+    sched = E.build_scheduler(opt, epochs=2, warmup_epochs=0.5, steps_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(3e-4 / 5) and lrs[4] == pytest.approx(3e-4)
+    assert lrs[12] == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert sched.get_last_lr()[0] == pytest.approx(0.0)
+
+
+def test_adamw_decays_weights_but_not_biases_and_norms():
+    model = Tiny()
+    opt = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU)
+    assert type(opt) is torch.optim.AdamW
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decay[id(model.conv.weight)] == 0.05 and decay[id(model.fc.weight)] == 0.05
+    for p in (model.conv.bias, model.bn.weight, model.bn.bias, model.fc.bias):
+        assert decay[id(p)] == 0.0
+    assert all(g["lr"] == 3e-4 for g in opt.param_groups)
+    head = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 10.0, CPU)
+    assert [g["lr"] for g in head.param_groups if any(p is model.fc.weight for p in g["params"])] == [pytest.approx(3e-3)]
+    frozen = Tiny()
+    frozen.conv.weight.requires_grad_(False)
+    assert all(p is not frozen.conv.weight for g in E.build_optimizer(frozen, "adamw", 1, 0, 0, 1, CPU).param_groups
+               for p in g["params"])
+    assert type(E.build_optimizer(model, "sgd", 0.1, 0.0, 0.9, 1.0, CPU)) is torch.optim.SGD
+
+
+@pytest.mark.parametrize("amp,dtype,device,bf16,expected", [
+    (True, "auto", "cuda", True, torch.bfloat16), (True, "auto", "cuda", False, torch.float16),
+    (True, "fp16", "cuda", True, torch.float16), (True, "bf16", "cuda", False, torch.bfloat16),
+    (False, "auto", "cuda", True, None), (True, "auto", "cpu", True, None), (True, "bf16", "cpu", False, torch.bfloat16),
+    (True, "fp16", "cpu", False, torch.float16)])
+def test_amp_decision(amp, dtype, device, bf16, expected):
+    with mock.patch("torch.cuda.is_bf16_supported", return_value=bf16):
+        assert E.resolve_amp(amp, dtype, torch.device(device)) == expected
+    scaler = E.make_scaler(expected, torch.device(device))
+    assert (scaler is not None) == (expected == torch.float16), "a GradScaler exactly for fp16"
+
+
+def _step(model, amp_dtype, scaler, grad_clip=0.0):
+    opt = E.build_optimizer(model, "adamw", 1e-2, 0.05, 0.9, 1.0, CPU)
+    sched = E.build_scheduler(opt, 1, 0, 10)
+    return E.TrainStep(model, opt, sched, scaler, nn.CrossEntropyLoss(), None, amp_dtype, grad_clip, False, CPU)
+
+
+def test_a_bf16_step_runs_under_autocast_on_the_cpu():
+    model = Tiny()
+    seen = []
+    model.fc.register_forward_hook(lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), o.dtype)))
+    before = model.fc.weight.detach().clone()
+    loss, logits = _step(model, torch.bfloat16, None)(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))
+    assert seen == [(True, torch.bfloat16)] and torch.isfinite(loss)
+    assert model.fc.weight.dtype == torch.float32 and not torch.equal(before, model.fc.weight), "fp32 master weights"
+
+
+def test_the_fp16_path_goes_through_the_scaler():
+    model = Tiny()
+    scaler = mock.MagicMock()
+    scaler.scale.side_effect = lambda loss: loss
+    step = _step(model, None, scaler, grad_clip=1.0)
+    step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))
+    scaler.scale.assert_called_once()
+    scaler.unscale_.assert_called_once_with(step.optimizer)  # before clipping
+    scaler.step.assert_called_once_with(step.optimizer)
+    scaler.update.assert_called_once()
+
+
+def test_evaluate_uses_eval_mode_and_is_deterministic():
+    torch.manual_seed(0)
+    model = Tiny()
+    model.train()
+    model(torch.randn(16, 3, 8, 8))  # give BatchNorm non-trivial running statistics
+    stats = (model.bn.running_mean.clone(), model.bn.running_var.clone())
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (50,))
+    to_float = lambda x: x.float() / 255  # noqa: E731
+    a = E.evaluate(model, images, labels, to_float, 16, CPU, keep_probs=True)
+    b = E.evaluate(model, images, labels, to_float, 7, CPU, keep_probs=True)
+    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
+    assert a["acc"] == b["acc"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["n"] == 50
+    assert torch.allclose(a["probs"], b["probs"], atol=1e-6) and torch.allclose(a["probs"].sum(1), torch.ones(50))
+    expected = (a["probs"].argmax(1) == labels).float().mean().item()
+    assert a["acc"] == pytest.approx(expected)
+
+
+def test_a_loss_that_stays_nan_stops_with_advice():
+    model = Tiny()
+    step = _step(model, None, None)
+    batches = [(torch.full((4, 3, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))] * 30
+    with pytest.raises(E.NonFiniteLoss, match="NaN/Inf for 25 steps.*--lr"):
+        E.train_one_epoch(step, batches, E.EpochSums.zeros(CPU), E.GracefulStop(), DistInfo())
+
+
+def test_a_single_nan_batch_is_survived():
+    model = Tiny()
+    step = _step(model, None, None)
+    good = (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
+    batches = [good, (torch.full((4, 3, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long)), good]
+    sums = E.EpochSums.zeros(CPU)
+    with mock.patch.object(step.optimizer, "step"):  # keep the weights finite after the bad batch
+        steps, stopped = E.train_one_epoch(step, batches, sums, E.GracefulStop(), DistInfo())
+    assert (steps, stopped) == (3, False) and float(sums.count) == 12
+
+
+def test_ctrl_c_finishes_the_step_and_a_forwarded_copy_is_not_a_second_one():
+    """Under torchrun a rank sees one Ctrl+C twice; only a later one quits at once. A fake clock, no sleeps."""
+    now = [100.0]
+    with E.GracefulStop(announce=False, echo_s=2.0, clock=lambda: now[0]) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the launcher forwarding the same keypress, 0 s later
+        assert stop.requested and stop.signum == signal.SIGINT
+        now[0] += 2.5
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is restored"
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        assert E.resolve_device("cuda").type == "cuda"
+        return
+    with pytest.raises(UserError, match="--device cuda but PyTorch sees no CUDA GPU"):
+        E.resolve_device("cuda")
