@@ -114,6 +114,7 @@ def load_images(paths: list[str]):
     from PIL import Image, UnidentifiedImageError
 
     out, originals = [], []
+    Image.MAX_IMAGE_PIXELS = None  # opening reads the header only; the size check below is ours, with a clear message
     for p in paths:
         try:
             with Image.open(p) as im:
@@ -124,7 +125,7 @@ def load_images(paths: list[str]):
                 rgb = im.convert("RGB")
         except FileNotFoundError:
             raise UserError(f"--image {p}: no such file") from None
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"--image {p} is not a readable image ({e})") from None
         rgb.thumbnail((512, 512))
         originals.append(np.asarray(rgb))

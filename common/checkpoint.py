@@ -93,13 +93,21 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_error_reason(e: Exception) -> str:
+def load_error_reason(e: Exception, path: str | Path | None = None) -> str:
     """What a torch.load failure means, in words: truncated, not a torch file, or pickled code refused."""
+    if path is not None:
+        import zipfile
+
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+            return "truncated: the file ends before its zip directory (an interrupted write or copy)"
     text = str(e)
     if "central directory" in text or "failed reading zip archive" in text or "EOF" in text:
         return "truncated or not a complete file: the zip archive's directory is missing"
-    if "invalid load key" in text or "could not find MARK" in text or "not a zip file" in text:
-        return "not a PyTorch file"
+    if any(k in text for k in ("invalid load key", "could not find MARK", "not a zip file", "Unsupported operand",
+                               "magic number")):
+        return "not a PyTorch file: its bytes are not a saved state"
     if "Weights only load failed" in text or "WeightsUnpickler error" in text:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         return ("it holds pickled Python objects, which are never unpickled here (that could run code): "
@@ -117,7 +125,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickled objects: all unusable the same way
-        raise UserError(f"checkpoint {path} is unusable ({load_error_reason(e)}); use the run's other "
+        raise UserError(f"checkpoint {path} is unusable ({load_error_reason(e, path)}); use the run's other "
                         f"checkpoint (best.pt / last.pt) or retrain") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
         found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__

@@ -234,7 +234,7 @@ def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop:
             sums.correct += (logits.argmax(1) == y).sum()
             sums.count += n
             sums.bad_streak.mul_(~finite).add_(~finite)
-        failpoint(f"step:{step}")
+        failpoint(f"step:{step_fn.scheduler.last_epoch}")  # the run's step count (the fault tests)
         stop_now = stop.requested and not dist.enabled  # one process: a host bool, checked every step
         if step % CHECK_EVERY == 0:  # the only host syncs of the epoch
             stop_now = _check_in(sums, CHECK_EVERY, step_fn.scheduler, stop, dist)
@@ -260,7 +260,7 @@ def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist:
     if bad_streak >= streak:
         err = NonFiniteLoss(f"the loss was NaN/Inf for {int(bad_streak)} steps in a row "
                             f"(lr {scheduler.get_last_lr()[0]:.3g} too high? try a lower --lr, "
-                            f"--grad-clip 1, or --amp-dtype bf16); last.pt holds the last good epoch")
+                            f"--grad-clip 1, or --amp-dtype bf16); the last saved checkpoint, if any, is intact")
         err.quiet = not dist.is_main  # every rank raises it; rank 0 reports
         raise err
     return bool(stop_any)

@@ -2,7 +2,7 @@
 point of a run, exactly, instead of a test guessing the moment from outside. Unset (always, for users),
 every failpoint() is a dictionary lookup and nothing else.
 
-Points: decode (half-way through decoding images), step:<n> (after training step n of the run),
+Points: decode (half-way through decoding images), step:<n> (after the run's n-th training step),
 epoch:<n> (after epoch n's metrics row, before its checkpoints), write:<file> (half-way through writing
 that file: last.pt, best.pt, summary.json, ...), test (during the final test), summary (before
 summary.json). Actions: kill (SIGKILL, the default), int (SIGINT), term (SIGTERM), enospc (the write

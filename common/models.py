@@ -225,7 +225,7 @@ def read_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torc
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, pickled code objects: one message
-        raise UserError(f"{flag} {path} is not a readable weights file ({load_error_reason(e)}); "
+        raise UserError(f"{flag} {path} is not a readable weights file ({load_error_reason(e, path)}); "
                         f"download it again or pass another file") from None
     for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -116,14 +116,14 @@ def open_run_folder(cfg: TrainConfig, lock: RF.RunLock, is_main: bool) -> dict |
             RF.say(f"{out}: removed {len(removed)} temp file(s) of an interrupted write ({', '.join(removed)})")
     existing = [n for n in RF.RUN_FILES if (out / n).exists()]
     last = out / RF.LAST
-    if cfg.resume:
+    if cfg.resume:  # job scripts pass --resume every time: a folder with nothing to continue starts the run
         if last.is_file():
             return load_checkpoint(last)
-        if not existing:
-            raise UserError(f"--resume: {out} holds no run; start it without --resume")
-        if is_main:  # killed before the first checkpoint: nothing to continue, so start over, saying so
+        if is_main and existing:  # killed before the first checkpoint: nothing to continue, so start over
             RF.say(f"{out} has no checkpoint yet (it stopped before epoch 1 was saved): starting it from epoch 1")
             _clear(out)
+        elif is_main:
+            RF.say(f"--resume: nothing to resume in {out}; starting a new run")
         return None
     if existing and not cfg.overwrite:
         raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "

@@ -14,7 +14,7 @@ import pytest
 from common import analysis, stats
 from common.errors import UserError
 from common.runfolder import METRIC_COLUMNS, load_run
-from conftest import one_line_error_in_process, run_cli
+from conftest import one_line_error_in_process
 
 N_TEST = 400
 
@@ -257,8 +257,9 @@ def test_damaged_metrics_files_are_one_line_errors(tmp_path, capsys, content, wo
 
 
 def test_single_run_log_path_keeps_the_old_command(four_runs):
-    r = run_cli("compare_runs.py", "--log-path", str(four_runs / "resnet_ft" / "metrics.csv"), "--safe")
-    assert r.returncode == 0, r.stderr
+    import compare_runs
+
+    assert compare_runs.main(["--log-path", str(four_runs / "resnet_ft" / "metrics.csv"), "--safe"]) == 0
     assert (four_runs / "resnet_ft" / "resnet_ft_curve.png").is_file()
 
 
@@ -271,14 +272,15 @@ def test_end_labels_never_overlap():
     assert max(pos) <= 1.0 + 1e-9 and pos[3] == 0.5
 
 
-def test_four_panels_defaults_draw_what_exists_and_name_the_missing(four_runs, tmp_path):
+def test_four_panels_defaults_draw_what_exists_and_name_the_missing(four_runs, monkeypatch, capsys):
     import shutil
 
+    import plot_four_panels
+
     shutil.rmtree(four_runs / "tinyvit_scratch")
-    r = run_cli(str(Path(__file__).resolve().parents[1] / "plot_four_panels.py"), "--output", "runs/f.pdf", "--safe",
-                cwd=four_runs.parent)
-    assert r.returncode == 0, r.stderr
-    assert "runs/tinyvit_scratch" in r.stderr and (four_runs / "f.pdf").read_bytes()[:4] == b"%PDF"
+    monkeypatch.chdir(four_runs.parent)  # the default run folders are runs/..., relative to where you stand
+    assert plot_four_panels.main(["--output", "runs/f.pdf", "--safe"]) == 0
+    assert "runs/tinyvit_scratch" in capsys.readouterr().err and (four_runs / "f.pdf").read_bytes()[:4] == b"%PDF"
     text = (four_runs / "results.md").read_text()
     assert "Not answered yet" in text and "Missing runs (not included): runs/tinyvit_scratch" in text
     assert math.isfinite(float(text.split("| ResNet-18 | a1_in1k | +")[1].split(" ")[0]))

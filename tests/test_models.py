@@ -126,7 +126,7 @@ def test_a_planted_pickle_in_the_weights_cache_is_never_unpickled(tmp_path, monk
     hub.mkdir(parents=True)
     name = Path(tvm.ResNet18_Weights.IMAGENET1K_V1.url).name
     with open(hub / name, "wb") as f:
-        pickle.dump({"conv1.weight": _Payload(marker)}, f)
+        pickle.dump({"conv1.weight": _Payload(marker)}, f, protocol=2)  # the protocol torch.save uses
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError, match="does not match its published SHA-256"):
         models.build_model(resolve_model("tv/resnet18", True), 32, quiet=True)
@@ -211,10 +211,10 @@ def test_freeze_backbone_leaves_only_the_head_trainable():
     assert not model.training and model.fc.training, "BatchNorm statistics stay frozen too"
 
 
-@pytest.mark.parametrize("script,url", [("train_resnet_cifar.py", "https://huggingface.co"),
-                                        ("train_tinyvit_cifar.py", "https://huggingface.co")])
-def test_offline_pretrained_fails_fast_and_says_what_to_do(tmp_path, script, url):
-    if host_reachable(url):
+def test_offline_pretrained_fails_fast_and_says_what_to_do(tmp_path):
+    """Both scripts' default weights come from the Hugging Face hub through the same code: one script suffices."""
+    script = "train_tinyvit_cifar.py"
+    if host_reachable("https://huggingface.co"):
         pytest.skip("network available: the offline failure cannot be provoked here")
     start = time.monotonic()
     r = run_cli(script, "--pretrained", "--dummy", "--output-dir", str(tmp_path / "run"), "--img-size", "32",

@@ -13,7 +13,9 @@ import torch
 
 from common import trainer
 from common.runfolder import METRIC_COLUMNS, PREDICTION_COLUMNS
-from conftest import ROOT, SMALL, one_line_error, run_cli, train
+from conftest import ROOT, SMALL, one_line_error_in_process, run_cli, train
+
+MECH = ["--model", "test_resnet"]  # timm's 0.4M-parameter test ResNet: the loop's mechanics at a tenth of the time
 
 
 def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
@@ -23,9 +25,9 @@ def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
         assert stat.S_IMODE((out / name).stat().st_mode) & 0o044 == 0o044, f"{name} is readable by group and others"
     m = pd.read_csv(out / "metrics.csv")
     assert list(m.columns) == list(METRIC_COLUMNS) and m["epoch"].tolist() == [1, 2]
-    assert m["val_acc"].iloc[-1] > 0.4, "10 classes: chance is 0.1; labels and images must line up"
+    assert m["val_acc"].iloc[-1] > 0.3, "10 classes: chance is 0.1; labels and images must line up"
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_info"]["name"] == "resnet18" and cfg["weights"]["init"] == "random init"
+    assert cfg["model_info"]["name"] == "test_resnet" and cfg["weights"]["init"] == "random init"
     assert cfg["data"]["kind"] == "cifar-batches" and len(cfg["data"]["sha256"]) == 64
     assert cfg["data"]["splits"] == {"val_size": 400, "split_seed": 0, "train_subset": 1600, "test_subset": 0,
                                      "train": 1600, "val": 400, "test": 500, "val_is_test": False}
@@ -83,7 +85,7 @@ def test_best_pt_is_the_best_validation_epoch_and_the_one_tested(cifar_dir, tmp_
     out = tmp_path / "run"
     _scripted_validation(monkeypatch, [0.5, 0.7, 0.6])
     assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "3", "--data-dir", str(cifar_dir),
-                 "--output-dir", str(out), "--aug", "light", *SMALL) == 0
+                 "--output-dir", str(out), "--aug", "light", *MECH, *SMALL) == 0
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["epoch"] == 2 and best["best"]["acc"] == 0.7
     summary = json.loads((out / "summary.json").read_text())
@@ -98,7 +100,7 @@ def test_best_pt_is_the_best_validation_epoch_and_the_one_tested(cifar_dir, tmp_
 def test_a_resumed_run_keeps_its_best_epoch(cifar_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--no-pretrained", "--epochs", "3", "--data-dir", str(cifar_dir), "--output-dir", str(out), "--aug",
-            "light", *SMALL]
+            "light", *MECH, *SMALL]
     _scripted_validation(monkeypatch, [0.5, 0.7])
     assert train("train_resnet_cifar", *args, "--stop-after-epoch", "2") == 0
     _scripted_validation(monkeypatch, [0.6])
@@ -122,14 +124,16 @@ def test_weights_flag_end_to_end_and_linear_probe_freezes_the_backbone(cifar_dir
     out = tmp_path / "probe"
     assert train("train_resnet_cifar", "--weights", str(trained_resnet / "best.pt"), "--freeze-backbone",
                  "--epochs", "1", "--data-dir", str(cifar_dir), "--output-dir", str(out), "--aug", "light",
-                 "--model", "resnet18", *SMALL) == 0
+                 "--model", "test_resnet", *SMALL) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pretrained"] is True and cfg["weights"]["init"] == "file" and cfg["freeze_backbone"] is True
     before = torch.load(trained_resnet / "best.pt", weights_only=True)["model"]
     after = torch.load(out / "last.pt", weights_only=True)["model"]
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.startswith("fc.") for k in changed), changed
-    assert pd.read_csv(out / "metrics.csv")["val_acc"].iloc[0] > 0.4  # started from trained features
+    first_val = pd.read_csv(out / "metrics.csv")["val_acc"].iloc[0]
+    assert first_val > 0.3 and first_val > 0.9 * json.loads((trained_resnet / "summary.json").read_text())[
+        "best_val_acc"], "started from the trained features, not from scratch"
 
 
 def test_dummy_runs_without_any_data_folder_and_says_synthetic(tmp_path, capsys):
@@ -145,7 +149,7 @@ def test_dummy_runs_without_any_data_folder_and_says_synthetic(tmp_path, capsys)
 
 def test_progress_lines_appear_when_the_output_is_not_a_terminal(cifar_dir, tmp_path, capsys):
     assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "1", "--data-dir", str(cifar_dir), "--output-dir",
-                 str(tmp_path / "run"), "--progress-every", "0.001", "--aug", "light", *SMALL) == 0
+                 str(tmp_path / "run"), "--progress-every", "0.001", "--aug", "light", *MECH, *SMALL) == 0
     err = capsys.readouterr().err
     assert re.search(r"epoch 1/1: \d+/25 steps", err), err[-500:]
 
@@ -198,36 +202,42 @@ def test_real_cifar10_photos_are_learned_from_scratch(archive, archive_cache, tm
     summary = json.loads((out / "summary.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["name"] == "CIFAR-10" and cfg["recipe"]["name"] == "reference"
+    assert cfg["model_info"]["name"] == "resnet18" and 11.1e6 < cfg["model_info"]["params"] < 11.3e6
     assert summary["test_images"] == 2000 and summary["test_acc"] > 0.20, summary
 
 
 # ----------------------------------------------------------------------------- check.py
 
-def test_check_reports_the_machine_consistently(tmp_path):
-    r = run_cli("check.py", "--data-dir", str(tmp_path))
-    assert "torch " in r.stdout and "timm " in r.stdout and "CIFAR-10" in r.stdout
+def test_check_reports_the_machine_consistently(tmp_path, capsys):
+    import check
+
+    code = check.main(["--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "torch " in out and "timm " in out and "CIFAR-10" in out and f"not found in {tmp_path}" in out
+    gpu_line = next(line for line in out.splitlines() if line.startswith("GPU"))
     if torch.version.cuda is None:
-        assert "CPU-only build" in r.stdout and "CUDA" not in r.stdout.split("GPU", 1)[1].split("\n")[0]
+        assert "CPU-only build" in gpu_line and "CUDA" not in gpu_line
     elif not torch.cuda.is_available():
-        assert f"built for CUDA {torch.version.cuda}, but no GPU" in r.stdout
-    assert r.returncode == (0 if torch.cuda.is_available() and "not cached" not in r.stdout and "not found"
-                            not in r.stdout else 1)
-    assert f"not found in {tmp_path}" in r.stdout
+        assert f"built for CUDA {torch.version.cuda}, but no GPU" in gpu_line
+    assert code == 1 and "not ready" in out
 
 
-def test_check_names_the_kind_and_counts_of_a_data_dir(tmp_path):
+def test_check_names_the_kind_and_counts_of_a_data_dir(tmp_path, capsys):
+    import check
     from test_sources import image_folder, tar_of
 
     folder = image_folder(tmp_path / "f")
-    r = run_cli("check.py", "--data-dir", str(tar_of(folder, tmp_path / "c.tar.gz")))
-    assert "tar archive of an image folder" in r.stdout and "150 train / 50 test image files, 10 classes" in r.stdout
+    check.main(["--data-dir", str(tar_of(folder, tmp_path / "c.tar.gz"))])
+    out = capsys.readouterr().out
+    assert "tar archive of an image folder" in out and "150 train / 50 test image files, 10 classes" in out
 
 
-def test_bench_measures_both_recipes_paths_and_models():
-    r = run_cli("check.py", "--bench", "--json", "--device", "cpu", "--bench-img-size", "32", "--bench-batch-size", "8",
-                "--bench-steps", "1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    res = json.loads(r.stdout)  # --json: stdout is the result alone
+def test_bench_measures_both_recipes_paths_and_models(capsys):
+    import check
+
+    assert check.main(["--bench", "--json", "--device", "cpu", "--bench-img-size", "32", "--bench-batch-size", "4",
+                       "--bench-steps", "1"]) == 0
+    res = json.loads(capsys.readouterr().out)  # --json: stdout is the result alone
     assert set(res["data"]) == {"reference/cpu", "reference/gpu", "light/cpu", "light/gpu"}
     assert all(v > 0 for v in res["data"].values()) and set(res["models"]) == {"ResNet-18", "TinyViT-5M"}
     for m in res["models"].values():
@@ -246,11 +256,13 @@ def test_bench_on_a_cpu_picks_small_sizes_and_says_so(monkeypatch, capsys):
     assert "chose --bench-img-size 64 --bench-batch-size 16 --bench-steps 2" in out and seen["data"] == (64, 16)
 
 
-def test_bench_profile_names_the_operators_a_step_spends_time_in():
-    r = run_cli("check.py", "--bench-profile", "tiny_vit_5m_224", "--device", "cpu", "--bench-img-size", "32",
-                "--bench-batch-size", "2", "--bench-steps", "1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "img/s under the profiler" in r.stdout and "aten::" in r.stdout and "Self CPU" in r.stdout
+def test_bench_profile_names_the_operators_a_step_spends_time_in(capsys):
+    import check
+
+    assert check.main(["--bench-profile", "tiny_vit_5m_224", "--device", "cpu", "--bench-img-size", "32",
+                       "--bench-batch-size", "2", "--bench-steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "img/s under the profiler" in out and "aten::" in out and "Self CPU" in out
 
 
 @pytest.mark.slow
@@ -272,11 +284,15 @@ def test_bench_suite_times_real_epochs_and_projects_the_suite(tmp_path):
 
 @pytest.mark.parametrize("flags, words", [("--batch-size 0", "--batch-size must be"),
                                           ("--bogus 3", "unrecognized arguments: --bogus 3")])
-def test_bench_suite_bad_flags_are_one_line(flags, words):
-    one_line_error(run_cli("check.py", "--bench-suite", "1", "--bench-suite-flags", flags), words)
+def test_bench_suite_bad_flags_are_one_line(capsys, flags, words):
+    import check
+
+    one_line_error_in_process(check.main, ["--bench-suite", "1", "--bench-suite-flags", flags], capsys, words)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("mode", [["--bench"], ["--bench-profile", "resnet18"], ["--bench-suite", "1"]])
-def test_bench_on_a_missing_gpu_is_one_line(mode):
-    one_line_error(run_cli("check.py", *mode, "--device", "cuda"), "--device cuda")
+@pytest.mark.parametrize("mode", [["--bench"], ["--bench-profile", "resnet18"]])
+def test_bench_on_a_missing_gpu_is_one_line(capsys, mode):
+    import check
+
+    one_line_error_in_process(check.main, [*mode, "--device", "cuda"], capsys, "--device cuda")

@@ -194,6 +194,18 @@ def _decode_chunk(items: list[tuple[str, bytes | None, str | None]]) -> list[tup
     return out
 
 
+def _die_with_parent() -> None:
+    """A decode worker ends when the process that started it is killed (Linux): no orphans holding its pipes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def decode_entries(entries: list[ImageEntry], workers: int, progress: Callable[[int], None] | None = None,
                    chunk: int = 1000) -> list[tuple[np.ndarray | None, str]]:
     """Decode every entry, in `workers` processes when there are many (results in entry order)."""
@@ -203,7 +215,7 @@ def decode_entries(entries: list[ImageEntry], workers: int, progress: Callable[[
     if workers <= 1 or len(items) < 2 * chunk:
         parts = map(_decode_chunk, chunks)
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent)
         parts = pool.map(_decode_chunk, chunks)
     try:
         for i, (c, part) in enumerate(zip(chunks, parts)):

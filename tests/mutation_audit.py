@@ -1,0 +1,137 @@
+"""Plant realistic bugs, one at a time, and report which ones the tests catch. Not part of the test run:
+
+    python tests/mutation_audit.py            # all mutations (about 10 minutes on 2 cores)
+    python tests/mutation_audit.py lr adamw   # only those whose name contains a word
+
+Each mutation replaces one snippet of one file (it must occur exactly once), runs the tests that should catch
+it, and restores the file (also on Ctrl+C). A mutation that survives is a hole in the tests: add a test that
+fails on it (design.md, "How we test")."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name, file, original snippet, planted bug, tests that must catch it
+MUTATIONS = [
+    ("best.pt saved every epoch", "common/trainer.py", "            if improved:\n", "            if True:\n",
+     "tests/test_train.py::test_best_pt_is_the_best_validation_epoch_and_the_one_tested"),
+    ("best chosen by the lowest val acc", "common/state.py", "if val_acc > self.acc:",
+     "if val_acc < self.acc or self.acc < 0:", "tests/test_train.py::test_best_pt_is_the_best_validation_epoch_and_the_one_tested"),
+    ("test scored with the last weights", "common/trainer.py",
+     "        load_model_state(ctx.state.model, best_ckpt[\"model\"], str(out / RF.BEST))\n", "",
+     "tests/test_train.py::test_best_pt_is_the_best_validation_epoch_and_the_one_tested"),
+    ("resume resets the best-so-far", "common/state.py", "self.best = Best(**ckpt[\"best\"])", "self.best = Best()",
+     "tests/test_train.py::test_a_resumed_run_keeps_its_best_epoch"),
+    ("evaluation without model.eval()", "common/engine.py", "    model.eval()\n    if dist.enabled:",
+     "    if dist.enabled:", "tests/test_engine.py::test_evaluate_uses_eval_mode_and_is_deterministic"),
+    ("validation drawn from the test images", "common/data/splits.py",
+     "val_images = source.test_x if val_size == 0 else source.train_x", "val_images = source.test_x",
+     "tests/test_splits.py"),
+    ("training keeps the validation images", "common/data/splits.py", "    mask[val] = False\n", "",
+     "tests/test_splits.py"),
+    ("test subset is the first N", "common/data/splits.py",
+     "test_idx = stratified_split(source.test_y, test_subset, split_seed + 31337)[1]",
+     "test_idx = test_idx[:test_subset]", "tests/test_splits.py"),
+    ("CPU augmentation off", "common/data/streams.py",
+     "_SeededImages(images, labels, cpu_train_transform(recipe, img_size))",
+     "_SeededImages(images, labels, lambda im: __import__('common.data.augment', fromlist=['x']).EvalTransform("
+     "recipe, img_size)(im[None])[0])", "tests/test_augment.py -k augmented"),
+    ("device augmentation off", "common/data/device_ops.py",
+     "        x = resize_crops(images, p[\"crops\"], self.size, self.recipe.interpolation)\n",
+     "        x = resize_crops(images, p[\"crops\"] * 0 + torch.tensor([0, 0, 32, 32]), self.size, "
+     "self.recipe.interpolation)\n        return normalize(x, self.recipe.mean, self.recipe.std)\n",
+     "tests/test_augment.py -k augmented"),
+    ("device RandAugment off", "common/data/device_ops.py", "        for layer in range(p[\"ops\"].shape[0]):",
+     "        for layer in range(0):", "tests/test_augment.py -k alike"),
+    ("device erasing off", "common/data/device_ops.py", "return erase(normalize(x, self.recipe.mean, self.recipe.std), p[\"erase\"])",
+     "return normalize(x, self.recipe.mean, self.recipe.std)", "tests/test_augment.py -k alike"),
+    ("labels misaligned on the device", "common/data/streams.py", "            labels = self.labels[idx]\n",
+     "            labels = self.labels[idx.roll(1)]\n", "tests/test_augment.py -k aligned"),
+    ("CPU stream seeded by worker, not by sample", "common/data/streams.py", "        random.seed(seed)  ",
+     "        random.seed(torch.utils.data.get_worker_info().id if torch.utils.data.get_worker_info() else 0)  ",
+     "tests/test_augment.py -k workers"),
+    ("no centre crop at evaluation", "common/data/resample.py", "    offset = int(round((resize_to - crop) / 2.0))",
+     "    offset = 0", "tests/test_augment.py -k evaluation"),
+    ("no cosine decay", "common/engine.py", "        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))",
+     "        return 1.0", "tests/test_engine.py"),
+    ("warm-up ignored", "common/engine.py", "        if step < self.warmup:", "        if False:",
+     "tests/test_engine.py"),
+    ("Adam instead of AdamW", "common/engine.py", "torch.optim.AdamW(params", "torch.optim.Adam(params",
+     "tests/test_engine.py"),
+    ("no weight decay", "common/engine.py", "\"weight_decay\": weight_decay if decay else 0.0",
+     "\"weight_decay\": 0.0", "tests/test_engine.py"),
+    ("no GradScaler for fp16", "common/engine.py",
+     "return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None", "return None",
+     "tests/test_engine.py"),
+    ("autocast never entered", "common/engine.py", "    if dtype is None:\n        return contextlib.nullcontext()",
+     "    if True:\n        return contextlib.nullcontext()", "tests/test_engine.py"),
+    ("pretrained download ignored", "common/models.py", "    elif choice.tag is not None:", "    elif False:",
+     "tests/test_models.py -k downloaded"),
+    ("non-atomic JSON writes", "common/checkpoint.py",
+     "    atomic_write(path, json.dumps(data, indent=2, default=str) + \"\\n\")",
+     "    Path(path).write_text(json.dumps(data, indent=2, default=str) + \"\\n\")",
+     "tests/test_resilience.py -k atomically"),
+    ("seed band line is not the mean", "common/plots.py", "    mean = table.mean(axis=1)", "    mean = table.min(axis=1)",
+     "tests/test_analysis.py -k seed"),
+    ("McNemar one-sided", "common/stats.py", "    return min(1.0, 2 * tail)", "    return min(1.0, tail)",
+     "tests/test_analysis.py -k mcnemar"),
+    ("Wilson with a 90% z", "common/stats.py", "Z95 = 1.959963984540054", "Z95 = 1.645", "tests/test_analysis.py -k wilson"),
+    ("ECE without the absolute value", "common/stats.py", "total += sel.mean() * abs(acc - mean_conf)",
+     "total += sel.mean() * (acc - mean_conf)", "tests/test_analysis.py -k ece"),
+    ("gains unpaired (separate image draws)", "common/stats.py",
+     "            per_run = counts @ r.T / n ", "            per_run = rng.multinomial(n, np.full(n, 1 / n), size=b) @ r.T / n ",
+     "tests/test_analysis.py -k bootstrap"),
+    ("synthetic data called CIFAR-10", "common/provenance.py",
+     "        return \"synthetic data (--dummy, not CIFAR-10)\"", "        return \"CIFAR-10 (synthetic)\"",
+     "tests/test_analysis.py -k synthetic"),
+    ("mismatched runs compared silently", "common/analysis.py", "    if pairs and differ and not allow_mismatch:",
+     "    if False:", "tests/test_analysis.py -k mismatch"),
+    ("mid-epoch resume without the RNG state", "common/trainer.py", "        restore_rng(ckpt[\"rng\"])", "        pass",
+     "tests/test_resilience.py -k ctrl_c"),
+    ("no run-folder lock", "common/runfolder.py", "            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)",
+     "            pass", "tests/test_resilience.py -k second_process"),
+    ("rows past the checkpoint kept on resume", "common/runfolder.py", "            elif int(epoch) > epochs_done:",
+     "            elif False:", "tests/test_resilience.py -k sigkill_after"),
+    ("stale temp files kept", "common/runfolder.py", "        tmp.unlink(missing_ok=True)\n        removed.append",
+     "        removed.append", "tests/test_resilience.py -k temp_file"),
+    ("resume restarts the schedule when --epochs grows", "common/trainer.py",
+     "        schedule.retarget(step, cfg.epochs * steps_per_epoch)", "        schedule.total = cfg.epochs * steps_per_epoch",
+     "tests/test_resilience.py -k raising_epochs"),
+]
+
+
+def run(name, file, old, new, tests) -> tuple[str, float]:
+    path = ROOT / file
+    original = path.read_text()
+    if original.count(old) != 1:
+        return f"SNIPPET NOT FOUND ONCE ({original.count(old)}x): fix the audit", 0.0
+    start = time.monotonic()
+    try:
+        path.write_text(original.replace(old, new))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "", *tests.split()]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        verdict = "caught" if r.returncode != 0 else "SURVIVED"
+    except subprocess.TimeoutExpired:
+        verdict = "caught (timeout)"
+    finally:
+        path.write_text(original)
+    return verdict, time.monotonic() - start
+
+
+def main(words: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not words or any(w.lower() in m[0].lower() for w in words)]
+    survived = 0
+    for name, file, old, new, tests in chosen:
+        verdict, seconds = run(name, file, old, new, tests)
+        survived += verdict != "caught" and not verdict.startswith("caught")
+        print(f"{verdict:<10} {seconds:5.0f} s  {name}  ({file})", flush=True)
+    print(f"\n{len(chosen) - survived} of {len(chosen)} planted bugs caught")
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
