@@ -14,7 +14,6 @@ folder unless --output says otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -144,9 +143,9 @@ def provenance(record, checkpoint: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
+    from common.data.sources import CIFAR_CLASSES
     from common.engine import resolve_device
     from common.plots import add_footnote, can_show, save_figure, setup_matplotlib
-    from common.provenance import data_label
 
     device = resolve_device(args.device)
     model, record = load_model(args.checkpoint, args.config, device)
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     plt = setup_matplotlib(args.safe)
     note = provenance(record, args.checkpoint)
     if args.image:
-        classes = (record.get("data") or {}).get("classes") or list(__import__("common.data.sources", fromlist=["x"]).CIFAR_CLASSES)
+        classes = (record.get("data") or {}).get("classes") or list(CIFAR_CLASSES)
         images, originals = load_images(args.image)
         probs = predict(model, images, transform, device)
         for path, p in zip(args.image, probs):
@@ -191,7 +190,8 @@ def single(plt, model, transform, device, test_x, test_y, classes, args, folder,
     p = predict(model, test_x[index:index + 1], transform, device)[0]
     truth = classes[int(test_y[index])]
     print_topk(f"test image {index}", p, args.topk, truth, classes)
-    title = f"{data_label(record).split(' (')[0]} test image #{index}  ({record['model_info']['display'] if 'model_info' in record else record['model']})"
+    name = record.get("model_info", {}).get("display", record["model"])
+    title = f"{data_label(record).split(' (')[0]} test image #{index}  ({name})"
     fig = figure_rows(plt, [(test_x[index].permute(1, 2, 0).numpy(), p, title, truth)], args.topk, classes)
     return fig, Path(args.output) if args.output else folder / f"example_{index}.png"
 

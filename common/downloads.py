@@ -1,12 +1,22 @@
 """Network helpers that fail fast: a reachability probe and a download that gives up on a stalled server."""
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class DownloadError(Exception):

@@ -3,7 +3,6 @@ from random init or from ImageNet weights. Weights come from the library's downl
 the published hash, then loaded without unpickling code) or from a local --weights file."""
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_error_reason
-from .downloads import host_reachable
+from .downloads import file_digest, host_reachable
 from .errors import UserError
 from .specs import ModelChoice
 
@@ -112,7 +111,7 @@ def build_model(choice: ModelChoice, img_size: int, weights_file: str | None = N
     model = _create(choice, img_size)
     if weights_file:
         state = read_state_dict(weights_file)
-        record = {"init": "file", "file": str(weights_file), "sha256": sha256_file(Path(weights_file))}
+        record = {"init": "file", "file": str(weights_file), "sha256": file_digest(Path(weights_file))}
     elif choice.tag is not None:
         state, record = download_weights(choice, quiet)
     else:
@@ -129,14 +128,6 @@ def build_model(choice: ModelChoice, img_size: int, weights_file: str | None = N
 
 # ----------------------------------------------------------------------------- downloads, checked
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_weights(choice: ModelChoice, quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The ImageNet state dict of `choice` from the library's download path, verified against the hash the
     library publishes (torchvision: in the file name; Hugging Face hub: the blob's SHA-256), never unpickled."""
@@ -144,7 +135,7 @@ def download_weights(choice: ModelChoice, quiet: bool = False) -> tuple[dict[str
         path, expected = _torchvision_file(choice, quiet)
     else:
         path, expected = _timm_file(choice, quiet)
-    actual = sha256_file(path)
+    actual = file_digest(path)
     if expected and not actual.startswith(expected):
         raise UserError(f"{path} does not match its published SHA-256 ({expected[:16]}..., found {actual[:16]}...): "
                         f"it is damaged or was replaced; delete it to download it again, or {OFFLINE_HINT}")

@@ -178,21 +178,7 @@ def prepare(cfg: TrainConfig, dist: D.DistInfo, device: torch.device, ckpt: dict
     recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude, cfg.re_prob,
                             cfg.eval_crop)
     choice = resolve_model(cfg.model, cfg.pretrained)
-    for downloader in (True, False):  # rank 0 reads/downloads data and weights first; the others use its copies
-        with D.together(dist):
-            if dist.is_main == downloader:
-                source = open_source(cfg.data_dir, dummy=cfg.dummy, download=cfg.download and downloader,
-                                     cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, quiet=not downloader)
-                splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset)
-                if len(splits.train_x) < cfg.batch_size:
-                    raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} "
-                                    f"training images; lower it or raise --train-subset")
-                seed_everything(cfg.seed)  # the same init whichever rank downloaded
-                if ckpt is None:
-                    model, weights = build_model(choice, cfg.img_size, cfg.weights_file, quiet=not downloader)
-                else:  # the weights come from last.pt
-                    model = build_model(resolve_model(cfg.model, False), cfg.img_size)[0]
-                    weights = ckpt["config"]["weights"]
+    source, splits, model, weights = load_data_and_model(cfg, dist, choice, ckpt)
     if cfg.freeze_backbone:
         freeze_backbone(model)
     model = model.to(device)
@@ -231,6 +217,27 @@ def prepare(cfg: TrainConfig, dist: D.DistInfo, device: torch.device, ckpt: dict
         save_checkpoint(out / RF.LAST, state.full_checkpoint(record))
     return Context(cfg, dist, device, out, splits, stream, EvalTransform(recipe, cfg.img_size), state, step_fn,
                    amp_dtype, record, log, max(256, cfg.batch_size // dist.world * 2), test_only)
+
+
+def load_data_and_model(cfg: TrainConfig, dist: D.DistInfo, choice, ckpt: dict | None):
+    """(source, splits, model, weights record). Rank 0 reads or downloads the data and the weights first; the
+    other ranks then use its copies (inside D.together, so a failure on rank 0 stops every rank)."""
+    for downloader in (True, False):
+        with D.together(dist):
+            if dist.is_main == downloader:
+                source = open_source(cfg.data_dir, dummy=cfg.dummy, download=cfg.download and downloader,
+                                     cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images, quiet=not downloader)
+                splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset)
+                if len(splits.train_x) < cfg.batch_size:
+                    raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} "
+                                    f"training images; lower it or raise --train-subset")
+                seed_everything(cfg.seed)  # the same init whichever rank downloaded
+                if ckpt is None:
+                    model, weights = build_model(choice, cfg.img_size, cfg.weights_file, quiet=not downloader)
+                else:  # the weights come from last.pt
+                    model = build_model(resolve_model(cfg.model, False), cfg.img_size)[0]
+                    weights = ckpt["config"]["weights"]
+    return source, splits, model, weights
 
 
 def _record(cfg, choice, weights, source, splits, recipe, model, stream, dist, device, amp_dtype, ckpt) -> dict:

@@ -1,6 +1,6 @@
 """Plant realistic bugs, one at a time, and report which ones the tests catch. Not part of the test run:
 
-    python tests/mutation_audit.py            # all mutations (about 10 minutes on 2 cores)
+    python tests/mutation_audit.py            # all mutations (about 8 minutes on 2 cores)
     python tests/mutation_audit.py lr adamw   # only those whose name contains a word
 
 Each mutation replaces one snippet of one file (it must occur exactly once), runs the tests that should catch
@@ -54,6 +54,13 @@ MUTATIONS = [
     ("CPU stream seeded by worker, not by sample", "common/data/streams.py", "        random.seed(seed)  ",
      "        random.seed(torch.utils.data.get_worker_info().id if torch.utils.data.get_worker_info() else 0)  ",
      "tests/test_augment.py -k workers"),
+    ("per-sample seeding clobbers the training RNGs", "common/data/streams.py",
+     "        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main else None",
+     "        saved = None", "tests/test_resilience.py -k ctrl_c"),
+    ("an import cycle (augment <-> device_ops)", "common/data/augment.py",
+     "    def __call__(self, images: torch.Tensor) -> torch.Tensor:\n        x = resize",
+     "    def __call__(self, images: torch.Tensor) -> torch.Tensor:\n        from .device_ops import erase  # noqa\n"
+     "        x = resize", "tests/test_layout.py"),
     ("no centre crop at evaluation", "common/data/resample.py", "    offset = int(round((resize_to - crop) / 2.0))",
      "    offset = 0", "tests/test_augment.py -k evaluation"),
     ("no cosine decay", "common/engine.py", "        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))",

@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 from common import analysis, stats
-from common.errors import UserError
 from common.runfolder import METRIC_COLUMNS, load_run
 from conftest import one_line_error_in_process
 

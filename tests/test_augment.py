@@ -20,7 +20,6 @@ from common.data import device_ops as D
 from common.data.augment import (PRESETS, EvalTransform, _posterize_zero_bits_is_black, cpu_train_transform,
                                  resolve_recipe)
 from common.data.resample import resize_center_crop, resize_crops
-from common.data.sources import synthetic_images
 from common.data.streams import CpuTrainStream, DeviceTrainStream, sample_seed
 from conftest import real_photos
 
@@ -134,14 +133,18 @@ def test_batched_evaluation_equals_timms_eval_transform(photos, recipe, size):
 
 
 def _stats(out: torch.Tensor, recipe) -> dict[str, torch.Tensor]:
-    """Per-image statistics of augmented images (back in [0, 1])."""
+    """Per-image statistics of augmented images (back in [0, 255]): brightness, contrast, edge energy (the
+    sharpness of the resampling), erased area, and the share of fill pixels that RandAugment's rotate, shear and
+    translate leave (timm fills with the ImageNet mean colour, torchvision with black)."""
     mean = torch.tensor(recipe.mean).view(1, 3, 1, 1)
     std = torch.tensor(recipe.std).view(1, 3, 1, 1)
-    u = out * std + mean
+    u = (out * std + mean) * 255
     erased = (out == 0).all(1).float()
-    return {"brightness": u.mean((1, 2, 3)), "contrast": u.std((1, 2, 3)),
-            "edges": (u[..., 1:] - u[..., :-1]).abs().mean((1, 2, 3)), "erased_area": erased.mean((1, 2)),
-            "erased_any": (erased.sum((1, 2)) > 0).float()}
+    fill = torch.tensor([124.0, 116.0, 104.0] if recipe.family == "timm" else [0.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    filled = ((u - fill).abs() < 0.5).all(1).float() * (1 - erased)
+    return {"brightness": u.mean((1, 2, 3)) / 255, "contrast": u.std((1, 2, 3)) / 255,
+            "edges": (u[..., 1:] - u[..., :-1]).abs().mean((1, 2, 3)) / 255, "erased_area": erased.mean((1, 2)),
+            "erased_any": (erased.sum((1, 2)) > 0).float(), "fill_area": filled.mean((1, 2))}
 
 
 @pytest.mark.parametrize("recipe_name", ["reference", "light"])
@@ -168,6 +171,7 @@ def test_both_pipelines_augment_real_photos_alike(photos, recipe_name):
                                                                               float(b[key].mean()))
     if recipe_name == "reference":
         assert 0.2 < float(b["erased_any"].mean()) < 0.3  # re_prob 0.25
+        assert float(b["fill_area"].mean()) > 0.01, "RandAugment's geometric ops leave mean-colour corners"
     else:
         assert float(b["erased_any"].mean()) == 0.0
 

@@ -52,7 +52,9 @@ def test_your_own_photos_of_any_mode_size_and_aspect(run, tmp_path, capsys):
 def test_without_ground_truth_nothing_is_coloured_right_or_wrong(run):
     import torch
 
-    plt = demo.setup_matplotlib(True) if hasattr(demo, "setup_matplotlib") else __import__("common.plots").plots.setup_matplotlib(True)
+    from common.plots import setup_matplotlib
+
+    plt = setup_matplotlib(True)
     fig = demo.figure_rows(plt, [(np.zeros((32, 32, 3), np.uint8), torch.tensor([.5, .3, .2] + [0.0] * 7), "x", None)],
                            3, [f"c{i}" for i in range(10)])
     colours = {tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in fig.axes[1].patches}

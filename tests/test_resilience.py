@@ -73,18 +73,26 @@ def test_two_epochs_plus_resume_equals_four_straight(cifar_dir, tmp_path, straig
     assert json.loads((out / "config.json").read_text())["run"]["resumed"] == ["epoch 3 step 0"]
 
 
-def test_ctrl_c_mid_epoch_with_loader_workers_resumes_exactly(cifar_dir, tmp_path, straight):
-    """SIGINT at step 15 (in epoch 2) with 2 DataLoader workers: a mid-epoch last.pt; the resumed run (any
-    worker count) sees the same augmented batches and ends identical to the straight run."""
+@pytest.fixture(scope="module")
+def straight_mixup(cifar_dir, tmp_path_factory) -> Path:
+    """The straight run with mixup, which draws from numpy's global RNG during the epoch."""
+    out = tmp_path_factory.mktemp("straight_mixup") / "run"
+    assert resnet(*args(cifar_dir, out, "--mixup", "0.4")) == 0
+    return out
+
+
+def test_ctrl_c_mid_epoch_with_loader_workers_resumes_exactly(cifar_dir, tmp_path, straight_mixup):
+    """SIGINT at step 15 (in epoch 2) with 2 DataLoader workers and mixup: a mid-epoch last.pt with the RNG
+    states; the resumed run (any worker count) sees the same augmented, mixed batches and ends identical."""
     out = tmp_path / "run"
-    r = with_fault("step:15@int", cifar_dir, out, "--num-workers", "2")
+    r = with_fault("step:15@int", cifar_dir, out, "--num-workers", "2", "--mixup", "0.4")
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "stopped in epoch 2 at step 15/10" not in r.stderr and "stopped in epoch 2 at step 5/10" in r.stderr
     assert "continue with: python train_resnet_cifar.py" in r.stderr and "--resume" in r.stderr
     ck = load_checkpoint(out / "last.pt")
     assert (ck["epoch"], ck["step"]) == (1, 5) and ck["partial"]["count"] == 5 * 32
-    assert resnet(*args(cifar_dir, out, "--resume", "--num-workers", "1")) == 0
-    assert_same_run(straight, out, epochs=4)
+    assert resnet(*args(cifar_dir, out, "--resume", "--num-workers", "1", "--mixup", "0.4")) == 0
+    assert_same_run(straight_mixup, out, epochs=4)
 
 
 def test_sigkill_after_a_metrics_row_before_its_checkpoint_resumes_exactly(cifar_dir, tmp_path, straight, capsys):

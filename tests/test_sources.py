@@ -3,7 +3,6 @@ class order; every bad input is one line that names the file and the fix, and no
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import shutil
 import tarfile
@@ -259,7 +258,7 @@ def test_official_download_path_extracts_the_archive(tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / sources.BATCHES, arcname=sources.BATCHES)
     dest = tmp_path / "dest"
-    sources.download_official(dest, url=archive.as_uri(), md5=sources._md5(archive))
+    sources.download_official(dest, url=archive.as_uri(), md5=sources.file_digest(archive, "md5"))
     assert not (dest / "cifar-10-python.tar.gz").exists()
     assert np.array_equal(sources.open_source(dest).train_x, sources.open_source(src).train_x)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..downloads import file_digest
 from ..errors import UserError
 from ..faults import failpoint
 
@@ -22,9 +23,7 @@ def source_fingerprint(path: Path) -> str:
     (reading 60,000 files would cost seconds; any edit, addition or deletion changes it)."""
     h = hashlib.sha256(f"format {FORMAT}\n".encode())
     if path.is_file():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        h.update(file_digest(path).encode())
         return h.hexdigest()
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..downloads import DownloadError, download_url, host_reachable
+from ..downloads import DownloadError, download_url, file_digest, host_reachable
 from ..errors import UserError
 from . import cache, folders
 from .folders import CIFAR_CLASSES
@@ -214,18 +214,10 @@ def write_batches(data_dir: str | Path, train_x: np.ndarray, train_y: np.ndarray
     return folder
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_official(data_dir: Path, url: str | None = None, md5: str | None = None) -> None:
     url, md5 = url or CIFAR_URL, md5 or CIFAR_MD5
     archive = download_url(url, data_dir / "cifar-10-python.tar.gz")
-    if md5 and _md5(archive) != md5:
+    if md5 and file_digest(archive, "md5") != md5:
         archive.unlink()
         raise DownloadError(f"{url}: checksum mismatch (incomplete download)")
     with tarfile.open(archive, "r:gz") as tar:

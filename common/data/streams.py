@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from .augment import Recipe, cpu_train_transform
 from .device_ops import make_device_augment
@@ -68,10 +68,18 @@ class _SeededImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        random.seed(seed)                 # timm's RandAugment, crop and erasing draw from random / numpy,
-        np.random.seed(seed % 2**32)      # torchvision's from torch's CPU generator (torch.manual_seed
-        torch.default_generator.manual_seed(seed)  # would also queue a CUDA seeding, 2 ms a call)
-        return self.transform(self.images[index]), self.labels[index]
+        in_main = get_worker_info() is None  # --num-workers 0: leave the training loop's RNGs as they were
+        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main else None
+        try:
+            random.seed(seed)                 # timm's RandAugment, crop and erasing draw from random / numpy,
+            np.random.seed(seed % 2**32)      # torchvision's from torch's CPU generator (torch.manual_seed
+            torch.default_generator.manual_seed(seed)  # would also queue a CUDA seeding, 2 ms a call)
+            return self.transform(self.images[index]), self.labels[index]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
 
 class CpuTrainStream(TrainStream):
@@ -94,6 +102,9 @@ class CpuTrainStream(TrainStream):
         order = epoch_order(self.n, self.seed, epoch)
         pos = self.positions(start_step)
         self.sampler.items = [(int(order[p]), sample_seed(self.seed, epoch, int(p))) for p in pos]
+        # the loader draws a base seed for its workers; from its own generator, not the global RNG that a
+        # mid-epoch resume restores (our per-sample seeds make the base seed irrelevant otherwise)
+        self.loader.generator = torch.Generator().manual_seed(epoch)
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
