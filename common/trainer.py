@@ -273,10 +273,11 @@ def _retarget_schedule(cfg: TrainConfig, ckpt: dict, state: RunState, steps_per_
 
 def _open_log(out: Path, record: dict, state: RunState, ckpt: dict | None, dist: D.DistInfo,
               stream: TrainStream) -> RF.MetricsLog | None:
+    with D.together(dist):  # every rank passes through; rank 0 writes
+        if dist.is_main:
+            write_json(out / RF.CONFIG, record)
     if not dist.is_main:
         return None
-    with D.together(dist):
-        write_json(out / RF.CONFIG, record)
     log = RF.MetricsLog(out)
     for problem in log.reconcile(state.epoch):
         RF.say(f"{out / RF.METRICS}: {problem} (repaired)")

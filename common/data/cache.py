@@ -43,7 +43,7 @@ def cache_file(source: Path, fingerprint: str, cache_dir: str | None, skip_bad: 
         if not _writable(folder):
             raise UserError(f"--cache-dir {folder} is not writable; choose a folder you can write to")
         return folder / name
-    folder = source.resolve().parent
+    folder = source.absolute().parent  # beside the path given (a symlink's folder, not its target's)
     if (folder / name).is_file() or _writable(folder):
         return folder / name
     if (USER_CACHE / name).is_file() or _writable(USER_CACHE):
@@ -53,6 +53,9 @@ def cache_file(source: Path, fingerprint: str, cache_dir: str | None, skip_bad: 
 
 
 def _writable(folder: Path) -> bool:
+    """Can and may we write here? A folder with no write permission bits is read-only by intent, even for root."""
+    if folder.is_dir() and not folder.stat().st_mode & 0o222:
+        return False
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write_test.{os.getpid()}"
