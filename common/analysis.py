@@ -127,10 +127,9 @@ class Comparison:
     gain_difference: dict[str, Any] | None = None
 
     def marked(self, setting: Setting) -> str:
-        """The mark of numbers computed from runs whose settings differ from the others'."""
-        bad = {label for values in self.mismatched.values() for group in values.values() for label in group
-               if len(group) < max(len(g) for g in values.values()) or len(values) > 1}
-        return MARK if self.mismatched and any(r.label in bad for r in setting.runs) else ""
+        """The mark of numbers from a comparison of runs that differ in settings that matter (--allow-mismatch):
+        every row and gain is then affected, since each is read against the others."""
+        return MARK if self.mismatched else ""
 
 
 def compare(runs: Sequence[Run], labels: Sequence[str] | None = None, allow_mismatch: bool = False,
@@ -169,9 +168,12 @@ def _gain_pairs(settings: list[Setting]) -> list[tuple[Setting, Setting]]:
     return pairs
 
 
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
 def _gain(pre: Setting, scratch: Setting, n_boot: int) -> dict[str, Any]:
-    acc_pre, acc_scr = np.mean(pre.test_acc()) if pre.test_acc() else None, \
-        np.mean(scratch.test_acc()) if scratch.test_acc() else None
+    acc_pre, acc_scr = _mean(pre.test_acc()), _mean(scratch.test_acc())
     gain = {"arch": pre.arch, "display": pre.display, "pretrained": pre, "scratch": scratch, "default": pre.default_weights,
             "gain": None if acc_pre is None or acc_scr is None else acc_pre - acc_scr,
             "top1": (pre.config.get("weights") or {}).get("imagenet_top1"), "correct": None}

@@ -191,7 +191,8 @@ def prepare(cfg: TrainConfig, dist: D.DistInfo, device: torch.device, ckpt: dict
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.head_lr_mult, device)
     scheduler = build_scheduler(optimizer, cfg.epochs, cfg.warmup_epochs, len(stream))
     state = RunState(model, optimizer, scheduler, make_scaler(amp_dtype, device))
-    record = _record(cfg, choice, weights, source, splits, recipe, model, stream, dist, device, amp_dtype, ckpt)
+    eval_tf = EvalTransform(recipe, cfg.img_size)
+    record = _record(cfg, choice, weights, source, splits, recipe, eval_tf, model, stream, dist, device, amp_dtype, ckpt)
     if ckpt is not None:
         diffs = identity_differences(ckpt["config"], record)
         if diffs:
@@ -215,8 +216,8 @@ def prepare(cfg: TrainConfig, dist: D.DistInfo, device: torch.device, ckpt: dict
     if test_only and not state.finished and dist.is_main:  # --epochs lowered to the epochs done: end the run here
         state.finished = True
         save_checkpoint(out / RF.LAST, state.full_checkpoint(record))
-    return Context(cfg, dist, device, out, splits, stream, EvalTransform(recipe, cfg.img_size), state, step_fn,
-                   amp_dtype, record, log, max(256, cfg.batch_size // dist.world * 2), test_only)
+    return Context(cfg, dist, device, out, splits, stream, eval_tf, state, step_fn, amp_dtype, record, log,
+                   max(256, cfg.batch_size // dist.world * 2), test_only)
 
 
 def load_data_and_model(cfg: TrainConfig, dist: D.DistInfo, choice, ckpt: dict | None):
@@ -240,12 +241,12 @@ def load_data_and_model(cfg: TrainConfig, dist: D.DistInfo, choice, ckpt: dict |
     return source, splits, model, weights
 
 
-def _record(cfg, choice, weights, source, splits, recipe, model, stream, dist, device, amp_dtype, ckpt) -> dict:
+def _record(cfg, choice, weights, source, splits, recipe, eval_tf, model, stream, dist, device, amp_dtype,
+            ckpt) -> dict:
     """config.json: the resolved flags and everything needed to judge the run."""
     previous = (ckpt or {}).get("config", {})
     resumed = previous.get("run", {}).get("resumed", []) + ([f"epoch {ckpt['epoch'] + 1} step {ckpt['step']}"]
                                                             if ckpt else [])
-    eval_tf = EvalTransform(recipe, cfg.img_size)
     return {**cfg.to_dict(),
             "model_info": {"name": choice.name, "display": choice.display, "arch": choice.arch,
                            "library": choice.library, "params": count_parameters(model),
