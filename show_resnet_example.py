@@ -135,8 +135,10 @@ def load_images(paths: list[str]):
 
 def provenance(record, checkpoint: str) -> str:
     from common.provenance import run_label
+    from common.runfolder import SUMMARY, read_json
 
-    return f"{Path(checkpoint).name} of {Path(checkpoint).parent}: {run_label(record)}"
+    summary = read_json(Path(checkpoint).parent / SUMMARY)
+    return f"{Path(checkpoint).name} of {Path(checkpoint).parent}: {run_label(record, summary)}"
 
 
 @exit_on_user_error
