@@ -41,12 +41,15 @@ class Setting:
     def test_acc(self, which: str = "test_acc") -> list[float]:
         return [r.summary[which] for r in self.runs if which in r.summary]
 
+    def predictions(self) -> list | None:
+        """Each run's test_predictions.csv; None when a run has none (runs of older versions)."""
+        preds = [r.predictions for r in self.runs]
+        return None if any(p is None for p in preds) else preds
+
     def correct(self, which: str = "best") -> list[np.ndarray] | None:
         """Per seed, whether each test image is right; None when a run has no predictions file."""
-        preds = [r.predictions for r in self.runs]
-        if any(p is None for p in preds):
-            return None
-        return [(p[f"{which}_pred"] == p["label"]).to_numpy() for p in preds]
+        preds = self.predictions()
+        return None if preds is None else [(p[f"{which}_pred"] == p["label"]).to_numpy() for p in preds]
 
 
 def describe(run: Run) -> tuple[str, str, str, str | None, bool]:
@@ -198,8 +201,8 @@ def _difference(vit: dict, cnn: dict, n_boot: int) -> dict[str, Any]:
 
 def per_class(setting: Setting) -> tuple[list[str], np.ndarray, np.ndarray] | None:
     """(class names, mean accuracy per class over seeds, test images per class); None without predictions."""
-    preds = [r.predictions for r in setting.runs]
-    if any(p is None for p in preds):
+    preds = setting.predictions()
+    if preds is None:
         return None
     classes = (setting.config.get("data") or {}).get("classes") or [f"class {i}" for i in range(10)]
     acc = np.mean([[(p.loc[p["label"] == c, "best_pred"] == c).mean() for c in range(len(classes))] for p in preds], 0)
@@ -209,8 +212,8 @@ def per_class(setting: Setting) -> tuple[list[str], np.ndarray, np.ndarray] | No
 
 def calibration(setting: Setting) -> tuple[float, list[dict]] | None:
     """ECE (15 bins) and the bins of best.pt's predictions, pooled over seeds; None without predictions."""
-    preds = [r.predictions for r in setting.runs]
-    if any(p is None for p in preds):
+    preds = setting.predictions()
+    if preds is None:
         return None
     conf = np.concatenate([p["best_conf"].to_numpy() for p in preds])
     ok = np.concatenate([(p["best_pred"] == p["label"]).to_numpy() for p in preds])
@@ -290,9 +293,8 @@ def results_markdown(c: Comparison) -> str:
         ci = f" [{_points(g['lo'])}, {_points(g['hi'])}]" if "lo" in g else " (no per-image predictions)"
         mc = g.get("mcnemar")
         mc_txt = f"{mc['only_a']} / {mc['only_b']}, p = {mc['p']:.2g}" if mc else "–"
-        mark = MARK if c.marked(g["pretrained"]) or c.marked(g["scratch"]) else ""
         lines.append(f"| {g['display']} | {g['pretrained'].tag or 'file'}{'' if g['default'] else ' (control)'} | "
-                     f"{_points(g['gain'])}{mark}{ci} | {mc_txt} | "
+                     f"{_points(g['gain'])}{c.marked(g['pretrained'])}{ci} | {mc_txt} | "
                      f"{accuracy_cell(probe) if probe else '– (run with --freeze-backbone)'} | "
                      f"{_top1(g['top1'])} |")
     if not c.gains:

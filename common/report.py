@@ -9,7 +9,7 @@ from typing import Sequence
 from . import analysis, plots
 from .checkpoint import atomic_write
 from .errors import UserError
-from .runfolder import METRICS, load_run
+from .runfolder import load_run, metrics_path
 
 
 def load_runs(paths: Sequence[str], labels: Sequence[str] | None, skip_missing: bool = False):
@@ -18,12 +18,10 @@ def load_runs(paths: Sequence[str], labels: Sequence[str] | None, skip_missing: 
         raise UserError(f"--labels has {len(labels)} names for {len(paths)} runs; give one per run")
     runs, kept_labels, missing = [], [], []
     for i, path in enumerate(paths):
-        p = Path(path)
-        csv = p / METRICS if not str(p).endswith(".csv") else p
-        if skip_missing and not csv.is_file():
+        if skip_missing and not metrics_path(path).is_file():
             missing.append(str(path))
             continue
-        runs.append(load_run(p))
+        runs.append(load_run(path))
         if labels:
             kept_labels.append(labels[i])
     if not runs:

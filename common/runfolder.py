@@ -299,10 +299,15 @@ class Run:
         return self._predictions
 
 
+def metrics_path(path: str | Path) -> Path:
+    """The metrics.csv of a run given as its folder or as the file itself."""
+    path = Path(path)
+    return path if path.suffix == ".csv" else path / METRICS
+
+
 def load_run(path: str | Path, label: str | None = None) -> Run:
     """A run from its folder or its metrics.csv."""
-    path = Path(path)
-    csv_path = path / METRICS if path.is_dir() else path
+    csv_path = metrics_path(path)
     folder = csv_path.parent
     metrics = read_metrics(csv_path)
     return Run(folder, label or folder.name, metrics, read_json(folder / CONFIG), read_json(folder / SUMMARY))
