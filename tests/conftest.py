@@ -127,3 +127,21 @@ def assert_same_run(a: Path, b: Path, epochs: int) -> None:
     wb = torch.load(b / "last.pt", weights_only=True)["model"]
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_global_state():
+    """Each test leaves the process as it found it: signal handlers, the fault-injection variable, torch's thread
+    count, RNG-free defaults and the working folder. A test that leaks state into later ones fails itself,
+    instead of making a later test fail at random."""
+    import signal
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), os.environ.get("CIFAR_FAILPOINT"),
+              torch.get_num_threads(), torch.get_default_dtype(), os.getcwd(), torch.is_grad_enabled())
+    yield
+    after = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), os.environ.get("CIFAR_FAILPOINT"),
+             torch.get_num_threads(), torch.get_default_dtype(), os.getcwd(), torch.is_grad_enabled())
+    names = ("SIGINT handler", "SIGTERM handler", "CIFAR_FAILPOINT", "torch threads", "default dtype", "cwd",
+             "grad mode")
+    leaked = [f"{n}: {a!r} -> {b!r}" for n, a, b in zip(names, before, after) if a != b]
+    assert not leaked, f"the test left global state changed: {leaked}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-import time
 from pathlib import Path
 
 import pytest
@@ -212,16 +211,29 @@ def test_freeze_backbone_leaves_only_the_head_trainable():
 
 
 def test_offline_pretrained_fails_fast_and_says_what_to_do(tmp_path):
-    """Both scripts' default weights come from the Hugging Face hub through the same code: one script suffices."""
+    """Both scripts' default weights come from the Hugging Face hub through the same code: one script suffices.
+    (The timeout is a guard against a hang, not a speed target: the probe below is what makes it fast.)"""
     script = "train_tinyvit_cifar.py"
     if host_reachable("https://huggingface.co"):
         pytest.skip("network available: the offline failure cannot be provoked here")
-    start = time.monotonic()
     r = run_cli(script, "--pretrained", "--dummy", "--output-dir", str(tmp_path / "run"), "--img-size", "32",
-                env={"TORCH_HOME": str(tmp_path / "th"), "HF_HOME": str(tmp_path / "hf")}, timeout=120)
+                env={"TORCH_HOME": str(tmp_path / "th"), "HF_HOME": str(tmp_path / "hf")}, timeout=300)
     one_line_error(r, "--weights PATH", "--no-pretrained")
-    assert time.monotonic() - start < 45
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_an_unreachable_hub_is_refused_before_any_download_is_tried(monkeypatch):
+    """What makes the offline error fast: one reachability probe, and no call into the hub client (which retries
+    for a minute)."""
+    import huggingface_hub
+
+    probes = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(models, "host_reachable", lambda url, timeout=4.0: probes.append(url) or False)
+    with pytest.raises(UserError, match="no network, not cached.*--weights PATH"):
+        models.build_model(resolve_model("tiny_vit_5m_224", True), 32, quiet=True)
+    assert probes == ["https://huggingface.co"]
 
 
 def test_flops_and_params_are_counted():

