@@ -9,16 +9,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from common.errors import exit_on_user_error
+from common.cli import entry_point, script_parser
+from common.errors import UserError
+from common.specs import MODELS
 
 
 def parse_args(argv):
-    doc = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=doc[0], epilog=doc[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--data-dir", default="./data", help="The CIFAR-10 copy to check (as the train scripts' "
-                   "--data-dir). Default: ./data.")
+                   "--data-dir).")
     p.add_argument("--bench", action="store_true", help="Measure data and training throughput.")
     p.add_argument("--json", action="store_true", help="With --bench or --bench-suite: print only the result, as JSON.")
     p.add_argument("--bench-img-size", type=int, help="Image size of the benchmarks (default: 224 on a GPU, 64 on "
@@ -28,40 +30,45 @@ def parse_args(argv):
     p.add_argument("--bench-steps", type=int, help="Timed steps per measurement (default: 50 on a GPU, 2 on a CPU).")
     p.add_argument("--bench-compile", action="store_true", help="torch.compile the models in --bench.")
     p.add_argument("--bench-channels-last", default=True, action=argparse.BooleanOptionalAction,
-                   help="Channels-last memory format in --bench. Default: on.")
+                   help="Channels-last memory format in --bench.")
     p.add_argument("--bench-suite", type=int, default=0, metavar="EPOCHS",
                    help="Run each train script for EPOCHS epochs on CIFAR-sized synthetic data and project the time "
                         "of the four-run suite.")
     p.add_argument("--bench-suite-flags", default="", metavar="FLAGS",
                    help='Training flags for --bench-suite, e.g. "--batch-size 256 --compile".')
-    p.add_argument("--bench-profile", choices=["resnet18", "tiny_vit_5m_224"],
+    p.add_argument("--bench-profile", choices=list(MODELS),
                    help="Profile training steps of one model: the operators or kernels that take the time.")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="Where to benchmark.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("bench_img_size", "bench_batch_size", "bench_steps", "bench_suite"):
+        value = getattr(args, flag)
+        if value is not None and value < (0 if flag == "bench_suite" else 1):
+            raise UserError(f"--{flag.replace('_', '-')} must be a number >= 1")
+    return args
 
 
-@exit_on_user_error
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for flag in ("bench_img_size", "bench_batch_size", "bench_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            _bad(flag)
-    if args.bench_suite < 0:
-        _bad("bench_suite")
     if args.bench_profile:
         from common.bench import bench_profile
 
-        return bench_profile(args.bench_profile, args.device, args.bench_img_size, args.bench_batch_size,
-                             args.bench_steps, args.bench_compile, args.bench_channels_last)
+        print(bench_profile(args.bench_profile, args.device, args.bench_img_size, args.bench_batch_size,
+                            args.bench_steps, args.bench_compile, args.bench_channels_last))
+        return 0
     if args.bench_suite:
-        from common.bench_suite import bench_suite
+        from common.bench_suite import bench_suite, format_suite
 
-        return bench_suite(args.bench_suite, args.device, args.bench_suite_flags, args.json)
+        result = bench_suite(args.bench_suite, args.device, args.bench_suite_flags)
+        print(json.dumps(result, indent=2) if args.json else format_suite(result))
+        return 0
     if args.bench:
-        from common.bench import run_benchmarks
+        from common.bench import format_table, run_benchmarks
 
-        return run_benchmarks(args.device, args.bench_img_size, args.bench_batch_size, args.bench_steps, args.json,
-                              args.bench_compile, args.bench_channels_last)
+        result = run_benchmarks(args.device, args.bench_img_size, args.bench_batch_size, args.bench_steps,
+                                args.bench_compile, args.bench_channels_last)
+        print(json.dumps(result, indent=2) if args.json else format_table(result))
+        return 0
     from common.readiness import readiness
 
     lines, missing = readiness(args.data_dir)
@@ -73,12 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print("\nready: all four runs can start")
     return 0
-
-
-def _bad(flag: str):
-    from common.errors import UserError
-
-    raise UserError(f"--{flag.replace('_', '-')} must be a number >= 1")
 
 
 if __name__ == "__main__":

@@ -12,32 +12,25 @@ refused unless --allow-mismatch, which marks every affected number with a dagger
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from common.errors import UserError, exit_on_user_error
+from common.cli import analysis_options, entry_point, script_parser
+from common.errors import UserError
 
 
 def parse_args(argv):
-    doc = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(description=doc[0], epilog=doc[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(__doc__, parents=(analysis_options(),))
     p.add_argument("runs", nargs="*", help="Run folders or metrics.csv files.")
     p.add_argument("--log-path", action="append", default=[], help="A run's metrics.csv (same as a positional run).")
-    p.add_argument("--labels", nargs="+", help="One label per run; runs with the same label are seeds of one setting.")
-    p.add_argument("--band", choices=["minmax", "std"], default="minmax",
-                   help="The band drawn around a mean over seeds: min-max (default) or one standard deviation.")
     p.add_argument("--output", help="Figure path, .png/.pdf/.svg (default: <run>_curve.png in a single run's "
                                     "folder, else runs/compare.png).")
     p.add_argument("--results", help="Also write the tables to this markdown file.")
-    p.add_argument("--allow-mismatch", action="store_true",
-                   help="Compare runs that differ in data, split, size, epochs, recipe or budget; marks the numbers.")
     p.add_argument("--title", help="Figure title (default: says what data and comparison it is).")
-    p.add_argument("--safe", action="store_true", help="Never open a window, only save files.")
     return p.parse_args(argv)
 
 
-@exit_on_user_error
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths = [*args.runs, *args.log_path]
@@ -46,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from common.report import report
 
     output = args.output or default_output(paths)
-    return report(paths, args.labels, output, args.results, args.allow_mismatch, args.band, args.safe, args.title,
-                  extra_figures=False)
+    print(report(paths, args.labels, output, args.results, args.allow_mismatch, args.band, args.safe, args.title,
+                 extra_figures=False))
+    return 0
 
 
 def default_output(paths: list[str]) -> Path:

@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import sys
 
+from common.cli import entry_point
 from common.config import build_parser, config_from_args
-from common.errors import exit_on_user_error
-from common.specs import TINYVIT_5M
-
-DEFAULT_MODEL = f"{TINYVIT_5M.arch}.{TINYVIT_5M.default_tag}"
+from common.specs import TINYVIT_5M as SPEC
 
 
-@exit_on_user_error
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    doc = __doc__.split("\n\n")
-    parser = build_parser(doc[0], DEFAULT_MODEL, epilog="\n\n".join(doc[1:]))
-    cfg = config_from_args(parser.parse_args(argv), TINYVIT_5M.run_prefix, DEFAULT_MODEL)
-    from common.trainer import run_training
+    head, _, examples = __doc__.partition("\n\n")
+    parser = build_parser(head, SPEC.default_model, epilog=examples)
+    cfg = config_from_args(parser.parse_args(argv), SPEC.run_prefix, SPEC.default_model)
+    from common.trainer import run_training  # heavy imports after --help
 
     return run_training(cfg)
 

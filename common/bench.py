@@ -4,8 +4,7 @@ bf16 peak is known. Timed through the same TrainStep / train_one_epoch / evaluat
 from __future__ import annotations
 
 import itertools
-import json
-import os
+import logging
 import time
 
 import torch
@@ -14,10 +13,12 @@ from .data.augment import EvalTransform, resolve_recipe
 from .data.sources import synthetic_images
 from .data.streams import make_train_stream
 from .distributed import DistInfo
-from .engine import (EpochSums, GracefulStop, TrainStep, build_optimizer, build_scheduler, evaluate, make_scaler,
-                     resolve_amp, resolve_device, train_one_epoch)
+from .engine import EpochSums, Evaluator, GracefulStop, TrainStep, build_optimizer, build_scheduler, train_one_epoch
 from .models import build_model, flops_per_image
+from .runtime import configure_backends, default_workers, dtype_name, make_scaler, resolve_amp, resolve_device
 from .specs import MODELS, resolve_model
+
+log = logging.getLogger(__name__)
 
 # dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by a substring of the device name
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
@@ -51,8 +52,7 @@ def peak_tflops(device: torch.device) -> tuple[float | None, str]:
 
 def bench_data(pipeline: str, recipe, images, labels, img_size, batch_size, device, steps: int) -> float:
     """Training batches per second of one data path, as images/s (batches delivered on the device)."""
-    stream = make_train_stream(pipeline, images, labels, recipe, img_size, batch_size, 0,
-                               min(8, os.cpu_count() or 1), device)
+    stream = make_train_stream(pipeline, images, labels, recipe, img_size, batch_size, 0, default_workers(), device)
     it = itertools.chain.from_iterable(stream.epoch(e) for e in itertools.count())
     chunk = getattr(stream, "chunk", 1)  # the device path augments `chunk` batches at once: time whole chunks
     steps = -(-steps // chunk) * chunk
@@ -80,14 +80,15 @@ def bench_train(step: TrainStep, batches, steps: int, device) -> float:
 
 
 def bench_model(arch: str, img_size: int, device, channels_last: bool, compile_model: bool):
-    model = build_model(resolve_model(arch, False), img_size)[0].to(device)
+    model = build_model(resolve_model(arch, False), img_size, 10)[0].to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compile_model else model
 
 
 def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | None, steps: int | None,
-                   as_json: bool, compile_model: bool = False, channels_last: bool = True) -> int:
+                   compile_model: bool = False, channels_last: bool = True) -> dict:
+    """The measurements as a dict (format_table() turns it into design.md's tables)."""
     device = resolve_device(device_name)
     chosen = []
     if device.type == "cpu":  # CPU-sized defaults, said out loud, unless the user set them
@@ -97,24 +98,24 @@ def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | Non
         img_size, batch_size, steps = (img_size or CPU_DEFAULTS["img_size"], batch_size or CPU_DEFAULTS["batch_size"],
                                        steps or CPU_DEFAULTS["steps"])
     img_size, batch_size, steps = img_size or 224, batch_size or 128, steps or 50
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device)
     amp_dtype = resolve_amp(True, "auto", device)
     peak, peak_note = peak_tflops(device)
     x_np, y_np = synthetic_images(max(2_000, batch_size * (steps + 8)), seed=0)
     images, labels = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    import os
+
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)", "img_size": img_size,
-               "batch_size": batch_size, "steps": steps, "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+               "batch_size": batch_size, "steps": steps, "amp": dtype_name(amp_dtype),
                "torch": str(torch.__version__), "compile": compile_model, "channels_last": channels_last,
                "chosen_for_cpu": chosen, "peak": peak_note, "data": {}, "models": {}}
-    if chosen and not as_json:
-        print(f"CPU: chose {' '.join(chosen)} so that this takes about a minute (224 px at batch 128 would take "
-              f"tens of minutes); set them to override", flush=True)
+    if chosen:
+        log.info(f"CPU: chose {' '.join(chosen)} so that this takes about a minute (224 px at batch 128 would take "
+                 f"tens of minutes); set them to override")
     for recipe_name in ("reference", "light"):
         recipe = resolve_recipe(recipe_name)
-        for pipeline in ("cpu", "gpu"):
+        for pipeline in ("cpu", "device"):
             results["data"][f"{recipe_name}/{pipeline}"] = bench_data(pipeline, recipe, images, labels, img_size,
                                                                       batch_size, device, steps)
     recipe = resolve_recipe("reference")
@@ -124,24 +125,22 @@ def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | Non
         x = torch.randn(batch_size, 3, img_size, img_size, device=device)
         y = torch.randint(0, 10, (batch_size,), device=device)
         row = {"ceiling": bench_train(step, itertools.repeat((x, y)), steps, device)}
-        for pipeline in ("cpu", "gpu"):
-            stream = make_train_stream(pipeline, images, labels, recipe, img_size, batch_size, 0,
-                                       min(8, os.cpu_count() or 1), device)
+        for pipeline in ("cpu", "device"):
+            stream = make_train_stream(pipeline, images, labels, recipe, img_size, batch_size, 0, default_workers(),
+                                       device)
             row[f"fed_{pipeline}"] = bench_train(step, itertools.chain.from_iterable(
                 stream.epoch(e) for e in itertools.count()), steps, device)
-        eval_tf = EvalTransform(recipe, img_size)
+        evaluator = Evaluator(EvalTransform(recipe, img_size), batch_size * 2, device, amp_dtype, channels_last)
         n_eval = min(len(images), batch_size * steps * 2)
-        evaluate(model, images[:batch_size], labels[:batch_size], eval_tf, batch_size * 2, device, amp_dtype, channels_last)
-        row["eval"] = evaluate(model, images[:n_eval], labels[:n_eval], eval_tf, batch_size * 2, device, amp_dtype,
-                               channels_last)["img_per_s"]
+        evaluator(model, images[:batch_size], labels[:batch_size])  # warm-up
+        row["eval"] = evaluator(model, images[:n_eval], labels[:n_eval])["img_per_s"]
         train_flops = 3 * flops_per_image(model, img_size)  # forward + backward ~ 3x forward
-        row["mfu"] = row["fed_gpu"] * train_flops / (peak * 1e12) if peak else None
+        row["mfu"] = row["fed_device"] * train_flops / (peak * 1e12) if peak else None
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         results["models"][spec.display] = row
-    print(json.dumps(results, indent=2) if as_json else format_table(results))
-    return 0
+    return results
 
 
 def format_table(r: dict) -> str:
@@ -150,12 +149,12 @@ def format_table(r: dict) -> str:
              f"compile {r['compile']}, channels_last {r['channels_last']}, {r['steps']} timed steps; {r['peak']}",
              "", "| recipe / data path | training batches as images/s |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in r["data"].items()]
-    lines += ["", "| model | ceiling (input on device) | fed by cpu path | fed by gpu path | gpu-fed / ceiling | eval | "
-              "MFU (gpu-fed) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| model | ceiling (input on device) | fed by cpu path | fed by device path | device-fed / "
+              "ceiling | eval | MFU (device-fed) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["models"].items():
         mfu = "–" if m["mfu"] is None else f"{m['mfu']:.1%}"
-        lines.append(f"| {name} | {m['ceiling']:,.0f} | {m['fed_cpu']:,.0f} | {m['fed_gpu']:,.0f} | "
-                     f"{m['fed_gpu'] / m['ceiling']:.0%} | {m['eval']:,.0f} | {mfu} |")
+        lines.append(f"| {name} | {m['ceiling']:,.0f} | {m['fed_cpu']:,.0f} | {m['fed_device']:,.0f} | "
+                     f"{m['fed_device'] / m['ceiling']:.0%} | {m['eval']:,.0f} | {mfu} |")
     lines.append("\n(fed paths use the reference recipe; MFU = training FLOP/s, 3x the forward FLOPs, over the bf16 peak)")
     return "\n".join(lines)
 
@@ -164,7 +163,7 @@ def count_ops(model, x: torch.Tensor, y: torch.Tensor, amp_dtype, device: torch.
     """Operators dispatched by one forward and one backward (each a kernel launch or more on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from .engine import autocast
+    from .runtime import autocast
 
     class Count(TorchDispatchMode):
         n = 0
@@ -183,7 +182,7 @@ def count_ops(model, x: torch.Tensor, y: torch.Tensor, amp_dtype, device: torch.
 
 
 def bench_profile(arch: str, device_name: str, img_size: int | None, batch_size: int | None, steps: int | None,
-                  compile_model: bool = False, channels_last: bool = True, rows: int = 25) -> int:
+                  compile_model: bool = False, channels_last: bool = True, rows: int = 25) -> str:
     """Where a training step's time goes: the operators (CPU) or kernels (GPU) with the most self time."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -204,9 +203,7 @@ def bench_profile(arch: str, device_name: str, img_size: int | None, batch_size:
         seconds = _timed(lambda: train_one_epoch(step, itertools.islice(batches, steps), EpochSums.zeros(device),
                                                  GracefulStop(), DistInfo()), device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"{arch} on {device}, {img_size}px, batch {batch_size}, "
-          f"{str(amp_dtype).replace('torch.', '') if amp_dtype else 'fp32'}, compile {compile_model}, channels_last "
-          f"{channels_last}: {steps} steps in {seconds:.2f} s ({steps * batch_size / seconds:,.0f} img/s under the "
-          f"profiler); aten ops per step: {fwd} forward, {bwd} backward")
-    print(prof.key_averages().table(sort_by=key, row_limit=rows))
-    return 0
+    return (f"{arch} on {device}, {img_size}px, batch {batch_size}, {dtype_name(amp_dtype)}, compile "
+            f"{compile_model}, channels_last {channels_last}: {steps} steps in {seconds:.2f} s "
+            f"({steps * batch_size / seconds:,.0f} img/s under the profiler); aten ops per step: {fwd} forward, "
+            f"{bwd} backward\n" + prof.key_averages().table(sort_by=key, row_limit=rows))

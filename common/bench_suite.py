@@ -2,7 +2,7 @@
 themselves (as subprocesses, on CIFAR-sized synthetic data) and project the four 30-epoch runs from them."""
 from __future__ import annotations
 
-import json
+import logging
 import shlex
 import subprocess
 import sys
@@ -12,10 +12,12 @@ from pathlib import Path
 
 from .config import TrainConfig, build_parser
 from .errors import UserError
-from .runfolder import CONFIG, SUMMARY, read_json, read_metrics
+from .record import read_record, read_summary
+from .runfolder import CONFIG, SUMMARY, read_metrics
+from .specs import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = (("ResNet-18", "train_resnet_cifar.py"), ("TinyViT-5M", "train_tinyvit_cifar.py"))
+log = logging.getLogger(__name__)
 
 
 def check_flags(flags: str) -> list[str]:
@@ -34,38 +36,49 @@ def check_flags(flags: str) -> list[str]:
     return argv
 
 
-def bench_suite(epochs: int, device_name: str, flags: str, as_json: bool) -> int:
+def bench_suite(epochs: int, device_name: str, flags: str) -> dict:
     """Projected wall time of the four-run suite, from `epochs` timed epochs per model (set-up, validation
-    and test included). Pretrained and scratch runs do the same compute, so each model runs once, from scratch."""
+    and test included). Pretrained and scratch runs do the same compute, so each model runs once, from scratch.
+    The epoch lines of the timed runs go to stderr, as progress."""
     extra = check_flags(flags)
     full_epochs = TrainConfig().epochs
     results: dict = {"timed_epochs": epochs, "full_epochs": full_epochs, "flags": flags, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
-        for label, script in SCRIPTS:
-            out = Path(tmp) / script.split("_")[1]
+        for spec in MODELS.values():
+            label, script = spec.display, spec.script
+            out = Path(tmp) / spec.run_prefix
             cmd = [sys.executable, str(REPO / script), *extra, "--no-pretrained", "--dummy", "--epochs", str(epochs),
                    "--device", device_name, "--output-dir", str(out)]
             start = time.perf_counter()
-            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)  # epochs lines = progress
+            last = _run_showing_progress(cmd)
             wall = time.perf_counter() - start
-            if proc.returncode != 0:
-                raise UserError(f"the timed {label} run failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            if last is not None:
+                raise UserError(f"the timed {label} run failed: {last}")
             m = read_metrics(out / "metrics.csv")
-            summary, config = read_json(out / SUMMARY), read_json(out / CONFIG)
+            summary, record = read_summary(out / SUMMARY), read_record(out / CONFIG)
             epoch_s = m["epoch_time_s"].tolist()
             later = float(m["epoch_time_s"].iloc[1:].median()) if len(epoch_s) > 1 else epoch_s[0]
             other_s = wall - sum(epoch_s)  # start-up, data, model, test
-            results["device"] = config["environment"]["device_name"]
+            results["device"] = record.environment.device_name
             results["runs"][label] = {
                 "first_epoch_s": epoch_s[0], "later_epoch_s": later, "train_img_per_s": float(m["train_img_per_s"].iloc[-1]),
                 "val_img_per_s": float(m["val_img_per_s"].iloc[-1]), "peak_mem_gb": float(m["peak_mem_gb"].max()),
-                "other_s": other_s, "train_images": config["data"]["splits"]["train"],
-                "batch_size": config["batch_size"], "img_size": config["img_size"],
-                "test_images": summary["test_images"],
+                "other_s": other_s, "train_images": record.data.splits.train,
+                "batch_size": record.config.batch_size, "img_size": record.config.img_size,
+                "test_images": summary.test_images,
                 "projected_run_s": other_s + epoch_s[0] + (full_epochs - 1) * later}
     results["projected_suite_s"] = 2 * sum(r["projected_run_s"] for r in results["runs"].values())
-    print(json.dumps(results, indent=2) if as_json else format_suite(results))
-    return 0
+    return results
+
+
+def _run_showing_progress(cmd: list[str]) -> str | None:
+    """Run a train script, passing its log lines on as progress; None on success, else its last line."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip())
+        log.info(line.rstrip())
+    return None if proc.wait() == 0 else next((ln for ln in reversed(lines) if ln.strip()), "?")
 
 
 def format_suite(r: dict) -> str:

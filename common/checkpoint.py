@@ -1,70 +1,17 @@
-"""Files written so that a crash, a kill or a full disk never leaves a half-written one: temp file, fsync,
-os.replace; checkpoints enough to resume exactly, read back with weights_only=True."""
+"""Checkpoints enough to resume exactly, written atomically (common/files.py) and read back with
+weights_only=True; the RNG states they carry; what a failed load means, in words."""
 from __future__ import annotations
 
-import functools
 import io
-import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import UserError
-from .faults import failpoint
-
-
-@functools.lru_cache(maxsize=1)
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e3:,.0f} kB"
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsync, then os.replace. Refuses up
-    front when the disk cannot hold it; any failure leaves the previous file intact and no temp file, and
-    is a one-line UserError naming the file, the space needed and the space free."""
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    tmp_name = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(path.parent).free
-        if free < len(payload) + (1 << 20):
-            raise OSError(28, "No space left on device")
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            half = len(payload) // 2
-            f.write(payload[:half])
-            failpoint(f"write:{path.name}")
-            f.write(payload[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any file
-        os.replace(tmp_name, path)
-        tmp_name = None
-    except OSError as e:
-        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-        space = f"; it needs {_mb(len(payload))}, {_mb(free)} free" if e.errno == 28 else ""
-        raise UserError(f"cannot write {path} ({e.strerror or e}{space}); free disk space or choose another "
-                        f"--output-dir, then --resume (the previous {path.name}, if any, is intact)") from None
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+from .errors import LoadError
+from .files import atomic_write
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -95,6 +42,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 def load_error_reason(e: Exception, path: str | Path | None = None) -> str:
     """What a torch.load failure means, in words: truncated, not a torch file, or pickled code refused."""
+    text = str(e)
     if path is not None:
         import zipfile
 
@@ -102,33 +50,33 @@ def load_error_reason(e: Exception, path: str | Path | None = None) -> str:
             head = f.read(4)
         if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
             return "truncated: the file ends before its zip directory (an interrupted write or copy)"
-    text = str(e)
-    if "central directory" in text or "failed reading zip archive" in text or "EOF" in text:
-        return "truncated or not a complete file: the zip archive's directory is missing"
-    if any(k in text for k in ("invalid load key", "could not find MARK", "not a zip file", "Unsupported operand",
-                               "magic number")):
-        return "not a PyTorch file: its bytes are not a saved state"
+        if head[:1] != b"\x80" and head != b"PK\x03\x04":  # neither a zip nor a pickle (protocol 2+) starts so
+            return "not a PyTorch file: its bytes are not a saved state"
     if "Weights only load failed" in text or "WeightsUnpickler error" in text:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         return ("it holds pickled Python objects, which are never unpickled here (that could run code): "
                 + (detail[0].split(". Please use")[0][:120] if detail else "refused"))
+    if "central directory" in text or "failed reading zip archive" in text or "EOF" in text:
+        return "truncated or not a complete file: the zip archive's directory is missing"
+    if any(k in text for k in ("invalid load key", "could not find MARK", "not a zip file", "magic number")):
+        return "not a PyTorch file: its bytes are not a saved state"
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return first[:200]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint of this repository, or a UserError naming the file, what was expected and what was found."""
+    """A checkpoint of this repository, or a LoadError naming the file, what was expected and what was found
+    (the caller adds which flag to change)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; train that run first (README.md) or pass the right "
-                        f"--checkpoint")
+        raise LoadError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickled objects: all unusable the same way
-        raise UserError(f"checkpoint {path} is unusable ({load_error_reason(e, path)}); use the run's other "
+        raise LoadError(f"checkpoint {path} is unusable ({load_error_reason(e, path)}); use the run's other "
                         f"checkpoint (best.pt / last.pt) or retrain") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "record" not in state:
         found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
-        raise UserError(f"{path} is not a checkpoint of this repository (expected 'model' and 'config', found "
+        raise LoadError(f"{path} is not a checkpoint of this repository (expected 'model' and 'record', found "
                         f"{found}); for a bare weights file use --weights")
     return state

@@ -1,103 +1,178 @@
-"""The one config object of a training run: built from the CLI, validated once, saved with the run (in
-config.json and in every checkpoint), and compared on --resume."""
+"""The one config object of a training run. Each setting is declared once, as a TrainConfig field with its
+metadata (default, help sentence, flag group, range, whether it is part of the run identity and of the
+comparability of runs); the parser, the range checks, the resume identity and the analysis's comparability
+keys are all derived from those declarations. Cross-field checks are written out in `validate`."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .errors import UserError
+
+MODEL, OPTIM, INPUT, MACHINE, DATA, FOLDER = ("model and weights", "optimisation (identical for all four runs)",
+                                              "input and augmentation", "machine", "data",
+                                              "run folder and interruptions")
+
+
+@dataclass(frozen=True)
+class Range:
+    """An allowed interval of a numeric flag; `open_lo` / `open_hi` exclude the end. None passes (the
+    recipe's value)."""
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+    open_hi: bool = False
+    note: str = ""
+
+    def ok(self, v: float | None) -> bool:
+        if v is None:
+            return True
+        return (v > self.lo if self.open_lo else v >= self.lo) and (v < self.hi if self.open_hi else v <= self.hi)
+
+    def message(self, flag: str) -> str:
+        if self.open_lo or self.open_hi:
+            span = f"in {'(' if self.open_lo else '['}{self.lo:g}, {self.hi:g}{')' if self.open_hi else ']'}"
+        elif self.hi >= 1e6:  # no meaningful upper end: a sanity bound
+            span = f">= {self.lo:g}"
+        else:
+            span = f"between {self.lo:g} and {self.hi:g}"
+        return f"{flag} must be {span}" + (f" ({self.note})" if self.note else "")
+
+
+def opt(default: Any, help: str, group: str, *, flag: str | None = None, check: Range | None = None,
+        identity: bool = False, compare: bool = False, choices: tuple[str, ...] | None = None,
+        metavar: str | None = None, switch: bool = False, cli: bool = True) -> Any:
+    """A TrainConfig field with its flag's metadata. `switch`: a store_true flag (bools default to
+    --x/--no-x). `identity`: --resume refuses a change. `compare`: runs that differ are not compared."""
+    return field(default=default, metadata=dict(help=help, group=group, flag=flag, check=check, identity=identity,
+                                                compare=compare, choices=choices, metavar=metavar, switch=switch,
+                                                cli=cli))
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. The defaults are the experiment's recipe (design.md); a departure is a flag."""
+    """Every setting of a run. The defaults are the experiment's recipe (README); a departure is a flag."""
 
-    model: str = "resnet18.a1_in1k"
-    pretrained: bool = True
-    weights_file: str | None = None   # --weights: a local weights file instead of the download
-    # identical budget and optimiser for all four runs
-    epochs: int = 30
-    batch_size: int = 128             # global batch: split across GPUs under torchrun
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    momentum: float = 0.9             # SGD only
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    grad_clip: float = 0.0            # 0 = off
-    head_lr_mult: float = 1.0
-    freeze_backbone: bool = False     # linear probe: only the new head trains
-    patience: int = 0                 # early stop after this many epochs without a better val acc; 0 = off
-    seed: int = 0                     # init, sample order, augmentation
-    split_seed: int = 0               # which training images are held out for validation (and --train-subset)
-    # input and augmentation (None = the recipe's value)
-    img_size: int = 224
-    aug: str = "reference"
-    crop_scale_min: float | None = None
-    randaug_ops: int | None = None
-    randaug_magnitude: float | None = None
-    re_prob: float | None = None
-    eval_crop: float | None = None
-    # machine
-    device: str = "auto"
-    amp: bool = True
-    amp_dtype: str = "auto"           # auto = bf16 where supported, else fp16 with a GradScaler
-    channels_last: bool = True
-    compile: bool = False
-    data_pipeline: str = "auto"       # auto = gpu on CUDA, cpu otherwise
-    num_workers: int = -1             # -1 = min(8, CPU cores)
-    # data
-    data_dir: str = "./data"
-    cache_dir: str | None = None
-    download: bool = True
-    skip_bad_images: bool = False
-    train_subset: int = 0
-    val_size: int = 5000
-    test_subset: int = 0
-    dummy: bool = False
-    # run folder
-    output_dir: str = "runs/run"
-    resume: bool = False
-    overwrite: bool = False
-    stop_after_epoch: int = 0
-    progress_every: float = 30.0      # seconds between progress lines when stderr is not a terminal
+    # ---- model and weights
+    model: str = opt("resnet18.a1_in1k", "Architecture and weights: arch.tag for timm weights (resnet18.a1_in1k, "
+                     "tiny_vit_5m_224.in1k), tv/arch for torchvision's IMAGENET1K_V1 (tv/resnet18), or any timm "
+                     "model name.", MODEL, identity=True)
+    pretrained: bool = opt(True, "Start from the model's ImageNet weights.", MODEL, identity=True)
+    weights_file: str | None = opt(None, "Load ImageNet weights from this local .pth/.pt/.safetensors file instead "
+                                   "of downloading them (offline machines); implies --pretrained.", MODEL,
+                                   flag="--weights", metavar="PATH", identity=True)
+    freeze_backbone: bool = opt(False, "Linear probe: train only the new head on frozen pretrained features.", MODEL,
+                                switch=True, identity=True)
+    # ---- optimisation: identical budget and optimiser for all four runs
+    # not part of the identity: a resumed run may change it (the cosine is retargeted)
+    epochs: int = opt(30, "Length of the cosine schedule, in epochs.", OPTIM, check=Range(1, 10_000), compare=True)
+    batch_size: int = opt(128, "Global batch size (split across GPUs under torchrun).", OPTIM,
+                          check=Range(1, 65_536), identity=True, compare=True)
+    lr: float = opt(3e-4, "Peak learning rate.", OPTIM, check=Range(0, 10, open_lo=True), identity=True,
+                    compare=True)
+    weight_decay: float = opt(0.05, "Decoupled weight decay on weight matrices and kernels (not on biases and "
+                              "norms).", OPTIM, check=Range(0, 10), identity=True,
+                              compare=True)
+    optimizer: str = opt("adamw", "The optimiser.", OPTIM, choices=("adamw", "sgd"), identity=True, compare=True)
+    momentum: float = opt(0.9, "Nesterov momentum of --optimizer sgd.", OPTIM, check=Range(0, 1, open_hi=True),
+                          identity=True, compare=True)
+    warmup_epochs: float = opt(0.0, "Linear learning-rate warm-up before the cosine, in epochs.", OPTIM,
+                               identity=True, compare=True)
+    label_smoothing: float = opt(0.0, "Label smoothing of the loss.", OPTIM, check=Range(0, 1, open_hi=True),
+                                 identity=True, compare=True)
+    mixup: float = opt(0.0, "Mixup alpha; 0 turns it off.", OPTIM, check=Range(0, 100), metavar="ALPHA",
+                       identity=True, compare=True)
+    cutmix: float = opt(0.0, "CutMix alpha; 0 turns it off.", OPTIM, check=Range(0, 100), metavar="ALPHA",
+                        identity=True, compare=True)
+    grad_clip: float = opt(0.0, "Max gradient norm; 0 turns clipping off.", OPTIM, check=Range(0, 1e6),
+                           identity=True, compare=True)
+    head_lr_mult: float = opt(1.0, "Learning-rate multiplier of the new head (1 = no favour for the head).", OPTIM,
+                              check=Range(0, 1000, open_lo=True), identity=True, compare=True)
+    patience: int = opt(0, "Stop early after this many epochs without a better validation accuracy; 0 = never.",
+                        OPTIM, check=Range(0, 10_000), compare=True)
+    seed: int = opt(0, "Seed of initialisation, sample order and augmentation.", OPTIM, identity=True)
+    split_seed: int = opt(0, "Seed of the train/validation split and of --train-subset; keep it when varying "
+                          "--seed.", OPTIM, identity=True)
+    # ---- input and augmentation (None = the recipe's value)
+    img_size: int = opt(224, "CIFAR images are upsampled to this size.", INPUT, check=Range(32, 1024),
+                        identity=True, compare=True)
+    aug: str = opt("reference", "reference: the experiment's timm recipe (RandAugment rand-m9-mstd0.5-inc1, crop "
+                   "scale 0.08-1 bicubic, flip, random erasing 0.25; eval resize 256 + centre "
+                   "crop 224). light: the weaker earlier recipe (torchvision RandAugment(2, 9), crop scale 0.25-1 "
+                   "bilinear, no erasing, full-frame eval).", INPUT, choices=("reference", "light"))
+    crop_scale_min: float | None = opt(None, "Smallest RandomResizedCrop area, as a fraction of the image (default: "
+                                       "the recipe's, 0.08 reference, 0.25 light).", INPUT,
+                                       check=Range(0, 1, open_lo=True))
+    randaug_ops: int | None = opt(None, "RandAugment ops per image (default: the recipe's, 2).", INPUT,
+                                  check=Range(0, 4))
+    randaug_magnitude: float | None = opt(None, "RandAugment magnitude (default: the recipe's, 9: of 10 in timm, of "
+                                          "30 in torchvision).", INPUT, check=Range(0, 30))
+    re_prob: float | None = opt(None, "Random-erasing probability (default: the recipe's, 0.25 / 0).", INPUT,
+                                check=Range(0, 1))
+    eval_crop: float | None = opt(None, "Evaluation centre-crop fraction: resize to size/crop, then crop; 1.0 = "
+                                  "resize the full frame (default: the recipe's, 0.875 reference, 1.0 light).",
+                                  INPUT, check=Range(0.1, 1))
+    # ---- machine
+    device: str = opt("auto", "Where to train; auto picks CUDA when PyTorch sees a GPU.", MACHINE,
+                      choices=("auto", "cuda", "cpu"))
+    amp: bool = opt(True, "Mixed precision for training: on by default on CUDA, on the CPU only with an explicit "
+                    "--amp-dtype.", MACHINE)
+    amp_dtype: str = opt("auto", "Autocast dtype; auto = bf16 where the GPU supports it, else fp16 with a "
+                         "GradScaler.", MACHINE, choices=("auto", "bf16", "fp16"))
+    channels_last: bool = opt(True, "Use the channels-last memory format.", MACHINE)
+    compile: bool = opt(False, "torch.compile the model.", MACHINE)
+    data_pipeline: str = opt("auto", "device: the data set lives on the training device and is augmented there in "
+                             "batches; cpu: DataLoader workers with timm's own per-image transforms; auto: device "
+                             "on CUDA, cpu otherwise.", MACHINE, choices=("auto", "device", "cpu"))
+    num_workers: int = opt(-1, "DataLoader workers of the cpu pipeline; -1 = min(8, CPU cores). Results do not "
+                           "depend on it.", MACHINE, check=Range(-1, 256))
+    # ---- data
+    data_dir: str = opt("./data", "CIFAR-10: a folder holding (or to receive) cifar-10-batches-py/, an image folder "
+                        "with train/<class>/ and test/<class>/, or a .tar.gz, .tgz, .tar or .zip of one.", DATA)
+    cache_dir: str | None = opt(None, "Where decoded image folders are cached (default: beside the data, or "
+                                "~/.cache when that is read-only).", DATA, metavar="DIR")
+    download: bool = opt(True, "Download CIFAR-10 when --data-dir has none.", DATA)
+    skip_bad_images: bool = opt(False, "Skip unreadable or wrongly sized images of an image folder (counted in "
+                                "config.json) instead of stopping.", DATA, switch=True)
+    train_subset: int = opt(0, "Train on a random N of the training images (fixed by --split-seed); 0 = all.", DATA,
+                            check=Range(0, 10_000_000, note="0 = all"), metavar="N", identity=True)
+    val_size: int = opt(5000, "Training images held out for validation; 0 = validate on the test set (not "
+                        "recommended).", DATA,
+                        check=Range(0, 10_000_000, note="0 = validate on the test set"), identity=True)
+    test_subset: int = opt(0, "Test on a class-stratified N of the test images (smoke runs; fixed by "
+                           "--split-seed); 0 = all.", DATA, check=Range(0, 10_000_000, note="0 = all"), metavar="N",
+                           identity=True)
+    dummy: bool = opt(False, "Synthetic CIFAR-sized data instead of CIFAR-10: no download, for install checks.",
+                      DATA, switch=True, identity=True)
+    # ---- run folder
+    output_dir: str | None = opt(None, "Run folder (default: runs/<resnet|tinyvit>_<ft|scratch> for the script's "
+                                 "default model).", FOLDER, metavar="DIR")
+    resume: bool = opt(False, "Continue the run in --output-dir from its last.pt (starts it when there is none).",
+                       FOLDER, switch=True)
+    overwrite: bool = opt(False, "Replace a finished or partial run in --output-dir.", FOLDER, switch=True)
+    stop_after_epoch: int = opt(0, "Exit after epoch N of the schedule, to --resume later (job time limits); 0 = "
+                                "off.", FOLDER, check=Range(0, 10_000, note="0 = off"), metavar="N")
+    progress_every: float = opt(30.0, "When the output is not a terminal (a log file, nohup, a batch job), print a "
+                                "progress line this often within an epoch; 0 = never.", FOLDER,
+                                check=Range(0, 86_400), metavar="SECONDS")
 
     def validate(self) -> "TrainConfig":
-        """Reject impossible or absurd settings with a message naming the flag and its range."""
-        checks = [
-            (1 <= self.epochs <= 10_000, "--epochs must be between 1 and 10000"),
-            (1 <= self.batch_size <= 65_536, "--batch-size must be between 1 and 65536"),
-            (0 < self.lr <= 10, "--lr must be in (0, 10]"),
-            (0 <= self.weight_decay <= 10, "--weight-decay must be in [0, 10]"),
-            (0 <= self.momentum < 1, "--momentum must be in [0, 1)"),
+        """Range checks from the declarations, then the checks that involve several settings."""
+        for f in dataclasses.fields(self):
+            check = f.metadata["check"]
+            if check is not None and not check.ok(getattr(self, f.name)):
+                raise UserError(check.message(flag_of(f)))
+        for ok, message in (
             (0 <= self.warmup_epochs < self.epochs, "--warmup-epochs must be in [0, --epochs)"),
-            (0 <= self.label_smoothing < 1, "--label-smoothing must be in [0, 1)"),
-            (0 <= self.mixup <= 100 and 0 <= self.cutmix <= 100, "--mixup and --cutmix alphas must be in [0, 100]"),
-            (0 <= self.grad_clip <= 1e6, "--grad-clip must be >= 0 (0 = off)"),
-            (0 < self.head_lr_mult <= 1000, "--head-lr-mult must be in (0, 1000]"),
-            (0 <= self.patience <= 10_000, "--patience must be >= 0 (0 = off)"),
-            (32 <= self.img_size <= 1024, "--img-size must be between 32 and 1024"),
-            (self.crop_scale_min is None or 0 < self.crop_scale_min <= 1, "--crop-scale-min must be in (0, 1]"),
-            (self.randaug_ops is None or 0 <= self.randaug_ops <= 4, "--randaug-ops must be in [0, 4]"),
-            (self.randaug_magnitude is None or 0 <= self.randaug_magnitude <= 30,
-             "--randaug-magnitude must be in [0, 30] (timm's scale tops at 10, torchvision's at 30)"),
-            (self.re_prob is None or 0 <= self.re_prob <= 1, "--re-prob must be in [0, 1]"),
-            (self.eval_crop is None or 0.1 <= self.eval_crop <= 1, "--eval-crop must be in [0.1, 1]"),
-            (-1 <= self.num_workers <= 256, "--num-workers must be -1 (auto) or between 0 and 256"),
-            (0 <= self.train_subset <= 10_000_000, "--train-subset must be >= 0 (0 = all)"),
-            (0 <= self.val_size <= 10_000_000, "--val-size must be >= 0 (0 = validate on the test set)"),
-            (0 <= self.test_subset <= 10_000_000, "--test-subset must be >= 0 (0 = all)"),
-            (0 <= self.stop_after_epoch <= 10_000, "--stop-after-epoch must be >= 0 (0 = off)"),
-            (0 <= self.progress_every <= 86_400, "--progress-every must be between 0 and 86400 seconds"),
-            (self.weights_file is None or bool(self.weights_file.strip()), "--weights is empty: give the path of a weights file"),
+            (self.weights_file is None or bool(self.weights_file.strip()),
+             "--weights is empty: give the path of a weights file"),
             (not (self.freeze_backbone and not self.pretrained),
              "--freeze-backbone trains only the head: it needs pretrained weights (drop --no-pretrained)"),
-        ]
-        for ok, message in checks:
+            (self.output_dir is None or bool(self.output_dir.strip()), "--output-dir is empty: give a folder"),
+        ):
             if not ok:
                 raise UserError(message)
         return self
@@ -105,44 +180,30 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Rebuild from config.json or a checkpoint; keys of other versions are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
-# What a run computes: --resume refuses to mix them. Performance-only settings (channels_last, compile,
-# num_workers: the CPU pipeline gives the same batches for any worker count) may change between sessions.
-IDENTITY_KEYS = ("model", "pretrained", "weights_file", "img_size", "batch_size", "optimizer", "lr", "weight_decay",
-                 "momentum", "warmup_epochs", "label_smoothing", "mixup", "cutmix", "grad_clip", "head_lr_mult",
-                 "freeze_backbone", "seed", "split_seed", "train_subset", "val_size", "test_subset", "dummy")
-RESOLVED_IDENTITY = (("recipe", None), ("data", "sha256"), ("run", "amp_dtype"), ("run", "data_pipeline"),
-                     ("weights", "sha256"))
+def _keys(which: str) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata[which])
 
 
-def identity_differences(saved: dict[str, Any], current: dict[str, Any], resolved: bool = True) -> list[str]:
-    """'key: saved -> now' for every setting that defines the computation and differs; with resolved, also the
-    resolved recipe, data hash, AMP dtype, pipeline and weights file of two run records."""
-    diffs = [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now"
-             for k in IDENTITY_KEYS if saved.get(k) != current.get(k)]
-    for section, key in RESOLVED_IDENTITY if resolved else ():
-        a, b = saved.get(section, {}), current.get(section, {})
-        if key is not None:
-            a, b = a.get(key), b.get(key)
-        if a != b:
-            diffs.append(f"{section}{'.' + key if key else ''} differs ({_short(a)} in the checkpoint, {_short(b)} now)")
-    return diffs
+IDENTITY_KEYS = _keys("identity")   # --resume refuses a change of these (performance-only flags may change)
+COMPARE_KEYS = _keys("compare")     # runs that differ in these are not compared (common/analysis.py)
 
 
-def _short(v: Any) -> str:
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={x}" for k, x in v.items() if k != "departures_from_preset")[:160]
-    return repr(v)[:80]
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """'flag: saved -> now' for every identity setting that differs between two configs (as dicts)."""
+    return [f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} now" for k in IDENTITY_KEYS
+            if saved.get(k) != current.get(k)]
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: X)' once, and not for flags whose default is None (their help says what None means)."""
+# ----------------------------------------------------------------------------- the parser
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the description and the usage examples verbatim; shows '(default: X)' once, and not for flags whose
+    default is None or whose help already says it."""
 
     def _get_help_string(self, action):
         if action.default is None or action.default is argparse.SUPPRESS or "default" in (action.help or ""):
@@ -150,109 +211,50 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def new_parser(description: str, epilog: str = "", parents: tuple = ()) -> argparse.ArgumentParser:
+    """A parser as every script of this repository builds it: examples verbatim, no abbreviated flags (a typo in
+    a job script must fail, not match another flag)."""
+    return argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter,
+                                   allow_abbrev=False, parents=list(parents))
+
+
 def build_parser(description: str, default_model: str, epilog: str = "") -> argparse.ArgumentParser:
-    """The flags both train scripts share; defaults come from TrainConfig."""
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=_HelpFormatter)
-    flag = dict(action=argparse.BooleanOptionalAction)
-    g = p.add_argument_group("model and weights")
-    g.add_argument("--model", default=default_model,
-                   help="Architecture and weights: arch.tag for timm weights (resnet18.a1_in1k, "
-                        "tiny_vit_5m_224.in1k), tv/arch for torchvision's IMAGENET1K_V1 (tv/resnet18), or any "
-                        "timm model name.")
-    g.add_argument("--pretrained", default=d.pretrained, help="Start from the model's ImageNet weights.", **flag)
-    g.add_argument("--weights", dest="weights_file", metavar="PATH",
-                   help="Load ImageNet weights from this local .pth/.pt/.safetensors file instead of downloading "
-                        "them (offline machines); implies --pretrained.")
-    g.add_argument("--freeze-backbone", action="store_true",
-                   help="Linear probe: train only the new 10-way head on frozen pretrained features.")
-    g = p.add_argument_group("optimisation (identical for all four runs)")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="Length of the cosine schedule, in epochs.")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="Global batch size (split across GPUs under torchrun).")
-    g.add_argument("--lr", type=float, default=d.lr, help="Peak learning rate.")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="Decoupled weight decay on weight matrices and kernels (not on biases and norms).")
-    g.add_argument("--optimizer", choices=["adamw", "sgd"], default=d.optimizer, help="The optimiser.")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="Nesterov momentum of --optimizer sgd.")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
-                   help="Linear learning-rate warm-up before the cosine, in epochs.")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="Label smoothing of the loss.")
-    g.add_argument("--mixup", type=float, default=d.mixup, metavar="ALPHA", help="Mixup alpha; 0 turns it off.")
-    g.add_argument("--cutmix", type=float, default=d.cutmix, metavar="ALPHA", help="CutMix alpha; 0 turns it off.")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="Max gradient norm; 0 turns clipping off.")
-    g.add_argument("--head-lr-mult", type=float, default=d.head_lr_mult,
-                   help="Learning-rate multiplier of the new head (1 = no favour for the head).")
-    g.add_argument("--patience", type=int, default=d.patience,
-                   help="Stop early after this many epochs without a better validation accuracy; 0 = never.")
-    g.add_argument("--seed", type=int, default=d.seed, help="Seed of initialisation, sample order and augmentation.")
-    g.add_argument("--split-seed", type=int, default=d.split_seed,
-                   help="Seed of the train/validation split (and --train-subset); keep it when varying --seed.")
-    g = p.add_argument_group("input and augmentation")
-    g.add_argument("--img-size", type=int, default=d.img_size, help="CIFAR images are upsampled to this size.")
-    g.add_argument("--aug", choices=["reference", "light"], default=d.aug,
-                   help="reference: the experiment's timm recipe (RandAugment rand-m9-mstd0.5-inc1, crop scale "
-                        "0.08-1 bicubic, flip, random erasing 0.25; eval resize 256 + centre crop 224). light: the "
-                        "weaker earlier recipe (torchvision RandAugment(2, 9), crop scale 0.25-1 bilinear, no "
-                        "erasing, full-frame eval).")
-    g.add_argument("--crop-scale-min", type=float,
-                   help="Smallest RandomResizedCrop area, as a fraction of the image (default: the recipe's, "
-                        "0.08 reference, 0.25 light).")
-    g.add_argument("--randaug-ops", type=int, help="RandAugment ops per image (default: the recipe's, 2).")
-    g.add_argument("--randaug-magnitude", type=float,
-                   help="RandAugment magnitude (default: the recipe's, 9: of 10 in timm, of 30 in torchvision).")
-    g.add_argument("--re-prob", type=float, help="Random-erasing probability (default: the recipe's, 0.25 / 0).")
-    g.add_argument("--eval-crop", type=float,
-                   help="Evaluation centre-crop fraction: resize to size/crop, then crop; 1.0 = resize the full "
-                        "frame (default: the recipe's, 0.875 reference, 1.0 light).")
-    g = p.add_argument_group("machine")
-    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default=d.device,
-                   help="Where to train; auto picks CUDA when PyTorch sees a GPU.")
-    g.add_argument("--amp", default=d.amp, help="Mixed precision: on by default on CUDA, on the CPU only with "
-                   "an explicit --amp-dtype.", **flag)
-    g.add_argument("--amp-dtype", choices=["auto", "bf16", "fp16"], default=d.amp_dtype,
-                   help="Autocast dtype; auto = bf16 where the GPU supports it, else fp16 with a GradScaler.")
-    g.add_argument("--channels-last", default=d.channels_last, help="Use the channels-last memory format.", **flag)
-    g.add_argument("--compile", default=d.compile, help="torch.compile the model.", **flag)
-    g.add_argument("--data-pipeline", choices=["auto", "gpu", "cpu"], default=d.data_pipeline,
-                   help="gpu: the data set lives on the device and is augmented there in batches; cpu: DataLoader "
-                        "workers; auto: gpu on CUDA, cpu otherwise.")
-    g.add_argument("--num-workers", type=int, default=d.num_workers,
-                   help="DataLoader workers of the cpu pipeline; -1 = min(8, CPU cores). Results do not depend on it.")
-    g = p.add_argument_group("data and outputs")
-    g.add_argument("--data-dir", default=d.data_dir,
-                   help="CIFAR-10: a folder holding (or to receive) cifar-10-batches-py/, an image folder with "
-                        "train/<class>/ and test/<class>/, or a .tar.gz/.tgz/.zip of one.")
-    g.add_argument("--cache-dir", metavar="DIR",
-                   help="Where decoded image folders are cached (default: beside the data, or ~/.cache when "
-                        "that is read-only).")
-    g.add_argument("--download", default=d.download, help="Download CIFAR-10 when --data-dir has none.", **flag)
-    g.add_argument("--skip-bad-images", action="store_true",
-                   help="Skip unreadable or wrongly sized images of an image folder (counted in config.json) "
-                        "instead of stopping.")
-    g.add_argument("--train-subset", type=int, default=d.train_subset, metavar="N",
-                   help="Train on a random N of the training images (fixed by --split-seed); 0 = all.")
-    g.add_argument("--val-size", type=int, default=d.val_size,
-                   help="Training images held out for validation; 0 = validate on the test set (not recommended).")
-    g.add_argument("--test-subset", type=int, default=d.test_subset, metavar="N",
-                   help="Test on a class-stratified N of the test images (smoke runs; fixed by --split-seed); 0 = all.")
-    g.add_argument("--dummy", action="store_true",
-                   help="Synthetic CIFAR-sized data instead of CIFAR-10: no download, for install checks.")
-    g.add_argument("--output-dir", metavar="DIR",
-                   help="Run folder (default: runs/<resnet|tinyvit>_<ft|scratch> for the default model).")
-    g.add_argument("--resume", action="store_true", help="Continue the run in --output-dir from its last.pt.")
-    g.add_argument("--overwrite", action="store_true", help="Replace a finished or partial run in --output-dir.")
-    g.add_argument("--stop-after-epoch", type=int, default=d.stop_after_epoch, metavar="N",
-                   help="Exit after epoch N of the schedule, to --resume later (job time limits); 0 = off.")
-    g.add_argument("--progress-every", type=float, default=d.progress_every, metavar="SECONDS",
-                   help="When the output is not a terminal (a log file, nohup, a batch job), print a progress line "
-                        "this often within an epoch; 0 = never.")
+    """The flags both train scripts share, derived from TrainConfig's declarations."""
+    p = new_parser(description, epilog)
+    add_train_flags(p, default_model)
     return p
+
+
+def add_train_flags(p: argparse.ArgumentParser, default_model: str) -> None:
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        g = groups.get(m["group"]) or groups.setdefault(m["group"], p.add_argument_group(m["group"]))
+        kwargs: dict[str, Any] = dict(dest=f.name, help=m["help"])
+        default = default_model if f.name == "model" else f.default
+        if m["switch"]:
+            kwargs.update(action="store_true")
+        elif f.type in ("bool", "bool | None"):
+            kwargs.update(action=argparse.BooleanOptionalAction, default=default)
+        else:
+            kwargs.update(type=_type_of(f), default=default)
+            if m["choices"]:
+                kwargs["choices"] = list(m["choices"])
+            if m["metavar"]:
+                kwargs["metavar"] = m["metavar"]
+        g.add_argument(flag_of(f), **kwargs)
+
+
+def _type_of(f: dataclasses.Field) -> Callable[[str], Any]:
+    base = f.type.split("|")[0].strip()
+    return {"int": int, "float": float, "str": str}[base]
 
 
 def config_from_args(args: argparse.Namespace, run_prefix: str, default_model: str) -> TrainConfig:
     """Turn parsed flags into a validated TrainConfig; the default run folder names the weights used."""
-    values = vars(args).copy()
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if values.get("weights_file"):
         values["pretrained"] = True
     if values.get("output_dir") is None:
@@ -268,3 +270,24 @@ def default_output_dir(model: str, pretrained: bool, run_prefix: str, default_mo
         return f"runs/{run_prefix}_{suffix}"
     name = model if pretrained else model.split(".")[0]
     return f"runs/{name.replace('/', '-')}_{suffix}"
+
+
+def strip_flags(argv: list[str], drop: set[str]) -> list[str]:
+    """argv without the flags whose dest is in `drop` (and their values), parsed with the train parser's own
+    definitions: `--stop-after-epoch 3` and `--stop-after-epoch=3` both go. Used to print a resume command."""
+    p = build_parser("", "resnet18")
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token.split("=", 1)[0]
+        action = p._option_string_actions.get(name) if token.startswith("--") else None
+        takes_value = action is not None and action.nargs != 0 and "=" not in token
+        if action is not None and action.dest in drop:
+            i += 2 if takes_value else 1
+            continue
+        out.append(token)
+        if takes_value and i + 1 < len(argv):
+            out.append(argv[i + 1])
+            i += 1
+        i += 1
+    return out

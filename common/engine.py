@@ -1,18 +1,16 @@
-"""The pieces of the training loop both scripts share: device and AMP choice, AdamW (or SGD) with warm-up +
-cosine, one training step and one epoch with on-device metric sums, evaluation, and Ctrl+C handling."""
+"""The pieces of the training loop both scripts share: AdamW (or SGD) with warm-up + cosine, one training step
+and one epoch with on-device metric sums, the Evaluator (validation, test, the demo and the benchmarks all
+evaluate through it), and Ctrl+C handling."""
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
-import random
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -20,54 +18,15 @@ from . import distributed as D
 from .errors import UserError
 from .faults import failpoint
 from .models import head_module, set_train_mode, unwrap_model
+from .runtime import autocast
+
+log = logging.getLogger(__name__)
 
 CHECK_EVERY = 25  # steps between host reads of the on-device counters (progress, NaN check, DDP stop)
 
 
 class NonFiniteLoss(UserError):
     """The loss stayed NaN/Inf: training cannot recover, the last good checkpoint stays."""
-
-
-# ----------------------------------------------------------------------------- machine
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda but PyTorch sees no CUDA GPU (CPU-only build or no driver); "
-                            "run python check.py, or use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def resolve_amp(amp: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AMP is a CUDA default; on the CPU only an explicit --amp-dtype
-    turns it on (CPU autocast is slower than fp32 on most CPUs)."""
-    if not amp or (device.type == "cpu" and amp_dtype == "auto"):
-        return None
-    if amp_dtype == "fp16":
-        return torch.float16
-    if amp_dtype == "bf16" or device.type == "cpu" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
-
-
-def make_scaler(amp_dtype: torch.dtype | None, device: torch.device):
-    """A GradScaler for fp16 (its small range underflows gradients), none for bf16 or fp32."""
-    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -143,8 +102,8 @@ class GracefulStop:
             return
         self.requested, self.signum, self._first = True, signum, self.clock()
         if self.announce:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving "
-                  f"(Ctrl+C again to quit at once)", file=sys.stderr, flush=True)
+            log.info(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl+C again to quit at "
+                     f"once)")
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -233,6 +192,7 @@ def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop:
             sums.loss += torch.where(finite, loss.double(), 0.0) * n
             sums.correct += (logits.argmax(1) == y).sum()
             sums.count += n
+            # the streak of non-finite losses without a host read: x 0 on a finite loss, + 1 on a bad one
             sums.bad_streak.mul_(~finite).add_(~finite)
         failpoint(f"step:{step_fn.scheduler.last_epoch}")  # the run's step count (the fault tests)
         stop_now = stop.requested and not dist.enabled  # one process: a host bool, checked every step
@@ -245,6 +205,8 @@ def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop:
             progress.advance(1)
         if stop_now:
             return step, True
+    # the epoch's last check-in: an epoch shorter than CHECK_EVERY steps never had one, so there half the epoch
+    # non-finite in a row counts as diverged (a single bad batch does not)
     stopped = _check_in(sums, min(CHECK_EVERY, max(1, step // 2)), step_fn.scheduler, stop, dist)
     return step, stopped
 
@@ -266,37 +228,61 @@ def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist:
     return bool(stop_any)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform, batch_size: int,
-             device: torch.device, amp_dtype=None, channels_last: bool = False, dist: D.DistInfo = D.DistInfo(),
-             keep_probs: bool = False, stop: GracefulStop | None = None) -> dict | None:
-    """Loss and accuracy over uint8 images (this rank's shard, summed over ranks); with keep_probs, also the
-    softmax of every image (single process). None when `stop` was requested half-way."""
-    model.eval()
-    if dist.enabled:
-        images, labels = images[dist.rank::dist.world], labels[dist.rank::dist.world]
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.float64)
-    probs = []
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        if stop is not None and stop.requested:
-            return None
-        x = transform(images[i:i + batch_size].to(device, non_blocking=True))
-        y = labels[i:i + batch_size].to(device, non_blocking=True)
-        if channels_last:
+@dataclass
+class Evaluator:
+    """Evaluation as the run does it: the eval transform on uint8 images, batched, on the run's device, with the
+    run's autocast dtype (None: fp32) and memory format. Validation, the final test, the demo and the benchmarks
+    all call it, so they score identically."""
+
+    transform: Callable[[torch.Tensor], torch.Tensor]
+    batch_size: int
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Float logits of one batch of uint8 images (already on any device)."""
+        x = self.transform(images.to(self.device, non_blocking=True))
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(x).float()
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
+        with autocast(self.device, self.amp_dtype):
+            return model(x).float()
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities (on the CPU) of every image, in eval mode."""
+        model.eval()
+        return torch.cat([torch.softmax(self.logits(model, images[i:i + self.batch_size]), 1).cpu()
+                          for i in range(0, len(images), self.batch_size)])
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 dist: D.DistInfo = D.DistInfo(), keep_probs: bool = False,
+                 stop: GracefulStop | None = None) -> dict | None:
+        """Loss and accuracy over uint8 images (this rank's shard, summed over ranks); with keep_probs, also the
+        softmax of every image (single process). None when `stop` was requested half-way."""
+        model.eval()
+        if dist.enabled:
+            images, labels = images[dist.rank::dist.world], labels[dist.rank::dist.world]
+        device = self.device
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        correct = torch.zeros((), device=device, dtype=torch.float64)
+        probs = []
+        start = time.perf_counter()
+        for i in range(0, len(images), self.batch_size):
+            if stop is not None and stop.requested:
+                return None
+            logits = self.logits(model, images[i:i + self.batch_size])
+            y = labels[i:i + self.batch_size].to(device, non_blocking=True)
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            if keep_probs:
+                probs.append(torch.softmax(logits, 1).cpu())
+        totals = D.all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(len(images)), device=device,
+                                                                                 dtype=torch.float64)]), dist)
+        n = max(1.0, float(totals[2]))
+        out = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "n": int(n),
+               "img_per_s": n / max(1e-9, time.perf_counter() - start)}
         if keep_probs:
-            probs.append(torch.softmax(logits, 1).cpu())
-    totals = D.all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(len(images)), device=device,
-                                                                             dtype=torch.float64)]), dist)
-    n = max(1.0, float(totals[2]))
-    out = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "n": int(n),
-           "img_per_s": n / max(1e-9, time.perf_counter() - start)}
-    if keep_probs:
-        out["probs"] = torch.cat(probs) if probs else torch.empty(0, 0)
-    return out
+            out["probs"] = torch.cat(probs) if probs else torch.empty(0, 0)
+        return out

@@ -1,10 +1,12 @@
-"""User-facing errors: one clear line, no traceback."""
+"""User-facing errors: one clear line, no traceback. Low-level helpers say what went wrong with which file; the
+caller that knows the user's flags adds the fix (`hint`)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 
 class UserError(Exception):
@@ -12,11 +14,33 @@ class UserError(Exception):
 
     quiet = False  # set on a torchrun rank whose error another rank reports: one message, not one per rank
 
+    def with_hint(self, hint: str) -> "UserError":
+        err = type(self)(f"{self}; {hint}")
+        err.quiet = self.quiet
+        return err
+
+
+class WriteError(UserError):
+    """A file could not be written (full disk, no permission); the previous file, if any, is intact."""
+
+
+class LoadError(UserError):
+    """A checkpoint or weights file could not be read."""
+
 
 class ReportedByAnotherRank(UserError):
     """Another torchrun process failed and printed why; this one exits with the same code, silently."""
 
     quiet = True
+
+
+@contextlib.contextmanager
+def hint(kind: type[UserError], text: str) -> Iterator[None]:
+    """Errors of `kind` raised inside get the caller's advice appended (its flags, its next step)."""
+    try:
+        yield
+    except kind as e:
+        raise e.with_hint(text) from None
 
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | None]:

@@ -3,6 +3,7 @@ from random init or from ImageNet weights. Weights come from the library's downl
 the published hash, then loaded without unpickling code) or from a local --weights file."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -16,10 +17,11 @@ from torch import nn
 from .checkpoint import load_error_reason
 from .downloads import file_digest, host_reachable
 from .errors import UserError
+from .record import WeightsInfo
 from .specs import ModelChoice
 
 OFFLINE_HINT = "pass --weights PATH (a local weights file) or --no-pretrained to train from scratch"
-NUM_CLASSES = 10
+log = logging.getLogger(__name__)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -77,8 +79,8 @@ def tiny_vit_window_sizes(arch: str, img_size: int) -> tuple[int, ...] | None:
     return tuple(max(1, math.ceil(w * img_size / native)) for w in windows)
 
 
-def _create(choice: ModelChoice, img_size: int) -> nn.Module:
-    """The architecture with a fresh 10-way head and random weights."""
+def _create(choice: ModelChoice, img_size: int, num_classes: int) -> nn.Module:
+    """The architecture with a fresh `num_classes`-way head and random weights."""
     if choice.library == "torchvision":
         import torchvision
 
@@ -88,14 +90,14 @@ def _create(choice: ModelChoice, img_size: int) -> nn.Module:
         model = torchvision.models.get_model(choice.arch, weights=None)
         if not isinstance(getattr(model, "fc", None), nn.Linear):
             raise UserError(f"--model {choice.requested} has no `fc` classifier; use a ResNet-style model")
-        model.fc = nn.Linear(model.fc.in_features, NUM_CLASSES)
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
     import timm
 
     if not timm.is_model(choice.arch):
         raise UserError(f"--model {choice.requested} is not a timm model (e.g. resnet18.a1_in1k, "
                         f"tiny_vit_5m_224.dist_in22k_ft_in1k, tv/resnet18); list them with timm.list_models()")
-    kwargs: dict[str, Any] = {"num_classes": NUM_CLASSES}
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
     windows = tiny_vit_window_sizes(choice.arch, img_size)
     if windows is not None:
         kwargs["window_sizes"] = windows
@@ -104,48 +106,47 @@ def _create(choice: ModelChoice, img_size: int) -> nn.Module:
     return timm.create_model(choice.arch, pretrained=False, **kwargs)
 
 
-def build_model(choice: ModelChoice, img_size: int, weights_file: str | None = None,
-                quiet: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """The model and a record of its weights: random init, the library's ImageNet weights (downloaded or
-    cached, hash-checked), or a local file."""
-    model = _create(choice, img_size)
+def build_model(choice: ModelChoice, img_size: int, num_classes: int,
+                weights_file: str | None = None) -> tuple[nn.Module, WeightsInfo]:
+    """The model with a `num_classes`-way head (the data's classes) and a record of its weights: random init,
+    the library's ImageNet weights (downloaded or cached, hash-checked), or a local file."""
+    model = _create(choice, img_size, num_classes)
     if weights_file:
         state = read_state_dict(weights_file)
-        record = {"init": "file", "file": str(weights_file), "sha256": file_digest(Path(weights_file))}
+        record = WeightsInfo("file", file=str(weights_file), sha256=file_digest(Path(weights_file)))
     elif choice.tag is not None:
-        state, record = download_weights(choice, quiet)
+        state, record = download_weights(choice)
     else:
-        return model, {"init": "random init", "library": choice.library, "arch": choice.arch}
-    report = load_weights(model, state, str(weights_file or record["file"]), quiet)
-    info = choice.weights_info
-    record.update({"library": choice.library, "arch": choice.arch, "tag": choice.tag if not weights_file else None,
-                   "loaded_tensors": report["loaded"], "new_head": report["dropped"],
-                   "imagenet_top1": info.imagenet_top1 if info and not weights_file else None,
-                   "top1_source": info.top1_source if info and not weights_file else None,
-                   "pretrain_data": info.pretrain_data if info and not weights_file else None})
+        return model, WeightsInfo("random init", library=choice.library, arch=choice.arch)
+    report = load_weights(model, state, str(weights_file or record.file))
+    published = None if weights_file else choice.weights_info  # a local file's ImageNet accuracy is not known
+    record.library, record.arch, record.tag = choice.library, choice.arch, None if weights_file else choice.tag
+    record.loaded_tensors, record.new_head = report["loaded"], report["dropped"]
+    if published is not None:
+        record.imagenet_top1, record.top1_source = published.imagenet_top1, published.top1_source
+        record.pretrain_data = published.pretrain_data
     return model, record
 
 
 # ----------------------------------------------------------------------------- downloads, checked
 
-def download_weights(choice: ModelChoice, quiet: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def download_weights(choice: ModelChoice) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
     """The ImageNet state dict of `choice` from the library's download path, verified against the hash the
     library publishes (torchvision: in the file name; Hugging Face hub: the blob's SHA-256), never unpickled."""
     if choice.library == "torchvision":
-        path, expected = _torchvision_file(choice, quiet)
+        path, expected = _torchvision_file(choice)
     else:
-        path, expected = _timm_file(choice, quiet)
+        path, expected = _timm_file(choice)
     actual = file_digest(path)
     if expected and not actual.startswith(expected):
         raise UserError(f"{path} does not match its published SHA-256 ({expected[:16]}..., found {actual[:16]}...): "
                         f"it is damaged or was replaced; delete it to download it again, or {OFFLINE_HINT}")
     state = read_state_dict(path, flag="pretrained weights")
     source = "torchvision" if choice.library == "torchvision" else "Hugging Face hub (timm)"
-    return state, {"init": "ImageNet", "source": source, "file": str(path), "sha256": actual,
-                   "hash_checked": bool(expected)}
+    return state, WeightsInfo("ImageNet", source=source, file=str(path), sha256=actual, hash_checked=bool(expected))
 
 
-def _torchvision_file(choice: ModelChoice, quiet: bool) -> tuple[Path, str]:
+def _torchvision_file(choice: ModelChoice) -> tuple[Path, str]:
     import torchvision
 
     try:
@@ -162,13 +163,13 @@ def _torchvision_file(choice: ModelChoice, quiet: bool) -> tuple[Path, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=prefix.group(1) if prefix else None,
-                                           progress=not quiet)
+                                           progress=log.isEnabledFor(logging.INFO))
         except (OSError, RuntimeError) as e:
             raise UserError(f"downloading {weights.url} failed ({e}): {OFFLINE_HINT}") from None
     return path, prefix.group(1) if prefix else ""
 
 
-def _timm_file(choice: ModelChoice, quiet: bool) -> tuple[Path, str]:
+def _timm_file(choice: ModelChoice) -> tuple[Path, str]:
     import timm
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
@@ -234,7 +235,7 @@ def read_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torc
     return clean
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str, quiet: bool = False) -> dict:
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str) -> dict:
     """Load `state` into `model`: the timm checkpoint filter of the model is applied (it resizes TinyViT
     attention biases), tensors of another shape (the 1000-class head) are dropped and reported. Refuses a
     file that fits less than half the model."""
@@ -255,13 +256,13 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str, q
                         f"fit; is it a file for another model? (pass the matching --model)")
     report = {"loaded": loaded, "missing": [k for k in result.missing_keys if k not in dropped],
               "unexpected": list(result.unexpected_keys), "dropped": dropped}
-    if not quiet:
-        print(f"loaded {loaded}/{len(own)} tensors from {label}", file=sys.stderr)
-        for key in ("missing", "unexpected", "dropped"):
-            if report[key]:
-                shown = ", ".join(report[key][:6]) + (f" (+{len(report[key]) - 6} more)" if len(report[key]) > 6 else "")
-                note = " (another shape: the new 10-way head, initialised fresh)" if key == "dropped" else ""
-                print(f"  {key}: {shown}{note}", file=sys.stderr)
+    log.info(f"loaded {loaded}/{len(own)} tensors from {label}")
+    for key in ("missing", "unexpected", "dropped"):
+        if report[key]:
+            more = len(report[key]) - 6
+            shown = ", ".join(report[key][:6]) + (f" (+{more} more)" if more > 0 else "")
+            note = " (another shape: the new head, initialised fresh)" if key == "dropped" else ""
+            log.info(f"  {key}: {shown}{note}")
     return report
 
 

@@ -2,8 +2,11 @@
 every `every_s` seconds, so a stalled job can be told from a slow one."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -27,8 +30,7 @@ class Progress:
         elif self.enabled and time.monotonic() - self.last >= self.every_s:
             self.last = time.monotonic()
             rate = (self.done - self.start_done) / max(1e-9, self.last - self.start)
-            print(f"  {self.desc}: {self.done}/{self.total} {self.unit}s ({rate:.1f}/s){self.postfix}",
-                  file=sys.stderr, flush=True)
+            log.info(f"  {self.desc}: {self.done}/{self.total} {self.unit}s ({rate:.1f}/s){self.postfix}")
 
     def set_postfix(self, **values: str) -> None:
         self.postfix = "  " + "  ".join(f"{k} {v}" for k, v in values.items())

@@ -2,14 +2,17 @@
 results.md. compare_runs.py and plot_four_panels.py are thin front ends to report()."""
 from __future__ import annotations
 
-import sys
+import logging
 from pathlib import Path
 from typing import Sequence
 
 from . import analysis, plots
-from .checkpoint import atomic_write
-from .errors import UserError
+from .errors import UserError, WriteError, hint
+from .files import atomic_write
+from .results_md import results_markdown
 from .runfolder import load_run, metrics_path
+
+log = logging.getLogger(__name__)
 
 
 def load_runs(paths: Sequence[str], labels: Sequence[str] | None, skip_missing: bool = False):
@@ -31,10 +34,11 @@ def load_runs(paths: Sequence[str], labels: Sequence[str] | None, skip_missing: 
 
 def report(paths: Sequence[str], labels: Sequence[str] | None, output: str | Path, results: str | Path | None,
            allow_mismatch: bool, band: str, safe: bool, title: str | None, extra_figures: bool,
-           skip_missing: bool = False) -> int:
+           skip_missing: bool = False) -> str:
+    """Draw the figures, write results.md (when `results`), and return its text."""
     runs, labels, missing = load_runs(paths, labels, skip_missing)
     if missing:
-        print(f"missing (not drawn): {', '.join(missing)}", file=sys.stderr)
+        log.warning(f"missing (not drawn): {', '.join(missing)}")
     comparison = analysis.compare(runs, labels, allow_mismatch)
     styles = plots.series_style(comparison.settings)
     footnote = analysis.footnote(comparison.settings)
@@ -54,23 +58,23 @@ def report(paths: Sequence[str], labels: Sequence[str] | None, output: str | Pat
                             Path(output).with_name("calibration.png")))
     for fig, path in figures:
         plots.save_figure(fig, path)
-    text = analysis.results_markdown(comparison)
+    text = results_markdown(comparison)
     if missing:
         text += f"\nMissing runs (not included): {', '.join(missing)}\n"
     if results:
-        atomic_write(results, text)
-    print(text)
-    print("saved " + ", ".join(str(p) for _, p in figures) + (f" and {results}" if results else ""))
+        with hint(WriteError, "choose another --results path"):
+            atomic_write(results, text)
+    log.info("saved " + ", ".join(str(p) for _, p in figures) + (f" and {results}" if results else ""))
     if not safe and plots.can_show(plt):
         plt.show()
     for fig, _ in figures:
         plt.close(fig)
-    return 0
+    return text
 
 
 def _title(c: analysis.Comparison) -> str:
-    data = {analysis.data_label(r.config) for s in c.settings for r in s.runs}
-    inits = {(r.config.get("weights") or {}).get("init") for s in c.settings if s.mode != "scratch" for r in s.runs}
+    data = {r.record.data.label() for s in c.settings for r in s.runs}
+    inits = {r.record.weights.init for s in c.settings if s.mode != "scratch" for r in s.runs}
     if not inits:
         what = "Training from scratch"
     elif inits == {"ImageNet"}:

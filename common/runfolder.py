@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import socket
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import atomic_write
-from .errors import UserError
+from .errors import UserError, WriteError
+from .files import atomic_write, pid_alive, remove_stale_temp
+from .record import RunRecord, Summary, read_record, read_summary
 
 CONFIG, METRICS, SUMMARY, PREDICTIONS = "config.json", "metrics.csv", "summary.json", "test_predictions.csv"
 LAST, BEST, LOCK = "last.pt", "best.pt", ".lock"
@@ -29,6 +28,10 @@ PREDICTION_COLUMNS = ("index", "label", "best_pred", "best_conf", "best_p_true",
 
 
 # ----------------------------------------------------------------------------- lock and stale files
+
+class FolderInUse(UserError):
+    """Another live process holds the run folder's lock."""
+
 
 class RunLock:
     """An exclusive lock on a run folder (flock on .lock, which also names the holder). A lock left by a dead
@@ -51,14 +54,14 @@ class RunLock:
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
-            raise UserError(f"{self.path.parent} is in use by another training process ({previous or 'unknown'}); "
-                            f"wait for it to finish or stop it, or use another --output-dir") from None
+            raise FolderInUse(f"{self.path.parent} is in use by another training process ({previous or 'unknown'}); "
+                              f"wait for it to finish or stop it") from None
         except OSError:  # no flock on this file system: fall back to the recorded holder
             if previous and _holder_alive(previous):
                 os.close(self.fd)
                 self.fd = None
-                raise UserError(f"{self.path.parent} is in use by {previous} (this file system cannot lock; if that "
-                                f"process is gone, delete {self.path})") from None
+                raise FolderInUse(f"{self.path.parent} is in use by {previous} (this file system cannot lock; if "
+                                  f"that process is gone, delete {self.path})") from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                  .encode())
@@ -80,25 +83,16 @@ class RunLock:
 
 
 def _holder_alive(holder: str) -> bool:
-    parts = holder.split()
+    parts = holder.split()  # "pid 123 on host since ..."
     if len(parts) < 4 or parts[0] != "pid" or parts[3] != socket.gethostname():
         return len(parts) >= 4  # another host: cannot tell, assume alive
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError):
-        return True
-    return True
+    return not parts[1].isdigit() or pid_alive(int(parts[1]))
 
 
-def remove_stale_temp(folder: Path) -> list[str]:
-    """Delete the temp files of interrupted atomic writes (.last.pt.xxxx.tmp); call with the lock held."""
-    removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp.name)
-    return removed
+def remove_stale_writes(folder: Path) -> list[str]:
+    """Delete the temp files of interrupted atomic writes (.last.pt.xxxx.tmp); call with the lock held (no other
+    process writes this folder, so every one is stale)."""
+    return remove_stale_temp(folder, ".*.tmp")
 
 
 # ----------------------------------------------------------------------------- metrics.csv
@@ -150,8 +144,8 @@ class MetricsLog:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise UserError(f"cannot append to {self.path} ({e.strerror or e}); free disk space, then --resume "
-                            f"(the checkpoint of the previous epoch is intact)") from None
+            raise WriteError(f"cannot append to {self.path} ({e.strerror or e}); the checkpoint of the previous "
+                             f"epoch is intact") from None
         if self.writer is not None:
             for k, v in row.items():
                 if k != "epoch" and v is not None:
@@ -227,22 +221,7 @@ def read_metrics(path: str | Path):
     return frame
 
 
-# ----------------------------------------------------------------------------- JSON and predictions
-
-def read_json(path: str | Path, required: bool = False) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        if required:
-            raise UserError(f"{path} does not exist")
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); delete it and --resume the run to write it again") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} does not hold a JSON object")
-    return data
-
+# ----------------------------------------------------------------------------- predictions
 
 def prediction_rows(index, labels, best_probs, final_probs) -> str:
     """test_predictions.csv: per test image its label and, for best.pt and the final epoch, the top-1 class,
@@ -260,6 +239,10 @@ def prediction_rows(index, labels, best_probs, final_probs) -> str:
         w.writerow([idx, int(labels[i]), bp[i], f"{bc[i]:.5f}", f"{bt[i]:.5f}", " ".join(map(str, b5[i])),
                     fp[i], f"{fc[i]:.5f}", f"{ft[i]:.5f}", " ".join(map(str, f5[i]))])
     return buffer.getvalue()
+
+
+def write_predictions(path: Path, index, labels, best_probs, final_probs) -> None:
+    atomic_write(path, prediction_rows(index, labels, best_probs, final_probs))
 
 
 def read_predictions(path: str | Path):
@@ -283,14 +266,17 @@ def read_predictions(path: str | Path):
 
 @dataclass
 class Run:
-    """One run folder's outputs, validated."""
+    """One run folder's outputs, validated and typed."""
 
     folder: Path
-    label: str
     metrics: Any                               # pandas.DataFrame
-    config: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+    record: RunRecord
+    summary: Summary | None = None
     _predictions: Any = None
+
+    @property
+    def label(self) -> str:
+        return self.folder.name
 
     @property
     def predictions(self):
@@ -305,13 +291,11 @@ def metrics_path(path: str | Path) -> Path:
     return path if path.suffix == ".csv" else path / METRICS
 
 
-def load_run(path: str | Path, label: str | None = None) -> Run:
+def load_run(path: str | Path) -> Run:
     """A run from its folder or its metrics.csv."""
     csv_path = metrics_path(path)
     folder = csv_path.parent
     metrics = read_metrics(csv_path)
-    return Run(folder, label or folder.name, metrics, read_json(folder / CONFIG), read_json(folder / SUMMARY))
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    if not (folder / CONFIG).is_file():
+        raise UserError(f"{folder} has no {CONFIG}: not a run folder of the train scripts")
+    return Run(folder, metrics, read_record(folder / CONFIG), read_summary(folder / SUMMARY))

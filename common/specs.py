@@ -20,23 +20,45 @@ class Weights:
 
 
 @dataclass(frozen=True)
+class Published:
+    """A result of the experiment this repository reproduces, as its author's report gives it."""
+
+    final_val_acc: float         # %, the last epoch's validation accuracy (their table's "Val Acc")
+    epochs: int                  # how many epochs that run had
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """An architecture the comparison uses, with its default and alternative ImageNet weights."""
 
     arch: str                    # timm (and torchvision) architecture name
     display: str                 # name in figures and tables
     run_prefix: str              # default run folder prefix: runs/<prefix>_<ft|scratch>
+    script: str                  # the train script whose default model this is
     paper: str
     default_tag: str
     weights: tuple[Weights, ...]
+    published: dict[str, Published]  # by mode: pretrained | scratch
 
     def weights_for(self, library: str, tag: str) -> Weights | None:
         return next((w for w in self.weights if w.library == library and w.tag == tag), None)
 
+    @property
+    def default_model(self) -> str:
+        return f"{self.arch}.{self.default_tag}"
+
+    def run_folder(self, pretrained: bool) -> str:
+        return f"runs/{self.run_prefix}_{'ft' if pretrained else 'scratch'}"
+
+    @property
+    def default_weights(self) -> Weights:
+        return next(w for w in self.weights if w.library == "timm" and w.tag == self.default_tag)
+
 
 TIMM_TABLE = "timm results-imagenet.csv"
 RESNET18 = ModelSpec(
-    "resnet18", "ResNet-18", "resnet", "He et al., Deep Residual Learning for Image Recognition, CVPR 2016",
+    "resnet18", "ResNet-18", "resnet", "train_resnet_cifar.py",
+    "He et al., Deep Residual Learning for Image Recognition, CVPR 2016",
     default_tag="a1_in1k",  # the weights the experiment's public code fine-tuned
     weights=(
         Weights("timm", "a1_in1k", "ImageNet-1k", 73.16, f"{TIMM_TABLE} (evaluated at 288 px)"),
@@ -44,9 +66,10 @@ RESNET18 = ModelSpec(
         Weights("timm", "fb_swsl_ig1b_ft_in1k", "Instagram-1B (semi-weakly supervised), then ImageNet-1k", 73.28,
                 TIMM_TABLE),
         Weights("torchvision", "IMAGENET1K_V1", "ImageNet-1k", 69.758, "torchvision ResNet18_Weights.IMAGENET1K_V1"),
-    ))
+    ),
+    published={"pretrained": Published(95.86, 30), "scratch": Published(83.16, 30)})
 TINYVIT_5M = ModelSpec(
-    "tiny_vit_5m_224", "TinyViT-5M", "tinyvit",
+    "tiny_vit_5m_224", "TinyViT-5M", "tinyvit", "train_tinyvit_cifar.py",
     "Wu et al., TinyViT: Fast Pretraining Distillation for Small Vision Transformers, ECCV 2022",
     default_tag="dist_in22k_ft_in1k",
     weights=(
@@ -54,8 +77,14 @@ TINYVIT_5M = ModelSpec(
                 80.7, "microsoft/Cream TinyViT model zoo"),
         Weights("timm", "in1k", "ImageNet-1k (distilled from a large teacher)", 79.1,
                 "microsoft/Cream TinyViT model zoo"),
-    ))
+    ),
+    published={"pretrained": Published(98.36, 21), "scratch": Published(88.02, 30)})
 MODELS = {s.arch: s for s in (RESNET18, TINYVIT_5M)}
+
+
+def default_run_folders() -> tuple[str, ...]:
+    """The four runs of the experiment, as the train scripts name them by default."""
+    return tuple(s.run_folder(p) for s in MODELS.values() for p in (True, False))
 
 
 @dataclass(frozen=True)

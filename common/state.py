@@ -45,12 +45,12 @@ class RunState:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "step": self.step, "partial": self.partial, "best": asdict(self.best),
-                "finished": self.finished, "rng": capture_rng(), "config": record}
+                "finished": self.finished, "rng": capture_rng(), "record": record}
 
     def weights_checkpoint(self, record: dict[str, Any]) -> dict[str, Any]:
         """best.pt: the weights and what is needed to use them (no optimizer state: a tenth of the size)."""
         return {"model": unwrap_model(self.model).state_dict(), "epoch": self.epoch,
-                "best": asdict(self.best), "config": record}
+                "best": asdict(self.best), "record": record}
 
     def restore(self, ckpt: dict[str, Any], path: str) -> None:
         """Load a last.pt; a UserError says which part does not fit and why."""

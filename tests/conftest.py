@@ -63,7 +63,7 @@ def archive_cache(archive, tmp_path_factory) -> str:
     from common.data.sources import open_source
 
     folder = str(tmp_path_factory.mktemp("archive_cache"))
-    open_source(archive, cache_dir=folder, quiet=True)
+    open_source(archive, cache_dir=folder)
     return folder
 
 
@@ -127,6 +127,47 @@ def assert_same_run(a: Path, b: Path, epochs: int) -> None:
     wb = torch.load(b / "last.pt", weights_only=True)["model"]
     for k in wa:
         assert torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6), k
+
+
+def fake_record(arch: str = "resnet18", pretrained: bool = True, tag: str | None = None, epochs: int = 6,
+                seed: int = 0, synthetic: bool = False, img_size: int = 224, frozen: bool = False, n_test: int = 400,
+                **config):
+    """A run record as the trainer writes it, for analysis tests that need run folders with known answers."""
+    from common.config import TrainConfig
+    from common.data.augment import resolve_recipe
+    from common.record import DataInfo, Environment, ModelInfo, RunInfo, RunRecord, SplitInfo, WeightsInfo
+    from common.specs import MODELS
+
+    spec = MODELS[arch]
+    tag = tag or spec.default_tag
+    weights = (WeightsInfo("ImageNet", library="timm", arch=arch, tag=tag, sha256="w" * 64,
+                           imagenet_top1=(spec.weights_for("timm", tag).imagenet_top1
+                                          if spec.weights_for("timm", tag) else None))
+               if pretrained else WeightsInfo("random init", library="timm", arch=arch))
+    cfg = TrainConfig(model=f"{arch}.{tag}" if pretrained else arch, pretrained=pretrained, freeze_backbone=frozen,
+                      img_size=img_size, epochs=epochs, seed=seed, dummy=synthetic, **config)
+    classes = [f"class {i}" for i in range(10)] if synthetic else list(CIFAR_CLASSES)
+    data = DataInfo("synthetic" if synthetic else "tar", None if synthetic else "cifar10-jpeg.tar.gz",
+                    "synthetic (--dummy, not CIFAR-10)" if synthetic else "CIFAR-10",
+                    ("s" if synthetic else "c") * 64, {"train": 50000, "test": n_test}, classes, 0, [],
+                    SplitInfo(5000, 0, 0, 0, 45000, 5000, n_test, False))
+    env = Environment("3.11", "2.11", "0.26", "1.0.31", "12.8", "Linux", "cuda:0", "NVIDIA H100", 8, "abcdef123",
+                      False, "train.py", "2026-01-01T00:00:00")
+    return RunRecord(cfg, ModelInfo(arch, spec.display, arch, "timm", 1, 1, 10), weights, resolve_recipe("reference"),
+                     data, RunInfo("bf16", "device", 1, 351, "resize 256 (bicubic) + centre crop 224"), env)
+
+
+def write_summary(folder: Path, acc: float, n_test: int, epochs: int) -> None:
+    import dataclasses
+    import json
+
+    from common.record import Summary
+
+    s = Summary(test_acc=acc, test_loss=1.0, test_acc_final=acc, test_loss_final=1.0, test_images=n_test,
+                tested="best.pt", best_epoch=epochs, best_val_acc=0.8, final_val_acc=0.8, epochs_run=epochs,
+                epochs_planned=epochs, train_time_s=60.0 * epochs, params=1, flops_per_image=1, peak_gpu_mem_gb=1.0,
+                val_is_test=False)
+    (folder / "summary.json").write_text(json.dumps(dataclasses.asdict(s)))
 
 
 @pytest.fixture(autouse=True)

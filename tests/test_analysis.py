@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from common import analysis, stats
+from common.results_md import results_markdown
 from common.runfolder import METRIC_COLUMNS, load_run
-from conftest import one_line_error_in_process
+from conftest import fake_record, one_line_error_in_process, write_summary
 
 N_TEST = 400
 
@@ -21,8 +22,8 @@ N_TEST = 400
 def write_run(folder: Path, arch: str = "resnet18", pretrained: bool = True, correct: np.ndarray | None = None,
               final_val: float = 0.8, epochs: int = 6, seed: int = 0, data: str = "cifar", img_size: int = 224,
               tag: str | None = None, frozen: bool = False, conf: float = 0.8) -> Path:
-    """A run folder as the train scripts write it, with per-image test predictions that are right exactly
-    where `correct` says."""
+    """A run folder as the train scripts write it (a typed run record), with per-image test predictions that
+    are right exactly where `correct` says."""
     rng = np.random.default_rng(seed)
     e = np.arange(1, epochs + 1)
     val = final_val - (final_val - 0.3) * np.exp(-e / 2) + rng.normal(0, 0.003, epochs)
@@ -31,32 +32,16 @@ def write_run(folder: Path, arch: str = "resnet18", pretrained: bool = True, cor
     pd.DataFrame({"epoch": e, "lr": 3e-4, "train_loss": -np.log(train), "train_acc": train, "val_loss": -np.log(val),
                   "val_acc": val, "epoch_time_s": 10.0, "train_img_per_s": 5000.0 + seed, "val_img_per_s": 9000.0,
                   "peak_mem_gb": 1.0})[list(METRIC_COLUMNS)].to_csv(folder / "metrics.csv", index=False)
-    display = {"resnet18": "ResNet-18", "tiny_vit_5m_224": "TinyViT-5M"}[arch]
-    default_tag = {"resnet18": "a1_in1k", "tiny_vit_5m_224": "dist_in22k_ft_in1k"}[arch]
-    top1 = {"a1_in1k": 73.16, "dist_in22k_ft_in1k": 80.7, "in1k": 79.1}.get(tag or default_tag)
-    weights = ({"init": "ImageNet", "library": "timm", "arch": arch, "tag": tag or default_tag, "imagenet_top1": top1}
-               if pretrained else {"init": "random init"})
-    data_section = ({"kind": "synthetic", "name": "synthetic (--dummy, not CIFAR-10)", "sha256": "s" * 64}
-                    if data == "synthetic" else {"kind": "tar", "name": "CIFAR-10", "sha256": "c" * 64})
-    data_section["splits"] = {"val_size": 5000, "split_seed": 0, "train_subset": 0, "test_subset": 0, "train": 45000,
-                              "val": 5000, "test": N_TEST, "val_is_test": False}
-    data_section["classes"] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    config = {"model": f"{arch}.{tag or default_tag}", "pretrained": pretrained, "freeze_backbone": frozen,
-              "img_size": img_size, "epochs": epochs, "seed": seed, "split_seed": 0, "batch_size": 128, "lr": 3e-4,
-              "weight_decay": 0.05, "optimizer": "adamw", "warmup_epochs": 0.0, "label_smoothing": 0.0, "mixup": 0.0,
-              "cutmix": 0.0, "recipe": {"name": "reference", "crop_scale": [0.08, 1.0]},
-              "model_info": {"arch": arch, "display": display, "name": arch}, "weights": weights, "data": data_section,
-              "environment": {"device_name": "NVIDIA H100", "torch": "2.11", "timm": "1.0.31", "git_commit": "abcdef123"}}
-    (folder / "config.json").write_text(json.dumps(config))
+    record = fake_record(arch, pretrained, tag=tag, epochs=epochs, seed=seed, synthetic=data == "synthetic",
+                         img_size=img_size, frozen=frozen, n_test=N_TEST)
+    (folder / "config.json").write_text(json.dumps(record.to_dict()))
     labels = np.arange(N_TEST) % 10
     correct = np.ones(N_TEST, bool) if correct is None else correct
     pred = np.where(correct, labels, (labels + 1) % 10)
     pd.DataFrame({"index": np.arange(N_TEST), "label": labels, "best_pred": pred, "best_conf": conf, "best_p_true": 0.5,
                   "best_top5": "0 1 2 3 4", "final_pred": pred, "final_conf": conf, "final_p_true": 0.5,
                   "final_top5": "0 1 2 3 4"}).to_csv(folder / "test_predictions.csv", index=False)
-    (folder / "summary.json").write_text(json.dumps({"test_acc": float(correct.mean()), "test_acc_final":
-                                                     float(correct.mean()), "test_images": N_TEST, "epochs_run": epochs,
-                                                     "train_time_s": 60.0 * epochs}))
+    write_summary(folder, float(correct.mean()), N_TEST, epochs)
     return folder
 
 
@@ -118,12 +103,12 @@ def test_paired_bootstrap_finds_a_known_gain_and_no_gain():
 def test_gains_and_their_difference_come_from_paired_predictions(four_runs):
     runs = [load_run(four_runs / n) for n in ("resnet_ft", "resnet_scratch", "tinyvit_ft", "tinyvit_scratch")]
     c = analysis.compare(runs, n_boot=1000)
-    gains = {g["display"]: g for g in c.gains}
-    assert gains["ResNet-18"]["gain"] == pytest.approx(0.10) and gains["TinyViT-5M"]["gain"] == pytest.approx(0.25)
-    assert gains["ResNet-18"]["mcnemar"]["only_a"] == 40 and gains["ResNet-18"]["mcnemar"]["only_b"] == 0
+    gains = {g.display: g for g in c.gains}
+    assert gains["ResNet-18"].gain == pytest.approx(0.10) and gains["TinyViT-5M"].gain == pytest.approx(0.25)
+    assert gains["ResNet-18"].mcnemar["only_a"] == 40 and gains["ResNet-18"].mcnemar["only_b"] == 0
     d = c.gain_difference
-    assert d["estimate"] == pytest.approx(0.15) and d["lo"] < 0.15 < d["hi"]
-    text = analysis.results_markdown(c)
+    assert d.estimate == pytest.approx(0.15) and d.lo < 0.15 < d.hi
+    text = results_markdown(c)
     first = text.splitlines()[2]
     assert first.startswith("**ImageNet pre-training helps TinyViT-5M by +25.0 points and ResNet-18 by +10.0")
     assert "difference of the gains is +15.0 points (95% CI [" in first and "400 test images" in first
@@ -198,7 +183,7 @@ def test_seed_groups_are_drawn_as_their_mean_with_a_band(tmp_path):
     lows = np.min([r.metrics["val_acc"].to_numpy() for r in runs], 0) * 100
     assert np.isclose(ys.min(), lows.min())
     assert "band: min–max over seeds" in ax.figure.axes[0].get_legend().get_title().get_text()
-    text = analysis.results_markdown(c)
+    text = results_markdown(c)
     accs = [0.8, 0.8, 0.8]
     assert f"{100 * np.mean(accs):.2f}% ± 0.00 (80.0%–80.0%, 3 seeds)" in text
 
@@ -231,7 +216,7 @@ def test_controls_and_linear_probe_appear_in_the_gain_table(four_runs):
     write_run(four_runs / "tinyvit_in1k", "tiny_vit_5m_224", True, right(0.9), tag="in1k")
     write_run(four_runs / "tinyvit_probe", "tiny_vit_5m_224", True, right(0.6), frozen=True)
     runs = [load_run(p) for p in sorted(four_runs.iterdir())]
-    text = analysis.results_markdown(analysis.compare(runs, n_boot=300))
+    text = results_markdown(analysis.compare(runs, n_boot=300))
     gain_rows = [ln for ln in text.split("## Gain")[1].split("\n\n")[1].splitlines() if ln.startswith("| TinyViT")]
     assert len(gain_rows) == 2
     assert "in1k (control) | +20.0" in gain_rows[1] and "79.1%" in gain_rows[1]

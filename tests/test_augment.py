@@ -219,7 +219,7 @@ def _batches(path: str, recipe, x, y, epoch: int):
     return stream, list(stream.epoch(epoch))
 
 
-@pytest.mark.parametrize("path", ["cpu", "gpu"])
+@pytest.mark.parametrize("path", ["cpu", "device"])
 @pytest.mark.parametrize("recipe_name", ["reference", "light"])
 def test_training_batches_are_augmented_and_differ_between_draws(photos, path, recipe_name):
     x, y = photos
@@ -239,7 +239,7 @@ def test_training_batches_are_augmented_and_differ_between_draws(photos, path, r
     assert differ > 0.9 * len(common), "the same photo is augmented differently in another epoch"
 
 
-@pytest.mark.parametrize("path", ["cpu", "gpu"])
+@pytest.mark.parametrize("path", ["cpu", "device"])
 def test_labels_stay_aligned_through_the_stream(path):
     """Each image is one flat grey level that encodes its label; crops, flips and erasing keep its median."""
     n = 320
@@ -256,7 +256,7 @@ def test_labels_stay_aligned_through_the_stream(path):
     assert seen == n
 
 
-@pytest.mark.parametrize("path", ["cpu", "gpu"])
+@pytest.mark.parametrize("path", ["cpu", "device"])
 def test_a_stream_resumed_mid_epoch_gives_the_same_augmented_batches(photos, path):
     x, y = photos
     stream, full = _batches(path, REF, x, y, epoch=2)

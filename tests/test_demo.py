@@ -53,9 +53,10 @@ def test_without_ground_truth_nothing_is_coloured_right_or_wrong(run):
     import torch
 
     from common.plots import setup_matplotlib
+    from common.prediction_plots import figure_rows
 
     plt = setup_matplotlib(True)
-    fig = demo.figure_rows(plt, [(np.zeros((32, 32, 3), np.uint8), torch.tensor([.5, .3, .2] + [0.0] * 7), "x", None)],
+    fig = figure_rows(plt, [(np.zeros((32, 32, 3), np.uint8), torch.tensor([.5, .3, .2] + [0.0] * 7), "x", None)],
                            3, [f"c{i}" for i in range(10)])
     colours = {tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in fig.axes[1].patches}
     assert colours == {(0.6, 0.6, 0.6)}, "all bars neutral grey"
@@ -102,7 +103,7 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, case, words):
         ck = str(tmp_path / "nope.pt")
     elif case in ("other_model_config", "other_size_config"):
         cfg = json.loads((run / "config.json").read_text())
-        cfg.update({"model": "tiny_vit_5m_224"} if case == "other_model_config" else {"img_size": 64})
+        cfg["config"].update({"model": "tiny_vit_5m_224"} if case == "other_model_config" else {"img_size": 64})
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         extra = ["--config", str(tmp_path / "config.json")]
     elif case == "bad_image":

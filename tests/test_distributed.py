@@ -35,7 +35,7 @@ def our_traceback(stderr: str) -> bool:
 @pytest.fixture(scope="module")
 def ddp_straight(cifar_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "straight"
-    r = run_cli(*torchrun("--data-dir", str(cifar_dir), "--output-dir", str(out), "--data-pipeline", "gpu"), env=ENV)
+    r = run_cli(*torchrun("--data-dir", str(cifar_dir), "--output-dir", str(out), "--data-pipeline", "device"), env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -47,7 +47,7 @@ def test_torchrun_two_processes_gloo(ddp_straight):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["run"]["world_size"] == 2 and cfg["run"]["steps_per_epoch"] == 1600 // 32
     assert json.loads((out / "summary.json").read_text())["test_images"] == 500
-    assert r.stdout.count("test acc of best.pt") == 1, "rank 0 alone speaks"
+    assert r.stderr.count("test acc of best.pt") == 1, "rank 0 alone speaks"
 
 
 def test_torchrun_interrupted_twice_resumes_to_the_same_run(cifar_dir, tmp_path, ddp_straight):
@@ -55,7 +55,7 @@ def test_torchrun_interrupted_twice_resumes_to_the_same_run(cifar_dir, tmp_path,
     ranks agree on at step 25; then --resume: the same rows and weights as the uninterrupted run."""
     straight, _ = ddp_straight
     out = tmp_path / "run"
-    flags = ["--data-dir", str(cifar_dir), "--output-dir", str(out), "--data-pipeline", "gpu"]
+    flags = ["--data-dir", str(cifar_dir), "--output-dir", str(out), "--data-pipeline", "device"]
     r = run_cli(*torchrun(*flags, "--stop-after-epoch", "1"), env=ENV)
     assert r.returncode == 0 and "stopped after epoch 1" in r.stderr, r.stderr[-3000:]
     assert "continue with: torchrun --nproc_per_node=2 train_resnet_cifar.py" in r.stderr

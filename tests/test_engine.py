@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from common import engine as E
+from common import runtime as R
 from common.distributed import DistInfo
 from common.errors import UserError
 
@@ -90,8 +91,8 @@ def test_adamw_decays_weights_but_not_biases_and_norms():
     (True, "fp16", "cpu", False, torch.float16)])
 def test_amp_decision(amp, dtype, device, bf16, expected):
     with mock.patch("torch.cuda.is_bf16_supported", return_value=bf16):
-        assert E.resolve_amp(amp, dtype, torch.device(device)) == expected
-    scaler = E.make_scaler(expected, torch.device(device))
+        assert R.resolve_amp(amp, dtype, torch.device(device)) == expected
+    scaler = R.make_scaler(expected, torch.device(device))
     assert (scaler is not None) == (expected == torch.float16), "a GradScaler exactly for fp16"
 
 
@@ -132,8 +133,8 @@ def test_evaluate_uses_eval_mode_and_is_deterministic():
     images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8)
     labels = torch.randint(0, 10, (50,))
     to_float = lambda x: x.float() / 255  # noqa: E731
-    a = E.evaluate(model, images, labels, to_float, 16, CPU, keep_probs=True)
-    b = E.evaluate(model, images, labels, to_float, 7, CPU, keep_probs=True)
+    a = E.Evaluator(to_float, 16, CPU)(model, images, labels, keep_probs=True)
+    b = E.Evaluator(to_float, 7, CPU)(model, images, labels, keep_probs=True)
     assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
     assert a["acc"] == b["acc"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["n"] == 50
     assert torch.allclose(a["probs"], b["probs"], atol=1e-6) and torch.allclose(a["probs"].sum(1), torch.ones(50))
@@ -178,7 +179,7 @@ def test_ctrl_c_finishes_the_step_and_a_forwarded_copy_is_not_a_second_one():
 
 def test_device_cuda_without_a_gpu_is_a_clear_error():
     if torch.cuda.is_available():
-        assert E.resolve_device("cuda").type == "cuda"
+        assert R.resolve_device("cuda").type == "cuda"
         return
     with pytest.raises(UserError, match="--device cuda but PyTorch sees no CUDA GPU"):
-        E.resolve_device("cuda")
+        R.resolve_device("cuda")

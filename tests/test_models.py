@@ -62,15 +62,15 @@ def test_pretrained_timm_weights_are_downloaded_checked_and_applied(tmp_path, mo
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f: asked.append((repo, f)) or str(path))
     monkeypatch.setattr(models, "host_reachable", lambda url, timeout=4.0: True)
-    model, record = models.build_model(resolve_model("resnet18.a1_in1k", True), 32, quiet=True)
+    model, record = models.build_model(resolve_model("resnet18.a1_in1k", True), 32, 10)
     assert asked == [("timm/resnet18.a1_in1k", "model.safetensors")]
     mine = model.state_dict()
     for k, v in state.items():
         if not k.startswith("fc."):
             assert torch.equal(mine[k], v), k
-    assert model.fc.out_features == 10 and sorted(record["new_head"]) == ["fc.bias", "fc.weight"]
-    assert record["init"] == "ImageNet" and record["hash_checked"] and record["sha256"] == path.resolve().name
-    assert record["imagenet_top1"] == 73.16 and record["tag"] == "a1_in1k"
+    assert model.fc.out_features == 10 and sorted(record.new_head) == ["fc.bias", "fc.weight"]
+    assert record.init == "ImageNet" and record.hash_checked and record.sha256 == path.resolve().name
+    assert record.imagenet_top1 == 73.16 and record.tag == "a1_in1k"
 
 
 def test_a_hub_file_whose_content_does_not_match_its_hash_is_refused(tmp_path, monkeypatch):
@@ -79,7 +79,7 @@ def test_a_hub_file_whose_content_does_not_match_its_hash_is_refused(tmp_path, m
     path, _ = _timm_hub_file(tmp_path, "resnet18", good_hash=False)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: str(path))
     with pytest.raises(UserError, match="does not match its published SHA-256.*delete it"):
-        models.build_model(resolve_model("resnet18.a1_in1k", True), 32, quiet=True)
+        models.build_model(resolve_model("resnet18.a1_in1k", True), 32, 10)
 
 
 def test_torchvision_weights_are_downloaded_hash_checked_and_applied(tmp_path, monkeypatch):
@@ -101,10 +101,10 @@ def test_torchvision_weights_are_downloaded_hash_checked_and_applied(tmp_path, m
         Path(dst).write_bytes(file.read_bytes())
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
-    model, record = models.build_model(resolve_model("tv/resnet18", True), 32, quiet=True)
+    model, record = models.build_model(resolve_model("tv/resnet18", True), 32, 10)
     assert fetched == [(Fake.url, prefix)]
     assert torch.equal(model.conv1.weight, source.conv1.weight) and model.fc.out_features == 10
-    assert record["hash_checked"] and record["imagenet_top1"] == 69.758
+    assert record.hash_checked and record.imagenet_top1 == 69.758
 
 
 class _Payload:
@@ -128,7 +128,7 @@ def test_a_planted_pickle_in_the_weights_cache_is_never_unpickled(tmp_path, monk
         pickle.dump({"conv1.weight": _Payload(marker)}, f, protocol=2)  # the protocol torch.save uses
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError, match="does not match its published SHA-256"):
-        models.build_model(resolve_model("tv/resnet18", True), 32, quiet=True)
+        models.build_model(resolve_model("tv/resnet18", True), 32, 10)
     assert not marker.exists(), "the planted file ran code"
     # and were its hash right, weights_only=True would still refuse the object
     with pytest.raises(UserError, match="pickled Python objects"):
@@ -140,9 +140,9 @@ def test_resnet_weights_file_loads_backbone_and_replaces_head(tmp_path):
     source = torchvision.models.resnet18()  # an ImageNet-shaped state dict, random values
     path = tmp_path / "resnet18.pth"
     torch.save(source.state_dict(), path)
-    model, record = models.build_model(resolve_model("tv/resnet18", True), 224, str(path), quiet=True)
-    assert model.fc.out_features == 10 and record["init"] == "file" and record["sha256"] == _sha(path)
-    assert record["imagenet_top1"] is None, "a file's ImageNet accuracy is not known"
+    model, record = models.build_model(resolve_model("tv/resnet18", True), 224, 10, str(path))
+    assert model.fc.out_features == 10 and record.init == "file" and record.sha256 == _sha(path)
+    assert record.imagenet_top1 is None, "a file's ImageNet accuracy is not known"
     mine = model.state_dict()
     for k, v in source.state_dict().items():
         if not k.startswith("fc."):
@@ -162,8 +162,8 @@ def test_tinyvit_weights_file_in_each_layout(tmp_path, fmt):
     else:
         path = tmp_path / "w.pth"
         torch.save({"model" if fmt == "model_key" else "state_dict": sd}, path)
-    model, record = models.build_model(resolve_model("tiny_vit_5m_224", True), 224, str(path), quiet=True)
-    assert sorted(record["new_head"]) == ["head.fc.bias", "head.fc.weight"]
+    model, record = models.build_model(resolve_model("tiny_vit_5m_224", True), 224, 10, str(path))
+    assert sorted(record.new_head) == ["head.fc.bias", "head.fc.weight"]
     mine = model.state_dict()
     assert torch.equal(mine["patch_embed.conv1.conv.weight"], sd["patch_embed.conv1.conv.weight"])
     assert torch.equal(mine["stages.3.blocks.1.mlp.fc2.weight"], sd["stages.3.blocks.1.mlp.fc2.weight"])
@@ -177,7 +177,7 @@ def test_tinyvit_small_inputs_get_small_windows_and_still_load_224_weights(tmp_p
     assert models.tiny_vit_window_sizes("resnet18", 32) is None
     path = tmp_path / "w.pth"
     torch.save(timm.create_model("tiny_vit_5m_224", num_classes=1000).state_dict(), path)
-    model, _ = models.build_model(resolve_model("tiny_vit_5m_224", True), 32, str(path), quiet=True)
+    model, _ = models.build_model(resolve_model("tiny_vit_5m_224", True), 32, 10, str(path))
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)  # attention biases were resized on load
 
 
@@ -189,20 +189,20 @@ def test_bad_weights_file_is_one_clear_error(tmp_path, content):
     else:
         path.write_bytes(content)
     with pytest.raises(UserError) as e:
-        models.build_model(resolve_model("resnet18", True), 32, str(path), quiet=True)
+        models.build_model(resolve_model("resnet18", True), 32, 10, str(path))
     assert str(path) in str(e.value) and ("--weights" in str(e.value) or "another model" in str(e.value))
 
 
 def test_model_override_takes_other_architectures():
-    assert models.build_model(resolve_model("tv/resnet34", False), 32)[0].fc.out_features == 10
-    vit, record = models.build_model(resolve_model("vit_tiny_patch16_224", False), 32)
-    assert vit(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and record["init"] == "random init"
+    assert models.build_model(resolve_model("tv/resnet34", False), 32, 10)[0].fc.out_features == 10
+    vit, record = models.build_model(resolve_model("vit_tiny_patch16_224", False), 32, 10)
+    assert vit(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and record.init == "random init"
     with pytest.raises(UserError, match="not a timm model"):
-        models.build_model(resolve_model("no_such_net", False), 32)
+        models.build_model(resolve_model("no_such_net", False), 32, 10)
 
 
 def test_freeze_backbone_leaves_only_the_head_trainable():
-    model, _ = models.build_model(resolve_model("resnet18", False), 32)
+    model, _ = models.build_model(resolve_model("resnet18", False), 32, 10)
     frozen = models.freeze_backbone(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"] and len(frozen) == len(list(model.parameters())) - 2
@@ -232,11 +232,11 @@ def test_an_unreachable_hub_is_refused_before_any_download_is_tried(monkeypatch)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("tried to download"))
     monkeypatch.setattr(models, "host_reachable", lambda url, timeout=4.0: probes.append(url) or False)
     with pytest.raises(UserError, match="no network, not cached.*--weights PATH"):
-        models.build_model(resolve_model("tiny_vit_5m_224", True), 32, quiet=True)
+        models.build_model(resolve_model("tiny_vit_5m_224", True), 32, 10)
     assert probes == ["https://huggingface.co"]
 
 
 def test_flops_and_params_are_counted():
-    model, _ = models.build_model(resolve_model("resnet18", False), 224)
+    model, _ = models.build_model(resolve_model("resnet18", False), 224, 10)
     assert 11.1e6 < models.count_parameters(model) < 11.3e6
     assert 3.4e9 < models.flops_per_image(model, 224) < 3.9e9  # 1.82 GMACs = 3.64 GFLOPs

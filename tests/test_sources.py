@@ -46,7 +46,7 @@ def zip_of(folder: Path, dest: Path) -> Path:
 
 def test_every_source_kind_gives_the_same_arrays_and_labels(tmp_path):
     folder = image_folder(tmp_path / "folder")
-    from_folder = sources.open_source(folder, quiet=True)
+    from_folder = sources.open_source(folder)
     assert from_folder.kind == "image-folder" and from_folder.classes == folders.CIFAR_CLASSES
     assert len(from_folder.train_x) == 150 and len(from_folder.test_x) == 50
     batches = sources.write_batches(tmp_path / "official", from_folder.train_x, from_folder.train_y,
@@ -54,7 +54,7 @@ def test_every_source_kind_gives_the_same_arrays_and_labels(tmp_path):
     kinds = [("cifar-batches", batches), ("tar", tar_of(folder, tmp_path / "c.tar.gz")),
              ("zip", zip_of(folder, tmp_path / "c.zip")), ("tar", tar_of(folder, tmp_path / "no_top_folder.tgz", None))]
     for kind, path in kinds:
-        s = sources.open_source(path, quiet=True)
+        s = sources.open_source(path)
         assert s.kind == kind, path
         for a in ("train_x", "train_y", "test_x", "test_y"):
             assert np.array_equal(getattr(s, a), getattr(from_folder, a)), (kind, a)
@@ -67,60 +67,60 @@ def test_every_source_kind_gives_the_same_arrays_and_labels(tmp_path):
 
 
 def test_cifar_class_names_in_any_case_keep_the_official_order_others_are_sorted(tmp_path):
-    upper = sources.open_source(image_folder(tmp_path / "u", {c: c.upper() for c in folders.CIFAR_CLASSES}), quiet=True)
+    upper = sources.open_source(image_folder(tmp_path / "u", {c: c.upper() for c in folders.CIFAR_CLASSES}))
     assert upper.classes == tuple(c.upper() for c in folders.CIFAR_CLASSES)
     renamed = {"airplane": "zebra", "automobile": "apple"}
-    other = sources.open_source(image_folder(tmp_path / "o", renamed), quiet=True)
+    other = sources.open_source(image_folder(tmp_path / "o", renamed))
     assert other.classes == tuple(sorted(renamed.get(c, c) for c in folders.CIFAR_CLASSES))
     assert other.provenance()["classes"] == list(other.classes)
     # the labels follow the mapping: every 'apple' (the old automobile) image carries apple's index
-    base = sources.open_source(image_folder(tmp_path / "b"), quiet=True)
+    base = sources.open_source(image_folder(tmp_path / "b"))
     assert np.array_equal(other.train_x[other.train_y == other.classes.index("apple")],
                           base.train_x[base.train_y == folders.CIFAR_CLASSES.index("automobile")])
 
 
 def test_the_decode_cache_is_used_then_invalidated_by_a_changed_source(tmp_path, monkeypatch):
     folder = image_folder(tmp_path / "f")
-    first = sources.open_source(folder, quiet=True)
+    first = sources.open_source(folder)
     cached = list(tmp_path.glob("f.decoded-*.npz"))
     assert len(cached) == 1, "cached beside the data folder, not inside it"
     monkeypatch.setattr(folders, "decode_entries", lambda *a, **k: pytest.fail("decoded again despite the cache"))
-    again = sources.open_source(folder, quiet=True)
+    again = sources.open_source(folder)
     assert np.array_equal(again.train_x, first.train_x) and again.sha256 == first.sha256
     monkeypatch.undo()
     victim = sorted((folder / "train" / "cat").glob("*.png"))[0]
     from PIL import Image
 
     Image.new("RGB", (32, 32), (255, 0, 0)).save(victim)
-    changed = sources.open_source(folder, quiet=True)
+    changed = sources.open_source(folder)
     assert changed.sha256 != first.sha256
     assert (changed.train_x == np.array([255, 0, 0], np.uint8).reshape(3, 1, 1)).all(axis=(1, 2, 3)).any()
 
 
 def test_a_read_only_data_folder_caches_under_cache_dir_or_the_user_cache(tmp_path, monkeypatch):
     folder = image_folder(tmp_path / "ro")
-    real_writable = cache._writable
-    monkeypatch.setattr(cache, "_writable", lambda f: f != tmp_path and real_writable(f))
+    real_writable = cache.writable
+    monkeypatch.setattr(cache, "writable", lambda f: f != tmp_path and real_writable(f))
     monkeypatch.setattr(cache, "USER_CACHE", tmp_path / "user_cache")
-    sources.open_source(folder, quiet=True)
+    sources.open_source(folder)
     assert list((tmp_path / "user_cache").glob("ro.decoded-*.npz")) and not list(tmp_path.glob("*.npz"))
-    sources.open_source(folder, cache_dir=str(tmp_path / "mine"), quiet=True)
+    sources.open_source(folder, cache_dir=str(tmp_path / "mine"))
     assert list((tmp_path / "mine").glob("ro.decoded-*.npz"))
 
 
 def test_a_damaged_cache_is_ignored_and_rebuilt(tmp_path):
     folder = image_folder(tmp_path / "f")
-    first = sources.open_source(folder, quiet=True)
+    first = sources.open_source(folder)
     npz = next(tmp_path.glob("f.decoded-*.npz"))
     npz.write_bytes(npz.read_bytes()[:5000])
-    again = sources.open_source(folder, quiet=True)
+    again = sources.open_source(folder)
     assert np.array_equal(again.train_x, first.train_x)
     assert npz.stat().st_size > 5000, "rewritten whole"
 
 
 def test_a_decode_killed_while_writing_its_cache_leaves_nothing_that_is_used(tmp_path):
     folder = image_folder(tmp_path / "f")
-    script = f"from common.data.sources import open_source; open_source({str(folder)!r}, quiet=True)"
+    script = f"from common.data.sources import open_source; open_source({str(folder)!r})"
     r = run_cli("-c", script, env={"CIFAR_FAILPOINT": "write:cache@kill"})
     assert r.returncode == -9
     assert not list(tmp_path.glob("f.decoded-*.npz")), "no complete-looking cache after the kill"
@@ -143,7 +143,7 @@ def test_class_folders_that_differ_between_splits_are_named(tmp_path):
     folder = image_folder(tmp_path / "f")
     (folder / "test" / "cat").rename(folder / "test" / "kitten")
     with pytest.raises(UserError) as e:
-        sources.open_source(folder, quiet=True)
+        sources.open_source(folder)
     assert "only in train: cat" in str(e.value) and "only in test: kitten" in str(e.value)
 
 
@@ -152,7 +152,7 @@ def test_no_images_is_a_clear_error(tmp_path):
         (tmp_path / "f" / split / "cat").mkdir(parents=True)
         (tmp_path / "f" / split / "cat" / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="no .png/.jpg"):
-        sources.open_source(tmp_path / "f", quiet=True)
+        sources.open_source(tmp_path / "f")
 
 
 def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
@@ -160,9 +160,9 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     bad = sorted((folder / "train" / "dog").glob("*.png"))[1]
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(UserError) as e:
-        sources.open_source(folder, quiet=True)
+        sources.open_source(folder)
     assert str(bad) in str(e.value) and "unreadable" in str(e.value) and "--skip-bad-images" in str(e.value)
-    s = sources.open_source(folder, skip_bad_images=True, quiet=True)
+    s = sources.open_source(folder, skip_bad_images=True)
     assert len(s.train_x) == 149 and s.provenance()["skipped_images"] == 1 and str(bad) in s.skipped[0]
 
 
@@ -173,7 +173,7 @@ def test_an_image_that_is_not_32x32_is_named_with_its_size(tmp_path):
     big = sorted((folder / "train" / "ship").glob("*.png"))[0]
     Image.new("RGB", (64, 48)).save(big)
     with pytest.raises(UserError) as e:
-        sources.open_source(folder, quiet=True)
+        sources.open_source(folder)
     assert str(big) in str(e.value) and "64x48" in str(e.value) and "not 32x32" in str(e.value)
 
 
@@ -193,7 +193,7 @@ def test_an_archive_member_that_escapes_is_refused_and_nothing_is_written(tmp_pa
             z.writestr(member, png)
     before = set(tmp_path.parent.rglob("*"))
     with pytest.raises(UserError, match="escapes its folder"):
-        sources.open_source(path, quiet=True)
+        sources.open_source(path)
     assert set(tmp_path.parent.rglob("*")) == before, "nothing written anywhere"
 
 
@@ -247,7 +247,7 @@ def test_no_network_fails_fast_with_placement_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "download_official", lambda *a: pytest.fail("tried the official server"))
     monkeypatch.setattr(sources, "download_huggingface", lambda *a: pytest.fail("tried the Hugging Face copy"))
     with pytest.raises(UserError) as e:
-        sources.open_source(tmp_path, download=True, quiet=True)
+        sources.open_source(tmp_path, download=True)
     assert probes == [sources.CIFAR_URL, "https://huggingface.co"]
     msg = str(e.value)
     assert "official server: unreachable" in msg and "Hugging Face copy: unreachable" in msg
@@ -276,7 +276,7 @@ def test_failed_official_download_falls_back_then_explains(tmp_path, monkeypatch
 
     monkeypatch.setattr(sources, "download_huggingface", fake_hf)
     with pytest.raises(UserError) as e:
-        sources.open_source(tmp_path / "d", download=True, quiet=True)
+        sources.open_source(tmp_path / "d", download=True)
     assert "official server:" in str(e.value) and "Hugging Face copy: hub unreachable" in str(e.value)
     assert calls, "the Hugging Face fallback was not tried"
 
@@ -294,7 +294,7 @@ def test_hugging_face_rows_convert_to_cifar_arrays():
 
 
 def test_the_real_archive_reads_as_cifar10(archive, archive_cache):
-    s = sources.open_source(archive, cache_dir=archive_cache, quiet=True)
+    s = sources.open_source(archive, cache_dir=archive_cache)
     assert s.kind == "tar" and s.classes == folders.CIFAR_CLASSES
     assert np.bincount(s.train_y).tolist() == [5000] * 10 and np.bincount(s.test_y).tolist() == [1000] * 10
     assert s.provenance()["name"] == "CIFAR-10"

@@ -21,9 +21,9 @@ def _hashes(x) -> list[str]:
 def all_sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
     folder = image_folder(root / "folder")
-    real = sources.open_source(folder, quiet=True)
+    real = sources.open_source(folder)
     return {"synthetic": sources.synthetic_source(3000, 600), "image-folder": real,
-            "tar": sources.open_source(tar_of(folder, root / "c.tar.gz"), quiet=True),
+            "tar": sources.open_source(tar_of(folder, root / "c.tar.gz")),
             "cifar-batches": sources.open_source(sources.write_batches(root / "b", real.train_x, real.train_y,
                                                                        real.test_x, real.test_y).parent)}
 

@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from common import trainer
+from common.engine import Evaluator
 from common.runfolder import METRIC_COLUMNS, PREDICTION_COLUMNS
 from conftest import ROOT, SMALL, one_line_error_in_process, run_cli, train
 
-MECH = ["--model", "test_resnet"]  # timm's 0.4M-parameter test ResNet: the loop's mechanics at a tenth of the time
+MECH = ["--model", "test_resnet"]
+REAL_EVALUATE = Evaluator.__call__  # before any test patches it  # timm's 0.4M-parameter test ResNet: the loop's mechanics at a tenth of the time
 
 
 def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
@@ -27,7 +28,8 @@ def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
     assert list(m.columns) == list(METRIC_COLUMNS) and m["epoch"].tolist() == [1, 2]
     assert m["val_acc"].iloc[-1] > 0.3, "10 classes: chance is 0.1; labels and images must line up"
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_info"]["name"] == "test_resnet" and cfg["weights"]["init"] == "random init"
+    assert cfg["format"] == 2 and cfg["config"]["model"] == "test_resnet"
+    assert cfg["model"]["name"] == "test_resnet" and cfg["weights"]["init"] == "random init"
     assert cfg["data"]["kind"] == "cifar-batches" and len(cfg["data"]["sha256"]) == 64
     assert cfg["data"]["splits"] == {"val_size": 400, "split_seed": 0, "train_subset": 1600, "test_subset": 0,
                                      "train": 1600, "val": 400, "test": 500, "val_is_test": False}
@@ -43,8 +45,8 @@ def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
     assert (preds["final_pred"] == preds["label"]).mean() == pytest.approx(summary["test_acc_final"], abs=1e-9)
     last = torch.load(out / "last.pt", weights_only=True)
     best = torch.load(out / "best.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng", "config"} <= set(last)
-    assert "optimizer" not in best and {"model", "epoch", "config"} <= set(best), "best.pt: weights and metadata"
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng", "record"} <= set(last)
+    assert "optimizer" not in best and {"model", "epoch", "record"} <= set(best), "best.pt: weights and metadata"
     assert (out / "best.pt").stat().st_size < 0.5 * (out / "last.pt").stat().st_size
 
 
@@ -59,26 +61,24 @@ def test_tensorboard_has_a_scalar_per_metrics_column(trained_resnet):
 
 def _scripted_validation(monkeypatch, accuracies: list[float]):
     """Validation returns these accuracies in turn; the final test runs for real."""
-    from common.engine import evaluate as real
-
     it = iter(accuracies)
 
-    def fake(*args, **kwargs):
-        result = real(*args, **kwargs)
+    def fake(self, *args, **kwargs):
+        result = REAL_EVALUATE(self, *args, **kwargs)
         if not kwargs.get("keep_probs"):
             result["acc"] = next(it)
         return result
 
-    monkeypatch.setattr(trainer, "evaluate", fake)
+    monkeypatch.setattr(Evaluator, "__call__", fake)
 
 
 def _predict(checkpoint, cifar_dir) -> np.ndarray:
     """best_pred of every test image, computed apart from the trainer from a checkpoint's weights."""
-    from show_resnet_example import load_model, predict, test_set, transform_for
+    from common.inference import load_trained_run
 
-    model, record = load_model(str(checkpoint), None, torch.device("cpu"))
-    x, _, _ = test_set(record, str(cifar_dir))
-    return predict(model, x, transform_for(record), torch.device("cpu")).argmax(1).numpy()
+    run = load_trained_run(checkpoint, torch.device("cpu"))
+    x, _ = run.test_set(str(cifar_dir))
+    return run.predict(x).argmax(1).numpy()
 
 
 def test_best_pt_is_the_best_validation_epoch_and_the_one_tested(cifar_dir, tmp_path, monkeypatch):
@@ -117,7 +117,7 @@ def test_tinyvit_learns_at_32px(cifar_dir, tmp_path):
                  "--output-dir", str(out), "--aug", "light", *SMALL) == 0
     assert pd.read_csv(out / "metrics.csv")["val_acc"].iloc[-1] > 0.3
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["model_info"]["name"] == "tiny_vit_5m_224" and 5.0e6 < cfg["model_info"]["params"] < 5.2e6
+    assert cfg["model"]["name"] == "tiny_vit_5m_224" and 5.0e6 < cfg["model"]["params"] < 5.2e6
 
 
 def test_weights_flag_end_to_end_and_linear_probe_freezes_the_backbone(cifar_dir, tmp_path, trained_resnet):
@@ -128,7 +128,7 @@ def test_weights_flag_end_to_end_and_linear_probe_freezes_the_backbone(cifar_dir
                  "--epochs", "1", "--data-dir", str(cifar_dir), "--output-dir", str(out), "--aug", "light",
                  "--model", "test_resnet", *SMALL) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["pretrained"] is True and cfg["weights"]["init"] == "file" and cfg["freeze_backbone"] is True
+    assert cfg["config"]["pretrained"] is True and cfg["weights"]["init"] == "file" and cfg["config"]["freeze_backbone"]
     before = torch.load(trained_resnet / "best.pt", weights_only=True)["model"]
     after = torch.load(out / "last.pt", weights_only=True)["model"]
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -146,7 +146,7 @@ def test_dummy_runs_without_any_data_folder_and_says_synthetic(tmp_path, capsys)
     assert not (tmp_path / "nothing").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["kind"] == "synthetic" and "not CIFAR-10" in cfg["data"]["name"]
-    assert "not CIFAR-10" in capsys.readouterr().out
+    assert "not CIFAR-10" in capsys.readouterr().err
 
 
 def test_progress_lines_appear_when_the_output_is_not_a_terminal(cifar_dir, tmp_path, capsys):
@@ -174,13 +174,13 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
 
 @pytest.mark.parametrize("script", ["train_resnet_cifar.py", "train_tinyvit_cifar.py"])
 def test_help_shows_each_default_once_in_complete_sentences(script):
-    from common.config import _HelpFormatter, build_parser
+    from common.config import HelpFormatter, build_parser
 
     r = run_cli(script, "--help")
     assert r.returncode == 0 and "--progress-every" in r.stdout and "--split-seed" in r.stdout
     assert "(default: None)" not in r.stdout
     parser = build_parser("x", "resnet18")
-    formatter = _HelpFormatter("x")
+    formatter = HelpFormatter("x")
     for action in parser._actions:
         if action.dest == "help":
             continue
@@ -204,7 +204,7 @@ def test_real_cifar10_photos_are_learned_from_scratch(archive, archive_cache, tm
     summary = json.loads((out / "summary.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["name"] == "CIFAR-10" and cfg["recipe"]["name"] == "reference"
-    assert cfg["model_info"]["name"] == "resnet18" and 11.1e6 < cfg["model_info"]["params"] < 11.3e6
+    assert cfg["model"]["name"] == "resnet18" and 11.1e6 < cfg["model"]["params"] < 11.3e6
     assert summary["test_images"] == 2000 and summary["test_acc"] > 0.20, summary
 
 
@@ -240,10 +240,10 @@ def test_bench_measures_both_recipes_paths_and_models(capsys):
     assert check.main(["--bench", "--json", "--device", "cpu", "--bench-img-size", "32", "--bench-batch-size", "4",
                        "--bench-steps", "1"]) == 0
     res = json.loads(capsys.readouterr().out)  # --json: stdout is the result alone
-    assert set(res["data"]) == {"reference/cpu", "reference/gpu", "light/cpu", "light/gpu"}
+    assert set(res["data"]) == {"reference/cpu", "reference/device", "light/cpu", "light/device"}
     assert all(v > 0 for v in res["data"].values()) and set(res["models"]) == {"ResNet-18", "TinyViT-5M"}
     for m in res["models"].values():
-        assert all(m[k] > 0 for k in ("ceiling", "fed_cpu", "fed_gpu", "eval")) and m["mfu"] is None
+        assert all(m[k] > 0 for k in ("ceiling", "fed_cpu", "fed_device", "eval")) and m["mfu"] is None
 
 
 def test_bench_on_a_cpu_picks_small_sizes_and_says_so(monkeypatch, capsys):
@@ -253,8 +253,8 @@ def test_bench_on_a_cpu_picks_small_sizes_and_says_so(monkeypatch, capsys):
     monkeypatch.setattr(bench, "bench_data", lambda *a: seen.setdefault("data", a[4:6]) and 1.0)
     monkeypatch.setattr(bench, "bench_train", lambda *a: 1.0)
     monkeypatch.setattr(bench, "MODELS", {})
-    assert bench.run_benchmarks("cpu", None, None, None, False) == 0
-    out = capsys.readouterr().out
+    bench.run_benchmarks("cpu", None, None, None)
+    out = capsys.readouterr().err
     assert "chose --bench-img-size 64 --bench-batch-size 16 --bench-steps 2" in out and seen["data"] == (64, 16)
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,9 @@ import numpy as np
 from ..downloads import file_digest
 from ..errors import UserError
 from ..faults import failpoint
+from ..files import remove_stale_temp, writable
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when decoding changes what the arrays hold: old caches are then ignored
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cifar-vit-vs-cnn"
@@ -40,30 +43,16 @@ def cache_file(source: Path, fingerprint: str, cache_dir: str | None, skip_bad: 
     name = f"{source.name}.decoded-{fingerprint[:16]}{'-skipbad' if skip_bad else ''}.npz"
     if cache_dir:
         folder = Path(cache_dir)
-        if not _writable(folder):
+        if not writable(folder):
             raise UserError(f"--cache-dir {folder} is not writable; choose a folder you can write to")
         return folder / name
     folder = source.absolute().parent  # beside the path given (a symlink's folder, not its target's)
-    if (folder / name).is_file() or _writable(folder):
+    if (folder / name).is_file() or writable(folder):
         return folder / name
-    if (USER_CACHE / name).is_file() or _writable(USER_CACHE):
+    if (USER_CACHE / name).is_file() or writable(USER_CACHE):
         return USER_CACHE / name
     raise UserError(f"cannot write the decode cache of {source} beside it or in {USER_CACHE}; "
                     f"pass --cache-dir DIR (a writable folder)")
-
-
-def _writable(folder: Path) -> bool:
-    """Can and may we write here? A folder with no write permission bits is read-only by intent, even for root."""
-    if folder.is_dir() and not folder.stat().st_mode & 0o222:
-        return False
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write_test.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
 
 
 def load_cache(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
@@ -75,7 +64,7 @@ def load_cache(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
             meta = json.loads(str(z["meta"]))
             arrays = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
     except Exception as e:  # truncated zip, bad header, missing array: all mean "decode again"
-        print(f"ignoring the unreadable cache {path} ({type(e).__name__}); decoding again", file=sys.stderr)
+        log.warning(f"ignoring the unreadable cache {path} ({type(e).__name__}); decoding again")
         return None
     if meta.get("format") != FORMAT or len(arrays["train_x"]) != meta.get("counts", {}).get("train"):
         return None
@@ -84,7 +73,7 @@ def load_cache(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
 
 def save_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write the cache through a temp file named by this process, then rename: readers never see half a file."""
-    remove_stale_temp(path.parent)
+    remove_stale_temp(path.parent, "*.decoded-*.npz.tmp-*", owner_pid=_writer_pid)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -95,23 +84,11 @@ def save_cache(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        print(f"warning: could not write the decode cache {path} ({e.strerror or e}); the next run decodes "
-              f"again (pass --cache-dir to put it elsewhere)", file=sys.stderr)
+        log.warning(f"could not write the decode cache {path} ({e.strerror or e}); the next run decodes again "
+                    f"(pass --cache-dir to put it elsewhere)")
 
 
-def remove_stale_temp(folder: Path) -> None:
-    """Delete cache temp files of processes that no longer run (a decode killed half-way)."""
-    for tmp in folder.glob("*.decoded-*.npz.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _writer_pid(name: str) -> int | None:
+    """A cache temp file is named by the pid of the process writing it: <cache>.tmp-<pid>."""
+    pid = name.rsplit("-", 1)[-1]
+    return int(pid) if pid.isdigit() else None

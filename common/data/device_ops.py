@@ -209,11 +209,31 @@ def timm_op(name: str, x: torch.Tensor, magnitude: torch.Tensor, sign: torch.Ten
     raise ValueError(f"unknown op {name}")
 
 
-class ReferenceAugment:
-    """timm's train transform of the experiment on a batch: uint8 (n, 3, 32, 32) -> normalised float."""
+class DeviceAugment:
+    """A recipe as batched ops: sample() draws every random choice on the CPU from a seeded generator;
+    apply() is the device work on a chunk of batches; finish() the last step, once per batch."""
 
     def __init__(self, recipe: Recipe, img_size: int):
         self.recipe, self.size = recipe, img_size
+
+    def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def apply(self, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return self.finish(self.apply(images, self.sample(len(images), gen)))
+
+
+class ReferenceAugment(DeviceAugment):
+    """timm's train transform of the experiment on a batch: uint8 (n, 3, 32, 32) -> normalised float."""
+
+    def __init__(self, recipe: Recipe, img_size: int):
+        super().__init__(recipe, img_size)
         self.fill = tuple(float(min(255, round(255 * m))) for m in recipe.mean)  # timm's img_mean fill
 
     def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -238,12 +258,6 @@ class ReferenceAugment:
                     x[dev_sel] = timm_op(name, x[dev_sel], p["magnitude"][layer][sel], p["signs"][layer][sel],
                                          self.fill)
         return erase(normalize(x, self.recipe.mean, self.recipe.std), p["erase"])
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return self.finish(self.apply(images, self.sample(len(images), gen)))
 
 
 # ----------------------------------------------------------------------------- the light recipe
@@ -317,11 +331,8 @@ def tv_geometric_inverse(op: str, strength: float, sign: torch.Tensor, size: int
     return m
 
 
-class LightAugment:
+class LightAugment(DeviceAugment):
     """RandAugment(num_ops, magnitude) at 32x32 + RandomResizedCrop + flip + normalise, one upsample."""
-
-    def __init__(self, recipe: Recipe, img_size: int):
-        self.recipe, self.size = recipe, img_size
 
     def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
         r = self.recipe
@@ -365,10 +376,7 @@ class LightAugment:
             return x
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
-    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        return self.finish(self.apply(images, self.sample(len(images), gen)))
 
-
-def make_device_augment(recipe: Recipe, img_size: int):
+def make_device_augment(recipe: Recipe, img_size: int) -> DeviceAugment:
     """The batched augmentation of `recipe` (see the module docstring)."""
     return (ReferenceAugment if recipe.family == "timm" else LightAugment)(recipe, img_size)

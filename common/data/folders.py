@@ -6,6 +6,7 @@ a member that would escape the folder (../, an absolute path, a link) is refused
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import tarfile
@@ -22,10 +23,12 @@ from ..errors import UserError
 from ..faults import failpoint
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+NUM_CLASSES = len(CIFAR_CLASSES)  # the one place: synthetic data and the official batches have ten
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 SPLITS = ("train", "test")
 SKIP_HINT = "fix or delete it, or pass --skip-bad-images to train without such files"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -230,8 +233,8 @@ def decode_entries(entries: list[ImageEntry], workers: int, progress: Callable[[
     return results
 
 
-def decode_source(source: str, entries: list[ImageEntry], skip_bad: bool, workers: int | None = None,
-                  quiet: bool = False) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], list[str]]:
+def decode_source(source: str, entries: list[ImageEntry], skip_bad: bool, workers: int | None = None
+                  ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], list[str]]:
     """{split: (uint8 (N,3,32,32), int64 labels)}, the class names in label order, and the skipped files."""
     classes = check_classes(source, entries)
     label = {c: i for i, c in enumerate(classes)}
@@ -239,14 +242,12 @@ def decode_source(source: str, entries: list[ImageEntry], skip_bad: bool, worker
     from ..progress import Progress
 
     start = time.monotonic()
-    if not quiet:
-        print(f"decoding {len(entries)} images of {source} with {workers} processes (once: later runs read "
-              f"the cache)", file=sys.stderr, flush=True)
-    bar = Progress(len(entries), "decoding", unit="image", every_s=10, enabled=not quiet)
+    log.info(f"decoding {len(entries)} images of {source} with {workers} processes (once: later runs read the "
+             f"cache)")
+    bar = Progress(len(entries), "decoding", unit="image", every_s=10, enabled=log.isEnabledFor(logging.INFO))
     decoded = decode_entries(entries, workers, bar.advance)
     bar.close()
-    if not quiet:
-        print(f"decoded {len(entries)} images in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+    log.info(f"decoded {len(entries)} images in {time.monotonic() - start:.1f} s")
     bad = [(e.name, why) for e, (img, why) in zip(entries, decoded) if img is None]
     wrong_size = [b for b in bad if b[1].startswith("size")]
     if wrong_size and not skip_bad:

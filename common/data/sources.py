@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import pickle
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +18,9 @@ import numpy as np
 from ..downloads import DownloadError, download_url, file_digest, host_reachable
 from ..errors import UserError
 from . import cache, folders
-from .folders import CIFAR_CLASSES
+from .folders import CIFAR_CLASSES, NUM_CLASSES
 
-NUM_CLASSES = len(CIFAR_CLASSES)
+log = logging.getLogger(__name__)
 BATCHES = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
@@ -83,7 +83,7 @@ def describe_kind(data_dir: str | Path) -> str:
 
 
 def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = True, cache_dir: str | None = None,
-                skip_bad_images: bool = False, quiet: bool = False) -> DataSource:
+                skip_bad_images: bool = False) -> DataSource:
     """The source --data-dir names (or synthetic data for --dummy); downloads the official copy when the
     folder has no CIFAR-10 yet. UserErrors name the file or folder and the fix."""
     if dummy:
@@ -91,14 +91,14 @@ def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = T
     path = Path(data_dir)
     kind = describe_kind(path)
     if kind in ("tar", "zip", "image-folder"):
-        return read_image_source(path, kind, cache_dir, skip_bad_images, quiet)
+        return read_image_source(path, kind, cache_dir, skip_bad_images)
     if kind == "missing":
         if path.is_file():
             raise UserError(f"--data-dir {path} is a file but not a .tar.gz, .tgz, .tar or .zip archive")
         if path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith(".")) and not download:
             raise UserError(f"--data-dir {path} holds no CIFAR-10: expected {BATCHES}/, train/ and test/ class "
                             f"folders, or pass an archive of them")
-        ensure_batches(path, download, quiet)
+        ensure_batches(path, download)
     folder = batches_folder(path)
     train_x, train_y, test_x, test_y = read_batches(folder)
     return DataSource("cifar-batches", str(folder), train_x, train_y, test_x, test_y)
@@ -106,7 +106,7 @@ def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = T
 
 # ----------------------------------------------------------------------------- image folders and archives
 
-def read_image_source(path: Path, kind: str, cache_dir: str | None, skip_bad: bool, quiet: bool) -> DataSource:
+def read_image_source(path: Path, kind: str, cache_dir: str | None, skip_bad: bool) -> DataSource:
     """Decode a folder or archive of images once; later runs read the cached arrays (well under 2 s)."""
     fingerprint = cache.source_fingerprint(path)
     cached_at = cache.cache_file(path, fingerprint, cache_dir, skip_bad)
@@ -118,9 +118,9 @@ def read_image_source(path: Path, kind: str, cache_dir: str | None, skip_bad: bo
     entries = folders.list_archive(path) if kind in ("tar", "zip") else folders.list_folder(path)
     if not entries:
         raise UserError(f"{path} holds no .png/.jpg images under train/<class>/ and test/<class>/")
-    arrays, classes, skipped = folders.decode_source(str(path), entries, skip_bad, quiet=quiet)
-    if skipped and not quiet:
-        print(f"skipped {len(skipped)} bad images (--skip-bad-images), e.g. {skipped[0]}", file=sys.stderr)
+    arrays, classes, skipped = folders.decode_source(str(path), entries, skip_bad)
+    if skipped:
+        log.warning(f"skipped {len(skipped)} bad images (--skip-bad-images), e.g. {skipped[0]}")
     source = DataSource(kind, str(path), *arrays["train"], *arrays["test"], classes=classes, skipped=skipped)
     cache.save_cache(cached_at, {"train_x": source.train_x, "train_y": source.train_y, "test_x": source.test_x,
                                  "test_y": source.test_y},
@@ -247,7 +247,7 @@ def download_huggingface(data_dir: Path) -> None:
     write_batches(data_dir, *arrays["train"], *arrays["test"])
 
 
-def ensure_batches(data_dir: Path, download: bool, quiet: bool = False) -> Path:
+def ensure_batches(data_dir: Path, download: bool) -> Path:
     """Make sure `<data_dir>/cifar-10-batches-py` exists: download it (official server, then the Hugging
     Face copy) or raise a UserError naming the folder, within seconds when offline."""
     folder = data_dir / BATCHES
@@ -257,14 +257,13 @@ def ensure_batches(data_dir: Path, download: bool, quiet: bool = False) -> Path:
                f"an image folder (train/<class>/*.png, test/<class>/*.png) or an archive of one")
     if not download:
         raise UserError(f"CIFAR-10 not found in {data_dir} and --no-download is set: {by_hand}")
-    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     errors = []
     for name, fetch, probe in (("official server", download_official, CIFAR_URL),
                                ("Hugging Face copy", download_huggingface, "https://huggingface.co")):
         if not host_reachable(probe):
             errors.append(f"{name}: unreachable")
             continue
-        say(f"downloading CIFAR-10 ({name}) into {data_dir} ...")
+        log.info(f"downloading CIFAR-10 ({name}) into {data_dir} ...")
         try:
             fetch(data_dir)
         except Exception as e:  # any failure moves on to the next source; all are reported below

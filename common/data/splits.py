@@ -12,6 +12,10 @@ import torch
 from ..errors import UserError
 from .sources import DataSource
 
+# One --split-seed draws three independent things; each gets its own offset (distinct primes), so that the
+# validation split, the training subset and the test subset are not the same permutation in disguise.
+VAL_OFFSET, SUBSET_OFFSET, TEST_OFFSET = 7919, 104729, 31337
+
 
 @dataclass
 class Splits:
@@ -36,7 +40,7 @@ class Splits:
 
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, val): `val_size` images held out in proportion to each class, fixed by `seed`."""
-    rng = np.random.default_rng(seed + 7919)
+    rng = np.random.default_rng(seed)
     classes, counts = np.unique(labels, return_counts=True)
     quota = np.floor(counts * val_size / len(labels)).astype(np.int64)
     for i in np.argsort(-counts, kind="stable")[: val_size - int(quota.sum())]:
@@ -56,17 +60,17 @@ def make_splits(source: DataSource, val_size: int, split_seed: int, train_subset
     if val_size >= n_train:
         raise UserError(f"--val-size {val_size} leaves no training images (the training set has {n_train})")
     if val_size > 0:
-        train_idx, val_idx = stratified_split(source.train_y, val_size, split_seed)
+        train_idx, val_idx = stratified_split(source.train_y, val_size, split_seed + VAL_OFFSET)
     else:
         train_idx, val_idx = np.arange(n_train), np.empty(0, dtype=np.int64)
     if train_subset:
         if train_subset > len(train_idx):
             raise UserError(f"--train-subset {train_subset} is more than the {len(train_idx)} training images")
-        keep = np.random.default_rng(split_seed + 104729).permutation(len(train_idx))[:train_subset]
+        keep = np.random.default_rng(split_seed + SUBSET_OFFSET).permutation(len(train_idx))[:train_subset]
         train_idx = train_idx[np.sort(keep)]
     test_idx = np.arange(len(source.test_x))
     if test_subset and test_subset < len(test_idx):  # stratified: folders list the test images class by class
-        test_idx = stratified_split(source.test_y, test_subset, split_seed + 31337)[1]
+        test_idx = stratified_split(source.test_y, test_subset, split_seed + TEST_OFFSET)[1]
     if val_size == 0:
         val_idx = test_idx
     val_images = source.test_x if val_size == 0 else source.train_x

@@ -14,6 +14,11 @@ from .augment import Recipe, cpu_train_transform
 from .device_ops import make_device_augment
 
 
+# The seeds below mix (seed, epoch, position or chunk, rank) with large prime multipliers: every combination a
+# run can reach (epochs < 100,003, positions < 10,000,019) maps to its own generator seed, so seed s at epoch e+1
+# never replays seed s+1 at epoch e.
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The epoch's sample order: a function of (seed, epoch) alone, so a resumed run sees the same batches."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -116,7 +121,7 @@ class DeviceTrainStream(TrainStream):
     chunk, rank), so a run resumed mid-epoch augments exactly as an uninterrupted one. Chunks amortise the
     per-op launches of small images; at large sizes a chunk is one batch (the ops are big enough alone)."""
 
-    name = "gpu"
+    name = "device"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int, batch_size: int,
                  seed: int, device: torch.device, rank: int = 0, world: int = 1):
@@ -146,7 +151,7 @@ class DeviceTrainStream(TrainStream):
 def make_train_stream(pipeline: str, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int,
                       batch_size: int, seed: int, num_workers: int, device: torch.device, rank: int = 0,
                       world: int = 1) -> TrainStream:
-    """The training batch source: 'cpu' (DataLoader workers) or 'gpu' (on the device)."""
-    if pipeline == "gpu":
+    """The training batch source: 'cpu' (DataLoader workers) or 'device' (batched ops where the model is)."""
+    if pipeline == "device":
         return DeviceTrainStream(images, labels, recipe, img_size, batch_size, seed, device, rank, world)
     return CpuTrainStream(images, labels, recipe, img_size, batch_size, seed, num_workers, device, rank, world)

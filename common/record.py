@@ -1,0 +1,260 @@
+"""The run record: what config.json holds and every checkpoint carries. A small versioned dataclass (the
+resolved flags, the model and its weights, the augmentation recipe, the data and its split, how the run ran,
+the environment), written by the trainer and read back through `read_record` alone, which refuses a record
+of another format in one line. summary.json is read the same way (`Summary`)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import TrainConfig
+from .data.augment import Recipe, recipe_from_dict
+from .errors import UserError
+
+FORMAT = 2  # bump when a field changes meaning; older records are refused, not guessed at
+
+
+@dataclass
+class ModelInfo:
+    name: str                    # the weights actually used: resnet18.a1_in1k, tv/resnet18, tiny_vit_5m_224
+    display: str                 # ResNet-18, TinyViT-5M (the registry's name) or the architecture
+    arch: str
+    library: str                 # timm | torchvision
+    params: int
+    flops_per_image: int
+    num_classes: int
+
+
+@dataclass
+class WeightsInfo:
+    init: str                            # random init | ImageNet | file
+    library: str | None = None
+    arch: str | None = None
+    tag: str | None = None
+    source: str | None = None            # torchvision | Hugging Face hub (timm)
+    file: str | None = None
+    sha256: str | None = None
+    hash_checked: bool = False
+    loaded_tensors: int | None = None
+    new_head: list[str] = field(default_factory=list)
+    imagenet_top1: float | None = None   # as published by the weights' source (specs.py)
+    top1_source: str | None = None
+    pretrain_data: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.init != "random init"
+
+    @property
+    def identity(self) -> str:
+        """What tells two sets of weights apart: the library tag, or the file's hash."""
+        if self.init == "random init":
+            return "random init"
+        if self.init == "file":
+            return f"file {(self.sha256 or '?')[:12]}"
+        return f"{self.library} {self.arch}.{self.tag}"
+
+    def label(self) -> str:
+        """'ImageNet: timm resnet18.a1_in1k (ImageNet top-1 73.2%)', 'weights file x.pth' or 'random init'."""
+        if self.init == "random init":
+            return "random init"
+        if self.init == "file":
+            return f"weights file {Path(self.file or '?').name}"
+        top1 = f" (ImageNet top-1 {self.imagenet_top1:.1f}%)" if self.imagenet_top1 else ""
+        return f"ImageNet: {self.library} {self.arch}.{self.tag}{top1}"
+
+
+@dataclass
+class SplitInfo:
+    val_size: int
+    split_seed: int
+    train_subset: int
+    test_subset: int
+    train: int
+    val: int
+    test: int
+    val_is_test: bool
+
+
+@dataclass
+class DataInfo:
+    kind: str                    # cifar-batches | image-folder | tar | zip | synthetic
+    path: str | None
+    name: str
+    sha256: str                  # of the decoded images, labels and class names: the same in any format
+    counts: dict[str, int]
+    classes: list[str]
+    skipped_images: int
+    skipped_examples: list[str]
+    splits: SplitInfo
+
+    @property
+    def synthetic(self) -> bool:
+        return self.kind == "synthetic"
+
+    def label(self) -> str:
+        """'CIFAR-10 (image folder)' or 'synthetic data (--dummy, not CIFAR-10)'."""
+        return "synthetic data (--dummy, not CIFAR-10)" if self.synthetic else f"CIFAR-10 ({self.kind})"
+
+
+@dataclass
+class RunInfo:
+    amp_dtype: str               # bf16 | fp16 | fp32
+    data_pipeline: str           # device | cpu
+    world_size: int
+    steps_per_epoch: int
+    eval_transform: str
+    resumed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Environment:
+    python: str
+    torch: str
+    torchvision: str
+    timm: str
+    cuda: str | None
+    platform: str
+    device: str
+    device_name: str
+    cpu_threads: int
+    git_commit: str | None
+    git_dirty: bool | None
+    command: str
+    start_time: str
+
+    def label(self) -> str:
+        git = f", git {self.git_commit[:8]}{' (dirty)' if self.git_dirty else ''}" if self.git_commit else ""
+        return f"{self.device_name}, torch {self.torch}, timm {self.timm}{git}"
+
+
+@dataclass
+class RunRecord:
+    """config.json: the resolved flags and everything needed to judge the run."""
+
+    config: TrainConfig
+    model: ModelInfo
+    weights: WeightsInfo
+    recipe: Recipe
+    data: DataInfo
+    run: RunInfo
+    environment: Environment
+    environment_now: Environment | None = None   # the machine of the latest --resume, when it differs
+    format: int = FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["recipe"] = self.recipe.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> "RunRecord":
+        """The record in a config.json or a checkpoint; a UserError naming `where` for another format."""
+        if not isinstance(d, dict):
+            raise UserError(f"{where} does not hold a run record")
+        if d.get("format") != FORMAT:
+            found = f"format {d['format']}" if "format" in d else "an older layout without a format number"
+            raise UserError(f"{where} holds a run record of {found}; this version reads format {FORMAT}: re-run "
+                            f"it with this version, or read it with the version that wrote it")
+        try:
+            return cls(config=_build(TrainConfig, d["config"], where, "config"),
+                       model=_build(ModelInfo, d["model"], where, "model"),
+                       weights=_build(WeightsInfo, d["weights"], where, "weights"),
+                       recipe=recipe_from_dict(d["recipe"]),
+                       data=_build(DataInfo, {**d["data"], "splits": _build(SplitInfo, d["data"]["splits"], where,
+                                                                          "data.splits")}, where, "data"),
+                       run=_build(RunInfo, d["run"], where, "run"),
+                       environment=_build(Environment, d["environment"], where, "environment"),
+                       environment_now=(_build(Environment, d["environment_now"], where, "environment_now")
+                                        if d.get("environment_now") else None))
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{where} is not a complete run record ({type(e).__name__}: {e}); it is damaged or "
+                            f"was edited by hand") from None
+
+    def resolved_identity(self) -> dict[str, Any]:
+        """What the flags resolved to and a --resume must not change: the recipe, the data's content, the AMP
+        dtype, the data pipeline and the weights file."""
+        recipe = {k: v for k, v in self.recipe.to_dict().items() if k != "departures_from_preset"}
+        return {"recipe": recipe, "data.sha256": self.data.sha256, "run.amp_dtype": self.run.amp_dtype,
+                "run.data_pipeline": self.run.data_pipeline, "weights.sha256": self.weights.sha256}
+
+    def line(self, summary: "Summary | None" = None) -> str:
+        """One line of provenance: data, images, size, epochs run/planned, recipe, weights, seeds."""
+        c, s = self.config, self.data.splits
+        epochs = f"{summary.epochs_run}/{c.epochs} epochs" if summary else f"{c.epochs} epochs planned"
+        n_test = summary.test_images if summary else s.test
+        return (f"{self.data.label()}, {s.train} train / {n_test} test images, {c.img_size} px, {epochs}, recipe "
+                f"{self.recipe.name}, {self.weights.label()}, seed {c.seed}/split {c.split_seed}")
+
+
+def _build(cls, values: Any, where: str, section: str):
+    """A dataclass from exactly its fields: a key it does not know, or one it lacks, is a damaged record."""
+    if not isinstance(values, dict):
+        raise UserError(f"{where}: section '{section}' is not an object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    unknown, missing = sorted(set(values) - names), sorted(required - set(values))
+    if unknown or missing:
+        what = "; ".join(p for p in (f"unknown keys {', '.join(unknown)}" if unknown else "",
+                                     f"missing {', '.join(missing)}" if missing else "") if p)
+        raise UserError(f"{where}: section '{section}' does not match this version's run record ({what})")
+    return cls(**values)
+
+
+def read_record(path: str | Path) -> RunRecord:
+    """A run's config.json, validated and typed."""
+    return RunRecord.from_dict(read_json(path, required=True), str(path))
+
+
+@dataclass
+class Summary:
+    """summary.json: the test of best.pt and of the final epoch's weights, and what the run cost."""
+
+    test_acc: float
+    test_loss: float
+    test_acc_final: float
+    test_loss_final: float
+    test_images: int
+    tested: str
+    best_epoch: int
+    best_val_acc: float
+    final_val_acc: float
+    epochs_run: int
+    epochs_planned: int
+    train_time_s: float
+    params: int
+    flops_per_image: int
+    peak_gpu_mem_gb: float | None
+    val_is_test: bool
+    format: int = FORMAT
+
+
+def read_summary(path: str | Path) -> Summary | None:
+    """A run's summary.json, or None when the run has not been tested yet."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    d = read_json(path)
+    if d.get("format") != FORMAT:
+        raise UserError(f"{path} is a summary of another format ({d.get('format', 'none')}); this version reads "
+                        f"format {FORMAT}")
+    return _build(Summary, d, str(path), "summary")
+
+
+def read_json(path: str | Path, required: bool = False) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise UserError(f"{path} does not exist")
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and --resume the run to write it again") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} does not hold a JSON object")
+    return data

@@ -1,0 +1,95 @@
+"""What a run's settings mean on this machine, resolved once: the device, the AMP dtype, the data pipeline, the
+worker count, the evaluation batch. The validated config itself is never changed."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .distributed import DistInfo
+from .errors import UserError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda but PyTorch sees no CUDA GPU (CPU-only build or no driver); "
+                            "run python check.py, or use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_amp(amp: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. AMP is a CUDA default; on the CPU only an explicit --amp-dtype
+    turns it on (CPU autocast is slower than fp32 on most CPUs)."""
+    if not amp or (device.type == "cpu" and amp_dtype == "auto"):
+        return None
+    if amp_dtype == "fp16":
+        return torch.float16
+    if amp_dtype == "bf16" or device.type == "cpu" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def make_scaler(amp_dtype: torch.dtype | None, device: torch.device):
+    """A GradScaler for fp16 (its small range underflows gradients), none for bf16 or fp32."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_workers() -> int:
+    """DataLoader workers when --num-workers is -1: one per core, at most 8 (more only add start-up time)."""
+    return min(8, os.cpu_count() or 1)
+
+
+def configure_backends(device: torch.device) -> None:
+    """cuDNN autotuning and TF32 matmuls on CUDA (the fixed input shape makes autotuning pay off)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved machine side of a run."""
+
+    dist: DistInfo
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    pipeline: str                # device | cpu
+    num_workers: int
+    eval_batch: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+
+def resolve_runtime(cfg, dist: DistInfo) -> Runtime:
+    """Device, AMP dtype, pipeline (auto: device on CUDA), workers (-1: default_workers()), evaluation batch."""
+    device = resolve_device(cfg.device, dist.local_rank)
+    pipeline = cfg.data_pipeline if cfg.data_pipeline != "auto" else ("device" if device.type == "cuda" else "cpu")
+    workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers()
+    return Runtime(dist, device, resolve_amp(cfg.amp, cfg.amp_dtype, device), pipeline, workers,
+                   max(256, cfg.batch_size // dist.world * 2))
