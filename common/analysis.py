@@ -111,6 +111,7 @@ def comparable_values(run: Run) -> dict[str, str]:
               "data.splits": _text({k: v for k, v in vars(r.data.splits).items()}),
               "recipe": _text({k: v for k, v in r.recipe.to_dict().items() if k != "departures_from_preset"})}
     values.update({k: _text(getattr(r.config, k)) for k in COMPARE_KEYS})
+    values["effective batch"] = str(r.config.effective_batch)  # 128, or 64 x 2 accumulated: the same experiment
     values["epochs run"] = str(run.summary.epochs_run if run.summary else int(run.metrics["epoch"].iloc[-1]))
     return values
 

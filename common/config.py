@@ -64,21 +64,37 @@ class TrainConfig:
     weights_file: str | None = opt(None, "Load ImageNet weights from this local .pth/.pt/.safetensors file instead "
                                    "of downloading them (offline machines); implies --pretrained.", MODEL,
                                    flag="--weights", metavar="PATH", identity=True)
+    zero_init_last: bool | None = opt(
+        None, "Start the last norm of every residual branch at zero (default: the library's choice: on for timm's "
+        "ResNets and TinyViT, as the experiment had it; off for torchvision's). --no-zero-init-last removes the slow "
+        "start of a scratch ResNet-18 under AdamW (design.md).", MODEL, identity=True)
     freeze_backbone: bool = opt(False, "Linear probe: train only the new head on frozen pretrained features.", MODEL,
                                 switch=True, identity=True)
     # ---- optimisation: identical budget and optimiser for all four runs
     # not part of the identity: a resumed run may change it (the cosine is retargeted)
     epochs: int = opt(30, "Length of the cosine schedule, in epochs.", OPTIM, check=Range(1, 10_000), compare=True)
-    batch_size: int = opt(128, "Global batch size (split across GPUs under torchrun).", OPTIM,
-                          check=Range(1, 65_536), identity=True, compare=True)
+    batch_size: int = opt(128, "Images per step (global: split across GPUs under torchrun); with "
+                          "--grad-accum-steps N an optimizer update sees N of these batches.", OPTIM,
+                          check=Range(1, 65_536), identity=True)
+    grad_accum_steps: int = opt(1, "Accumulate the gradients of this many batches before each optimizer update, so "
+                                "that a GPU that cannot hold batch 128 runs the same experiment with --batch-size 64 "
+                                "--grad-accum-steps 2.", OPTIM, check=Range(1, 1024), identity=True)
     lr: float = opt(3e-4, "Peak learning rate.", OPTIM, check=Range(0, 10, open_lo=True), identity=True,
                     compare=True)
-    weight_decay: float = opt(0.05, "Decoupled weight decay on weight matrices and kernels (not on biases and "
-                              "norms).", OPTIM, check=Range(0, 10), identity=True,
+    weight_decay: float = opt(0.05, "Decoupled weight decay (AdamW).", OPTIM, check=Range(0, 10), identity=True,
                               compare=True)
+    decay_norm_and_bias: bool = opt(True, "Decay biases and normalisation weights too, as the experiment's "
+                                    "AdamW(model.parameters()) does; --no-decay-norm-and-bias decays weight matrices "
+                                    "and kernels only.", OPTIM, identity=True, compare=True)
     optimizer: str = opt("adamw", "The optimiser.", OPTIM, choices=("adamw", "sgd"), identity=True, compare=True)
     momentum: float = opt(0.9, "Nesterov momentum of --optimizer sgd.", OPTIM, check=Range(0, 1, open_hi=True),
                           identity=True, compare=True)
+    sched_step: str = opt("epoch", "When the cosine schedule steps: once per epoch after validation (the "
+                          "experiment's CosineAnnealingLR) or after every optimizer update.", OPTIM,
+                          choices=("epoch", "step"), identity=True, compare=True)
+    min_lr_ratio: float = opt(0.01, "Floor of the cosine, as a fraction of --lr (the experiment's eta_min: 0.01 in "
+                              "its ResNet script, 0.1 in its TinyViT script).", OPTIM, check=Range(0, 1),
+                              identity=True, compare=True)
     warmup_epochs: float = opt(0.0, "Linear learning-rate warm-up before the cosine, in epochs.", OPTIM,
                                identity=True, compare=True)
     label_smoothing: float = opt(0.0, "Label smoothing of the loss.", OPTIM, check=Range(0, 1, open_hi=True),
@@ -112,9 +128,15 @@ class TrainConfig:
                                           "30 in torchvision).", INPUT, check=Range(0, 30))
     re_prob: float | None = opt(None, "Random-erasing probability (default: the recipe's, 0.25 / 0).", INPUT,
                                 check=Range(0, 1))
+    re_mode: str | None = opt(None, "What fills an erased box: pixel (per-pixel normal noise, the experiment's) or "
+                              "const (zeros, the normalised mean colour) (default: the recipe's, pixel).", INPUT,
+                              choices=("pixel", "const"))
     eval_crop: float | None = opt(None, "Evaluation centre-crop fraction: resize to size/crop, then crop; 1.0 = "
                                   "resize the full frame (default: the recipe's, 0.875 reference, 1.0 light).",
                                   INPUT, check=Range(0.1, 1))
+    drop_last: bool = opt(True, "Drop the last partial training batch of each epoch (a tiny batch upsets "
+                          "BatchNorm); --no-drop-last trains on it, as the experiment's DataLoader did.", INPUT,
+                          identity=True, compare=True)
     # ---- machine
     device: str = opt("auto", "Where to train; auto picks CUDA when PyTorch sees a GPU.", MACHINE,
                       choices=("auto", "cuda", "cpu"))
@@ -122,6 +144,8 @@ class TrainConfig:
                     "--amp-dtype.", MACHINE)
     amp_dtype: str = opt("auto", "Autocast dtype; auto = bf16 where the GPU supports it, else fp16 with a "
                          "GradScaler.", MACHINE, choices=("auto", "bf16", "fp16"))
+    amp_eval: bool = opt(False, "Evaluate under autocast too; by default validation and test run in fp32, as in "
+                         "the experiment.", MACHINE, identity=True)
     channels_last: bool = opt(True, "Use the channels-last memory format.", MACHINE)
     compile: bool = opt(False, "torch.compile the model.", MACHINE)
     data_pipeline: str = opt("auto", "device: the data set lives on the training device and is augmented there in "
@@ -137,11 +161,16 @@ class TrainConfig:
     download: bool = opt(True, "Download CIFAR-10 when --data-dir has none.", DATA)
     skip_bad_images: bool = opt(False, "Skip unreadable or wrongly sized images of an image folder (counted in "
                                 "config.json) instead of stopping.", DATA, switch=True)
-    train_subset: int = opt(0, "Train on a random N of the training images (fixed by --split-seed); 0 = all.", DATA,
+    train_subset: int = opt(0, "Train on N of the training images, class-stratified and nested (a smaller N is "
+                            "inside a larger one; fixed by --split-seed); 0 = all.", DATA,
                             check=Range(0, 10_000_000, note="0 = all"), metavar="N", identity=True)
-    val_size: int = opt(5000, "Training images held out for validation; 0 = validate on the test set (not "
-                        "recommended).", DATA,
+    val_size: int = opt(5000, "Training images held out for validation; 0 = validate on the test set (then "
+                        "best.pt is chosen on the test set: not for results).", DATA,
                         check=Range(0, 10_000_000, note="0 = validate on the test set"), identity=True)
+    val_split: str = opt("stratified", "How the validation images are chosen: stratified (the same share of each "
+                         "class) or random (torch.randperm under manual_seed(--split-seed), the first --val-size: the "
+                         "experiment's split with --split-seed 42).", DATA, choices=("stratified", "random"),
+                         identity=True)
     test_subset: int = opt(0, "Test on a class-stratified N of the test images (smoke runs; fixed by "
                            "--split-seed); 0 = all.", DATA, check=Range(0, 10_000_000, note="0 = all"), metavar="N",
                            identity=True)
@@ -159,6 +188,11 @@ class TrainConfig:
                                 "progress line this often within an epoch; 0 = never.", FOLDER,
                                 check=Range(0, 86_400), metavar="SECONDS")
 
+    @property
+    def effective_batch(self) -> int:
+        """Images per optimizer update."""
+        return self.batch_size * self.grad_accum_steps
+
     def validate(self) -> "TrainConfig":
         """Range checks from the declarations, then the checks that involve several settings."""
         for f in dataclasses.fields(self):
@@ -172,6 +206,8 @@ class TrainConfig:
             (not (self.freeze_backbone and not self.pretrained),
              "--freeze-backbone trains only the head: it needs pretrained weights (drop --no-pretrained)"),
             (self.output_dir is None or bool(self.output_dir.strip()), "--output-dir is empty: give a folder"),
+            (self.drop_last or self.grad_accum_steps == 1,
+             "--no-drop-last needs --grad-accum-steps 1 (a last partial accumulation would weigh its batches wrong)"),
         ):
             if not ok:
                 raise UserError(message)

@@ -3,6 +3,7 @@ and one epoch with on-device metric sums, the Evaluator (validation, test, the d
 evaluate through it), and Ctrl+C handling."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -32,13 +33,15 @@ class NonFiniteLoss(UserError):
 # ----------------------------------------------------------------------------- optimisation
 
 def build_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: float, momentum: float,
-                    head_lr_mult: float, device: torch.device) -> torch.optim.Optimizer:
-    """Parameter groups (backbone, head) x (decayed weights, no-decay biases and norms), trainable ones only."""
+                    head_lr_mult: float, device: torch.device, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+    """Trainable parameters in groups (backbone, head) x (decayed, not decayed). By default every parameter is
+    decayed, as the experiment's AdamW(model.parameters(), weight_decay=0.05); with decay_norm_and_bias False,
+    biases and normalisation weights (the 1-d tensors) are not."""
     head_ids = {id(p) for p in head_module(model).parameters()}
     groups = {(h, d): [] for h in (False, True) for d in (False, True)}
     for p in unwrap_model(model).parameters():
         if p.requires_grad:
-            groups[(id(p) in head_ids, p.ndim >= 2)].append(p)
+            groups[(id(p) in head_ids, decay_norm_and_bias or p.ndim >= 2)].append(p)
     params = [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": weight_decay if decay else 0.0}
               for (head, decay), ps in groups.items() if ps]
     if optimizer == "sgd":
@@ -47,29 +50,42 @@ def build_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: f
 
 
 class CosineSchedule:
-    """The lr factor per step: linear warm-up from ~0, then cosine to 0 at the last step. A stateful callable,
-    so LambdaLR saves it: when a resumed run changes --epochs, `retarget` continues the cosine from the
-    current factor down to 0 at the new last step (no jump back to warm-up)."""
+    """The lr factor at schedule step k (k counts epochs or optimizer steps): linear warm-up from ~0, then a
+    cosine from 1 down to `floor` at k = total. With k counting epochs and no warm-up this is exactly
+    CosineAnnealingLR(T_max=epochs, eta_min=floor x lr) stepped once per epoch, the experiment's schedule (its last
+    epoch trains at a little above the floor). A stateful callable, so LambdaLR saves it: when a resumed run
+    changes --epochs, `retarget` continues the cosine from the current factor down to the floor at the new end."""
 
-    def __init__(self, total_steps: int, warmup_steps: int):
-        self.total, self.warmup = total_steps, warmup_steps
+    def __init__(self, total: int, warmup: int, floor: float = 0.0):
+        self.total, self.warmup, self.floor = total, warmup, floor
         self.segments: list[tuple[int, float, int]] = []  # (start step, factor there, new last step)
 
-    def __call__(self, step: int) -> float:
+    def _cosine(self, start_factor: float, progress: float) -> float:
+        return self.floor + (start_factor - self.floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    def __call__(self, k: int) -> float:
         for start, factor, end in reversed(self.segments):
-            if step >= start:
-                return factor * 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - start) / max(1, end - start))))
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            if k >= start:
+                return self._cosine(factor, (k - start) / max(1, end - start))
+        if k < self.warmup:
+            return (k + 1) / self.warmup
+        return self._cosine(1.0, (k - self.warmup) / max(1, self.total - self.warmup))
 
-    def retarget(self, step: int, total_steps: int) -> None:
-        self.segments.append((step, self(step), total_steps))
+    def retarget(self, k: int, total: int) -> None:
+        self.segments.append((k, self(k), total))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: float, steps_per_epoch: int):
-    schedule = CosineSchedule(epochs * steps_per_epoch, int(warmup_epochs * steps_per_epoch))
+def schedule_length(epochs: int, updates_per_epoch: int, per_epoch: bool) -> int:
+    """How many schedule steps the run has: one per epoch, or one per optimizer update."""
+    return epochs if per_epoch else epochs * updates_per_epoch
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: float, updates_per_epoch: int,
+                    per_epoch: bool = False, floor: float = 0.0):
+    """LambdaLR over CosineSchedule, counted in epochs (per_epoch) or in optimizer updates."""
+    unit = 1 if per_epoch else updates_per_epoch
+    schedule = CosineSchedule(schedule_length(epochs, updates_per_epoch, per_epoch), int(warmup_epochs * unit),
+                              floor)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -142,14 +158,24 @@ class EpochSums:
 
 
 class TrainStep:
-    """One optimisation step on a batch: autocast forward, (scaled) backward, optional clipping, optimizer and
-    scheduler step. Returns (loss, logits) for the metric sums."""
+    """One batch: autocast forward, (scaled) backward; after every `accum_steps` batches one update: optional
+    clipping, the optimizer step and, when the schedule counts updates, the scheduler step. The loss of each
+    batch is divided by accum_steps, so N batches of B accumulate the gradient of one batch of N x B (BatchNorm
+    statistics come from each batch of B, as in any accumulation). Returns (loss, logits) for the metric sums."""
 
     def __init__(self, model: nn.Module, optimizer, scheduler, scaler, loss_fn, mixup, amp_dtype,
-                 grad_clip: float, channels_last: bool, device: torch.device):
+                 grad_clip: float, channels_last: bool, device: torch.device, accum_steps: int = 1,
+                 step_scheduler: bool = True):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.loss_fn, self.mixup, self.amp_dtype = loss_fn, mixup, amp_dtype
         self.grad_clip, self.channels_last, self.device = grad_clip, channels_last, device
+        self.accum_steps, self.step_scheduler = accum_steps, step_scheduler
+        self.micro = 0  # batches since the last update
+
+    @property
+    def at_update_boundary(self) -> bool:
+        """No gradient is half-accumulated: a checkpoint here resumes exactly."""
+        return self.micro == 0
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.channels_last:
@@ -160,29 +186,43 @@ class TrainStep:
         with autocast(self.device, self.amp_dtype):
             logits = self.model(x)
             loss = self.loss_fn(logits, target)
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.micro == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro += 1
+        update = self.micro == self.accum_steps
+        scaled = loss / self.accum_steps if self.accum_steps > 1 else loss
+        no_sync = getattr(self.model, "no_sync", None)  # DDP: all-reduce the gradients once, at the update
+        with no_sync() if no_sync is not None and not update else contextlib.nullcontext():
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+        if update:
+            self.micro = 0
+            self._update()
+        return loss.detach(), logits.detach()
+
+    def _update(self) -> None:
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             if self.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
-        self.scheduler.step()
-        return loss.detach(), logits.detach()
+        if self.step_scheduler:
+            self.scheduler.step()
 
 
 def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop: GracefulStop,
                     dist: D.DistInfo, start_step: int = 0, progress=None,
-                    frozen_backbone: bool = False) -> tuple[int, bool]:
-    """Train over `batches` from `start_step`; returns (steps done in the epoch, stopped early)."""
+                    frozen_backbone: bool = False, run_step0: int = 0) -> tuple[int, bool]:
+    """Train over `batches` from `start_step`; returns (steps done in the epoch, stopped early). A stop is
+    taken at an update boundary only (never with half-accumulated gradients). `run_step0`: the run's steps
+    before this epoch (the fault tests count steps over the whole run)."""
     set_train_mode(step_fn.model, frozen_backbone)
     step = start_step
+    pending = False
     for x, y in batches:
         loss, logits = step_fn(x, y)
         step += 1
@@ -194,16 +234,16 @@ def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop:
             sums.count += n
             # the streak of non-finite losses without a host read: x 0 on a finite loss, + 1 on a bad one
             sums.bad_streak.mul_(~finite).add_(~finite)
-        failpoint(f"step:{step_fn.scheduler.last_epoch}")  # the run's step count (the fault tests)
-        stop_now = stop.requested and not dist.enabled  # one process: a host bool, checked every step
+        failpoint(f"step:{run_step0 + step}")
+        pending |= stop.requested and not dist.enabled  # one process: a host bool, checked every step
         if step % CHECK_EVERY == 0:  # the only host syncs of the epoch
-            stop_now = _check_in(sums, CHECK_EVERY, step_fn.scheduler, stop, dist)
+            pending |= _check_in(sums, CHECK_EVERY, step_fn.scheduler, stop, dist)
             if progress is not None:
                 count = max(1.0, float(sums.count))
                 progress.set_postfix(loss=f"{float(sums.loss) / count:.3f}", acc=f"{float(sums.correct) / count:.3f}")
         if progress is not None:
             progress.advance(1)
-        if stop_now:
+        if pending and getattr(step_fn, "at_update_boundary", True):
             return step, True
     # the epoch's last check-in: an epoch shorter than CHECK_EVERY steps never had one, so there half the epoch
     # non-finite in a row counts as diverged (a single bad batch does not)

@@ -93,7 +93,7 @@ def load_trained_run(path: str | Path, device: torch.device, config: str | None 
     load_model_state(model, state["model"], str(checkpoint))
     from .data.augment import EvalTransform
 
-    amp = None if record.run.amp_dtype == "fp32" else resolve_amp(True, record.run.amp_dtype, device)
+    amp = None if record.run.eval_dtype == "fp32" else resolve_amp(True, record.run.eval_dtype, device)
     evaluator = Evaluator(EvalTransform(record.recipe, record.config.img_size), 250, device, amp,
                           record.config.channels_last)
     if record.config.channels_last:

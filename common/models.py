@@ -79,15 +79,52 @@ def tiny_vit_window_sizes(arch: str, img_size: int) -> tuple[int, ...] | None:
     return tuple(max(1, math.ceil(w * img_size / native)) for w in windows)
 
 
-def _create(choice: ModelChoice, img_size: int, num_classes: int) -> nn.Module:
-    """The architecture with a fresh `num_classes`-way head and random weights."""
+def last_norms(model: nn.Module) -> list[torch.Tensor]:
+    """The scale of the last norm of every residual branch: what zero-init-last sets to 0. timm ResNet blocks
+    (bn2 / bn3), torchvision's BasicBlock / Bottleneck (bn2 / bn3), timm TinyViT's MBConv blocks (conv3.bn)."""
+    found = []
+    for m in unwrap_model(model).modules():
+        kind = type(m).__name__
+        if kind in ("BasicBlock", "Bottleneck"):
+            norm = getattr(m, "bn3", None) if kind == "Bottleneck" else getattr(m, "bn2", None)
+            if isinstance(norm, nn.BatchNorm2d):
+                found.append(norm.weight)
+        elif kind == "MBConv" and hasattr(m, "conv3"):
+            found.append(m.conv3.bn.weight)
+    return found
+
+
+def starts_at_zero(model: nn.Module) -> bool | None:
+    """Whether every residual branch's last norm is zero (None: the model has no such norms)."""
+    norms = last_norms(model)
+    return bool(all(float(w.abs().max()) == 0 for w in norms)) if norms else None
+
+
+def create_model(choice: ModelChoice, img_size: int, num_classes: int,
+                 zero_init_last: bool | None = None) -> nn.Module:
+    """The architecture with a fresh `num_classes`-way head and random weights. `zero_init_last` (None: the
+    library's choice, on for timm's ResNets and TinyViT, off for torchvision's) sets whether the last norm of
+    every residual branch starts at zero."""
+    model = _create(choice, img_size, num_classes, zero_init_last)
+    norms = last_norms(model)
+    if zero_init_last is not None and not norms:
+        raise UserError(f"--{'' if zero_init_last else 'no-'}zero-init-last: {choice.requested} has no residual "
+                        f"branches ending in a norm (it applies to ResNets and TinyViT)")
+    if zero_init_last is not None:
+        with torch.no_grad():
+            for w in norms:  # BatchNorm's own default scale is 1
+                w.fill_(0.0 if zero_init_last else 1.0)
+    return model
+
+
+def _create(choice: ModelChoice, img_size: int, num_classes: int, zero_init_last: bool | None) -> nn.Module:
     if choice.library == "torchvision":
         import torchvision
 
         if choice.arch not in torchvision.models.list_models(module=torchvision.models):
             raise UserError(f"--model {choice.requested}: {choice.arch} is not a torchvision classification model "
                             f"(e.g. tv/resnet18, tv/resnet50)")
-        model = torchvision.models.get_model(choice.arch, weights=None)
+        model = torchvision.models.get_model(choice.arch, weights=None, zero_init_residual=bool(zero_init_last))
         if not isinstance(getattr(model, "fc", None), nn.Linear):
             raise UserError(f"--model {choice.requested} has no `fc` classifier; use a ResNet-style model")
         model.fc = nn.Linear(model.fc.in_features, num_classes)
@@ -106,11 +143,15 @@ def _create(choice: ModelChoice, img_size: int, num_classes: int) -> nn.Module:
     return timm.create_model(choice.arch, pretrained=False, **kwargs)
 
 
-def build_model(choice: ModelChoice, img_size: int, num_classes: int,
-                weights_file: str | None = None) -> tuple[nn.Module, WeightsInfo]:
-    """The model with a `num_classes`-way head (the data's classes) and a record of its weights: random init,
-    the library's ImageNet weights (downloaded or cached, hash-checked), or a local file."""
-    model = _create(choice, img_size, num_classes)
+def build_model(choice: ModelChoice, img_size: int, num_classes: int, weights_file: str | None = None,
+                zero_init_last: bool | None = None) -> tuple[nn.Module, WeightsInfo]:
+    """create_model, then its starting weights: random init, the library's ImageNet weights (downloaded or
+    cached, hash-checked), or a local file; with a record of which."""
+    return apply_weights(create_model(choice, img_size, num_classes, zero_init_last), choice, weights_file)
+
+
+def apply_weights(model: nn.Module, choice: ModelChoice, weights_file: str | None) -> tuple[nn.Module, WeightsInfo]:
+    """Load the ImageNet weights `choice` names (or a local file) into `model`; random init when scratch."""
     if weights_file:
         state = read_state_dict(weights_file)
         record = WeightsInfo("file", file=str(weights_file), sha256=file_digest(Path(weights_file)))

@@ -26,6 +26,7 @@ class ModelInfo:
     params: int
     flops_per_image: int
     num_classes: int
+    zero_init_last: bool | None  # did the last norm of each residual branch start at zero (None: no such norm)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class WeightsInfo:
 @dataclass
 class SplitInfo:
     val_size: int
+    val_split: str               # stratified | random (the experiment's randperm)
     split_seed: int
     train_subset: int
     test_subset: int
@@ -102,7 +104,8 @@ class DataInfo:
 
 @dataclass
 class RunInfo:
-    amp_dtype: str               # bf16 | fp16 | fp32
+    amp_dtype: str               # training autocast: bf16 | fp16 | fp32
+    eval_dtype: str              # evaluation: fp32 unless --amp-eval
     data_pipeline: str           # device | cpu
     world_size: int
     steps_per_epoch: int

@@ -23,11 +23,12 @@ from .data.sources import DataSource, open_source
 from .data.splits import Splits, make_splits
 from .data.streams import TrainStream, make_train_stream
 from .engine import (EpochSums, Evaluator, GracefulStop, TrainStep, build_loss_and_mixup, build_optimizer,
-                     build_scheduler, train_one_epoch)
+                     build_scheduler, schedule_length, train_one_epoch)
 from .errors import LoadError, UserError, WriteError, hint
 from .faults import failpoint
 from .files import write_json
-from .models import build_model, count_parameters, flops_per_image, freeze_backbone, unwrap_model
+from .models import (apply_weights, count_parameters, create_model, flops_per_image, freeze_backbone,
+                     starts_at_zero, unwrap_model)
 from .progress import Progress
 from .provenance import environment
 from .record import DataInfo, ModelInfo, RunInfo, RunRecord, SplitInfo, Summary, WeightsInfo
@@ -66,6 +67,9 @@ def run_training(cfg: TrainConfig) -> int:
             if cfg.batch_size % dist.world:
                 raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
                                 f"{dist.world} processes")
+            if not cfg.drop_last and dist.enabled:
+                raise UserError("--no-drop-last works in one process only (under torchrun every rank must take the "
+                                "same number of steps): drop it, or run without torchrun")
             ckpt = open_run_folder(cfg, lock, dist.is_main)
             done = ckpt is not None and check_resume(cfg, ckpt, is_main=dist.is_main)
         if done:
@@ -87,6 +91,8 @@ def train_and_test(ctx: Context) -> int:
                 val = ctx.evaluator(state.model, ctx.splits.val_x, ctx.splits.val_y, ctx.rt.dist)
                 row = epoch_row(ctx, epoch, result, val)
                 improved, early = close_epoch(ctx, epoch, val["acc"])
+                if cfg.sched_step == "epoch":  # CosineAnnealingLR as the experiment stepped it: after validation
+                    state.scheduler.step()
                 write_epoch(ctx, row, improved)
                 if ctx.rt.is_main:
                     log_epoch(cfg, row, improved, early, state)
@@ -169,8 +175,9 @@ def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None, 
         raise UserError(f"--epochs {cfg.epochs} is below the {done} epochs {out / RF.LAST} has trained; resume "
                         f"with --epochs {done} to end the run there (it then runs the test), or more to continue")
     if ckpt.get("finished") and cfg.epochs > planned:
-        raise UserError(f"{out} finished its {planned}-epoch cosine schedule (the lr is 0): more epochs would not "
-                        f"train. Start a new run with --epochs {cfg.epochs} in another --output-dir")
+        raise UserError(f"{out} finished its {planned}-epoch cosine schedule (the lr came down to its floor): more "
+                        f"epochs would be another experiment. Start a new run with --epochs {cfg.epochs} in another "
+                        f"--output-dir")
     if ckpt.get("finished") and (out / RF.SUMMARY).is_file():
         if is_main:
             log.info(f"{out} is finished ({done}/{planned} epochs, best val acc {ckpt['best']['acc']:.4f}, test "
@@ -192,22 +199,25 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
     out = Path(cfg.output_dir)
     configure_backends(rt.device)
     recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude, cfg.re_prob,
-                            cfg.eval_crop)
+                            cfg.eval_crop, cfg.re_mode)
     source, splits = rank0_first(rt.dist, lambda downloader: load_data(cfg, downloader))
     choice = resolve_model(cfg.model, cfg.pretrained)
-    model, weights = rank0_first(rt.dist, lambda downloader: load_model(cfg, choice, len(source.classes), ckpt))
+    model, weights, zero_init = rank0_first(rt.dist, lambda downloader: load_model(cfg, choice, len(source.classes),
+                                                                                  ckpt))
     model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     stream = make_train_stream(rt.pipeline, splits.train_x, splits.train_y, recipe, cfg.img_size, cfg.batch_size,
-                               cfg.seed, rt.num_workers, rt.device, rt.dist.rank, rt.dist.world)
+                               cfg.seed, rt.num_workers, rt.device, rt.dist.rank, rt.dist.world, cfg.drop_last,
+                               cfg.grad_accum_steps)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.head_lr_mult,
-                                rt.device)
-    scheduler = build_scheduler(optimizer, cfg.epochs, cfg.warmup_epochs, len(stream))
+                                rt.device, cfg.decay_norm_and_bias)
+    scheduler = build_scheduler(optimizer, cfg.epochs, cfg.warmup_epochs, len(stream) // cfg.grad_accum_steps,
+                                cfg.sched_step == "epoch", cfg.min_lr_ratio)
     state = RunState(model, optimizer, scheduler, make_scaler(rt.amp_dtype, rt.device))
-    evaluator = Evaluator(EvalTransform(recipe, cfg.img_size), rt.eval_batch, rt.device, rt.amp_dtype,
-                          cfg.channels_last)
-    record = make_record(cfg, rt, choice, weights, source, splits, recipe, evaluator, model, stream, ckpt)
+    evaluator = Evaluator(EvalTransform(recipe, cfg.img_size), rt.eval_batch, rt.device,
+                          rt.amp_dtype if cfg.amp_eval else None, cfg.channels_last)
+    record = make_record(cfg, rt, choice, weights, zero_init, source, splits, recipe, evaluator, model, stream, ckpt)
     if ckpt is not None:
         check_resume(cfg, ckpt, record)
         state.restore(ckpt, str(out / RF.LAST))
@@ -240,7 +250,7 @@ def rank0_first(dist: D.DistInfo, fn: Callable[[bool], Any]) -> Any:
 def load_data(cfg: TrainConfig, downloader: bool) -> tuple[DataSource, Splits]:
     source = open_source(cfg.data_dir, dummy=cfg.dummy, download=cfg.download and downloader,
                          cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images)
-    splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset)
+    splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset, cfg.val_split)
     if len(splits.train_x) < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} training images; "
                         f"lower it or raise --train-subset")
@@ -248,25 +258,25 @@ def load_data(cfg: TrainConfig, downloader: bool) -> tuple[DataSource, Splits]:
 
 
 def load_model(cfg: TrainConfig, choice: ModelChoice, num_classes: int,
-               ckpt: dict | None) -> tuple[nn.Module, WeightsInfo]:
-    """The model with its initial weights (random, ImageNet or a file); on --resume the architecture alone, since
-    the weights come from last.pt. Seeded, so every rank builds the same initial model."""
+               ckpt: dict | None) -> tuple[nn.Module, WeightsInfo, bool | None]:
+    """The model with its initial weights (random, ImageNet or a file) and whether its residual branches'
+    last norms started at zero; on --resume the architecture alone, since the weights come from last.pt.
+    Seeded, so every rank builds the same initial model."""
     seed_everything(cfg.seed)
+    model = create_model(choice, cfg.img_size, num_classes, cfg.zero_init_last)
+    zero_init = starts_at_zero(model)
     if ckpt is None:
-        model, weights = build_model(choice, cfg.img_size, num_classes, cfg.weights_file)
-        if cfg.freeze_backbone:
-            freeze_backbone(model)
-        return model, weights
-    model = build_model(resolve_model(cfg.model, False), cfg.img_size, num_classes)[0]
+        model, weights = apply_weights(model, choice, cfg.weights_file)
+    else:
+        weights = RunRecord.from_dict(ckpt["record"], "last.pt").weights
     if cfg.freeze_backbone:
         freeze_backbone(model)
-    saved = RunRecord.from_dict(ckpt["record"], "last.pt")
-    return model, saved.weights
+    return model, weights, zero_init
 
 
-def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: WeightsInfo, source: DataSource,
-                splits: Splits, recipe: Recipe, evaluator: Evaluator, model: nn.Module, stream: TrainStream,
-                ckpt: dict | None) -> RunRecord:
+def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: WeightsInfo, zero_init: bool | None,
+                source: DataSource, splits: Splits, recipe: Recipe, evaluator: Evaluator, model: nn.Module,
+                stream: TrainStream, ckpt: dict | None) -> RunRecord:
     """config.json: the resolved flags and everything needed to judge the run."""
     previous = RunRecord.from_dict(ckpt["record"], "last.pt") if ckpt else None
     resumed = (previous.run.resumed if previous else []) + ([f"epoch {ckpt['epoch'] + 1} step {ckpt['step']}"]
@@ -276,11 +286,11 @@ def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: Wei
     return RunRecord(
         config=cfg,
         model=ModelInfo(choice.name, choice.display, choice.arch, choice.library, count_parameters(model),
-                        flops_per_image(model, cfg.img_size), len(source.classes)),
+                        flops_per_image(model, cfg.img_size), len(source.classes), zero_init),
         weights=weights, recipe=recipe,
         data=DataInfo(**data, splits=SplitInfo(**splits.provenance())),
-        run=RunInfo(dtype_name(rt.amp_dtype), stream.name, rt.dist.world, len(stream),
-                    evaluator.transform.describe(), resumed),
+        run=RunInfo(dtype_name(rt.amp_dtype), dtype_name(evaluator.amp_dtype), stream.name, rt.dist.world,
+                    len(stream), evaluator.transform.describe(), resumed),
         environment=previous.environment if previous else env,
         environment_now=env if previous else None)
 
@@ -292,18 +302,26 @@ def make_step(cfg: TrainConfig, rt: Runtime, model: nn.Module, state: RunState, 
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return TrainStep(train_model, state.optimizer, state.scheduler, state.scaler, loss_fn, mixup, rt.amp_dtype,
-                     cfg.grad_clip, cfg.channels_last, rt.device)
+                     cfg.grad_clip, cfg.channels_last, rt.device, cfg.grad_accum_steps, cfg.sched_step == "step")
+
+
+def schedule_position(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> int:
+    """Where the schedule stands at (epoch, step in it): in epochs, or in optimizer updates."""
+    if cfg.sched_step == "epoch":
+        return epoch
+    return (epoch * steps_per_epoch + step) // cfg.grad_accum_steps
 
 
 def _retarget_schedule(cfg: TrainConfig, ckpt: dict, state: RunState, steps_per_epoch: int) -> None:
-    """A resumed run with another --epochs: the cosine goes on from where it stands to 0 at the new end."""
+    """A resumed run with another --epochs: the cosine goes on from where it stands to its floor at the new end."""
     planned = RunRecord.from_dict(ckpt["record"], "last.pt").config.epochs
     if planned != cfg.epochs:
-        step = state.epoch * steps_per_epoch + state.step
+        k = schedule_position(cfg, state.epoch, state.step, steps_per_epoch)
         schedule = state.scheduler.lr_lambdas[0]
-        schedule.retarget(step, cfg.epochs * steps_per_epoch)
+        schedule.retarget(k, schedule_length(cfg.epochs, steps_per_epoch // cfg.grad_accum_steps,
+                                             cfg.sched_step == "epoch"))
         log.info(f"--epochs {cfg.epochs} (was {planned}): the cosine schedule continues from lr "
-                 f"{cfg.lr * schedule(step):.3g} at epoch {state.epoch + 1} down to 0 at epoch {cfg.epochs}")
+                 f"{cfg.lr * schedule(k):.3g} at epoch {state.epoch + 1} down to its floor at epoch {cfg.epochs}")
 
 
 def open_log(out: Path, record: RunRecord, state: RunState, ckpt: dict | None, rt: Runtime,
@@ -335,7 +353,8 @@ class EpochResult:
     sums: EpochSums
     stopped: bool
     train_time: float
-    steps_run: int
+    images_run: int              # in this process's session (a resumed epoch counts from its resume point)
+    lr: float                    # the learning rate the epoch trained at (in --sched-step step: its first update's)
 
 
 def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
@@ -347,14 +366,17 @@ def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
             else EpochSums.zeros(ctx.rt.device))
     progress = Progress(len(ctx.stream), f"epoch {epoch + 1}/{ctx.cfg.epochs}", start_step,
                         every_s=ctx.cfg.progress_every or float("inf"), enabled=ctx.rt.is_main)
+    lr = ctx.cfg.lr * ctx.state.scheduler.lr_lambdas[0](schedule_position(ctx.cfg, epoch, start_step,
+                                                                           len(ctx.stream)))
+    counted = float(sums.count) if start_step else 0.0
     t0 = time.perf_counter()
     step, stopped = train_one_epoch(ctx.step_fn, ctx.stream.epoch(epoch, start_step), sums, stop, ctx.rt.dist,
-                                    start_step, progress, ctx.cfg.freeze_backbone)
+                                    start_step, progress, ctx.cfg.freeze_backbone, epoch * len(ctx.stream))
     progress.close()
     for total in (sums.loss, sums.correct, sums.count):
         D.all_reduce_sum(total, ctx.rt.dist)
     ctx.state.step = step
-    return EpochResult(sums, stopped, time.perf_counter() - t0, step - start_step)
+    return EpochResult(sums, stopped, time.perf_counter() - t0, int(float(sums.count) - counted), lr)
 
 
 def save_interrupted(ctx: Context, epoch: int, result: EpochResult, stop: GracefulStop) -> int:
@@ -373,11 +395,11 @@ def epoch_row(ctx: Context, epoch: int, result: EpochResult, val: dict) -> dict[
     """The epoch's metrics.csv row."""
     count = max(1.0, float(result.sums.count))
     device = ctx.rt.device
-    return {"epoch": epoch + 1, "lr": ctx.state.scheduler.get_last_lr()[0],
+    return {"epoch": epoch + 1, "lr": result.lr,
             "train_loss": float(result.sums.loss) / count, "train_acc": float(result.sums.correct) / count,
             "val_loss": val["loss"], "val_acc": val["acc"],
             "epoch_time_s": result.train_time + val["n"] / val["img_per_s"],
-            "train_img_per_s": result.steps_run * ctx.cfg.batch_size / max(1e-9, result.train_time),
+            "train_img_per_s": result.images_run / max(1e-9, result.train_time),
             "val_img_per_s": val["img_per_s"],
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
 

@@ -150,11 +150,12 @@ def fake_record(arch: str = "resnet18", pretrained: bool = True, tag: str | None
     data = DataInfo("synthetic" if synthetic else "tar", None if synthetic else "cifar10-jpeg.tar.gz",
                     "synthetic (--dummy, not CIFAR-10)" if synthetic else "CIFAR-10",
                     ("s" if synthetic else "c") * 64, {"train": 50000, "test": n_test}, classes, 0, [],
-                    SplitInfo(5000, 0, 0, 0, 45000, 5000, n_test, False))
+                    SplitInfo(5000, "stratified", 0, 0, 0, 45000, 5000, n_test, False))
     env = Environment("3.11", "2.11", "0.26", "1.0.31", "12.8", "Linux", "cuda:0", "NVIDIA H100", 8, "abcdef123",
                       False, "train.py", "2026-01-01T00:00:00")
-    return RunRecord(cfg, ModelInfo(arch, spec.display, arch, "timm", 1, 1, 10), weights, resolve_recipe("reference"),
-                     data, RunInfo("bf16", "device", 1, 351, "resize 256 (bicubic) + centre crop 224"), env)
+    return RunRecord(cfg, ModelInfo(arch, spec.display, arch, "timm", 1, 1, 10, True), weights,
+                     resolve_recipe("reference"), data,
+                     RunInfo("bf16", "fp32", "device", 1, 351, "resize 256 (bicubic) + centre crop 224"), env)
 
 
 def write_summary(folder: Path, acc: float, n_test: int, epochs: int) -> None:

@@ -35,7 +35,7 @@ def photos():
 def test_the_reference_recipe_is_the_experiments_timm_transform():
     assert (REF.crop_scale, REF.interpolation, REF.hflip, REF.re_prob, REF.eval_crop) == ((0.08, 1.0), "bicubic", 0.5,
                                                                                           0.25, 0.875)
-    assert REF.randaugment == "rand-m9-n2-mstd0.5-inc1"
+    assert REF.randaugment == "rand-m9-mstd0.5-inc1" and REF.re_mode == "pixel"
     assert EvalTransform(REF, 224).describe() == "resize 256 (bicubic) + centre crop 224"
     tf = cpu_train_transform(REF, 224).transform  # timm's Compose
     crop, flip, ra = tf.transforms[:3]
@@ -43,7 +43,36 @@ def test_the_reference_recipe_is_the_experiments_timm_transform():
     assert crop.interpolation == v2.InterpolationMode.BICUBIC and flip.p == 0.5
     assert ra.num_layers == 2 and [op.name for op in ra.ops] == list(D.TIMM_OPS)
     assert {(op.magnitude, op.magnitude_std, op.prob) for op in ra.ops} == {(9, 0.5, 0.5)}
-    assert tf.transforms[-1].probability == 0.25 and tf.transforms[-1].mode == "const"
+    assert tf.transforms[-1].probability == 0.25 and tf.transforms[-1].mode == "pixel"
+    assert tf.transforms[-1].max_count == 1
+
+
+def test_the_default_cpu_transform_is_the_authors_draw_for_draw(photos):
+    """The experiment's own transform, rebuilt from its arguments, against ours on the 200 real photos under the
+    same RNG state: bit-identical tensors, except the draws where Pillow 13 refuses the 0-bit posterize that
+    timm asks for (ours returns the black image older Pillow did)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+    theirs = create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25,
+                              re_mode="pixel", re_count=1, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
+                              std=IMAGENET_DEFAULT_STD)
+    ours = cpu_train_transform(resolve_recipe("reference"), 224)
+    x, _ = photos
+    same = refused = 0
+    for k, img in enumerate(x):
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy())
+        random.seed(k), np.random.seed(k), torch.manual_seed(k)
+        try:
+            expected = theirs(pil)
+        except ValueError as e:  # Pillow >= 13: "bits must be between or equal to 1 and 8"
+            assert "bits" in str(e)
+            refused += 1
+            continue
+        random.seed(k), np.random.seed(k), torch.manual_seed(k)
+        got = ours(img)
+        assert torch.equal(got, expected), f"photo {k} differs"
+        same += 1
+    assert same >= 190 and same + refused == 200, (same, refused)
 
 
 def test_named_departures_from_the_recipe_are_recorded():
@@ -153,7 +182,7 @@ def test_both_pipelines_augment_real_photos_alike(photos, recipe_name):
     64 px. Tolerance: 4 standard errors of the difference of means (plus 0.004, half a grey level at most for
     the resampling differences design.md lists), so a real difference of a few percent fails."""
     x, _ = photos
-    r = PRESETS[recipe_name]
+    r = resolve_recipe(recipe_name, re_mode="const")  # const boxes are visible as zeros (pixel mode: next test)
     tf = cpu_train_transform(r, 64)
     cpu = []
     for rep in range(10):
@@ -174,6 +203,25 @@ def test_both_pipelines_augment_real_photos_alike(photos, recipe_name):
         assert float(b["fill_area"].mean()) > 0.01, "RandAugment's geometric ops leave mean-colour corners"
     else:
         assert float(b["erased_any"].mean()) == 0.0
+
+
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_pixel_erasing_fills_the_box_with_unit_normal_noise(photos, path):
+    """timm's re_mode='pixel' (the experiment's): under the same draws, the pixel-mode batch differs from the
+    const-mode one exactly inside the erased boxes, and there holds N(0, 1) noise in normalised units."""
+    x, y = photos
+    out = {}
+    for mode in ("pixel", "const"):
+        recipe = resolve_recipe("reference", re_prob=1.0, re_mode=mode, ra_ops=0)
+        stream = (CpuTrainStream(x, y, recipe, 48, 50, 0, 0, CPU) if path == "cpu"
+                  else DeviceTrainStream(x, y, recipe, 48, 50, 0, CPU))
+        out[mode] = torch.cat([b[0] for b in stream.epoch(0)])
+    box = (out["const"] == 0).all(1, keepdim=True).expand_as(out["const"])
+    assert float(box.float().mean()) > 0.1, "every image has a box at re_prob 1"
+    assert torch.equal(out["pixel"][~box], out["const"][~box]), "outside the boxes nothing changes"
+    noise = out["pixel"][box]
+    assert abs(float(noise.mean())) < 0.02 and abs(float(noise.std()) - 1.0) < 0.02, (noise.mean(), noise.std())
+    assert float(torch.corrcoef(torch.stack([noise[:-1], noise[1:]]))[0, 1]).__abs__() < 0.02, "independent pixels"
 
 
 def test_crop_draws_follow_timms_random_resized_crop():

@@ -33,29 +33,47 @@ class Tiny(nn.Module):
 
 
 def test_cosine_schedule_matches_hand_computed_values():
-    s = E.CosineSchedule(total_steps=100, warmup_steps=10)
+    s = E.CosineSchedule(total=100, warmup=10)
     assert s(0) == pytest.approx(0.1) and s(4) == pytest.approx(0.5) and s(9) == pytest.approx(1.0)
     assert s(10) == pytest.approx(1.0)
     assert s(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))  # = 0.5
-    assert s(55) == pytest.approx(0.5) and s(100) == pytest.approx(0.0) and s(200) == pytest.approx(0.0)
-    no_warmup = E.CosineSchedule(100, 0)
-    assert no_warmup(0) == pytest.approx(1.0) and no_warmup(25) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert s(100) == pytest.approx(0.0) and s(200) == pytest.approx(0.0)
+    floored = E.CosineSchedule(100, 0, floor=0.01)
+    assert floored(0) == pytest.approx(1.0) and floored(100) == pytest.approx(0.01)
+    assert floored(25) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi / 4)))
 
 
-def test_a_retargeted_schedule_continues_from_the_current_factor_to_zero():
-    s = E.CosineSchedule(100, 0)
+def test_the_default_schedule_is_the_experiments_cosine_annealing_stepped_per_epoch():
+    """CosineAnnealingLR(T_max=epochs, eta_min=0.01 lr), stepped once per epoch after validation: the lr each
+    epoch trains at, epoch for epoch, also for the TinyViT script's floor (0.1) and a 21-epoch run."""
+    for epochs, ratio in ((30, 0.01), (30, 0.1), (21, 0.01)):
+        model = Tiny()
+        ours = E.build_scheduler(E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU), epochs, 0.0, 351,
+                                 per_epoch=True, floor=ratio)
+        ref_opt = torch.optim.AdamW(Tiny().parameters(), lr=3e-4, weight_decay=0.05)
+        ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=epochs, eta_min=ratio * 3e-4)
+        for _ in range(epochs):
+            assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], rel=1e-9)
+            ours.optimizer.step()
+            ref_opt.step()
+            ours.step()
+            ref.step()
+
+
+def test_a_retargeted_schedule_continues_from_the_current_factor_to_its_floor():
+    s = E.CosineSchedule(100, 0, floor=0.01)
     at_40 = s(40)
     s.retarget(40, 200)  # --epochs raised on resume
-    assert s(39) == pytest.approx(E.CosineSchedule(100, 0)(39)), "the past is unchanged"
+    assert s(39) == pytest.approx(E.CosineSchedule(100, 0, floor=0.01)(39)), "the past is unchanged"
     assert s(40) == pytest.approx(at_40), "no jump"
-    assert s(120) == pytest.approx(at_40 * 0.5) and s(200) == pytest.approx(0.0)
+    assert s(120) == pytest.approx(0.01 + (at_40 - 0.01) * 0.5) and s(200) == pytest.approx(0.01)
     assert all(s(t) >= s(t + 1) - 1e-12 for t in range(40, 200)), "decays monotonically to the new end"
 
 
 def test_the_scheduler_drives_the_optimizer_lr():
     model = Tiny()
     opt = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU)
-    sched = E.build_scheduler(opt, epochs=2, warmup_epochs=0.5, steps_per_epoch=10)
+    sched = E.build_scheduler(opt, epochs=2, warmup_epochs=0.5, updates_per_epoch=10)
     lrs = []
     for _ in range(20):
         lrs.append(opt.param_groups[0]["lr"])
@@ -66,15 +84,18 @@ def test_the_scheduler_drives_the_optimizer_lr():
     assert sched.get_last_lr()[0] == pytest.approx(0.0)
 
 
-def test_adamw_decays_weights_but_not_biases_and_norms():
+def test_adamw_decays_every_parameter_by_default_as_the_experiment():
     model = Tiny()
     opt = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU)
     assert type(opt) is torch.optim.AdamW
     decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert set(decay) == {id(p) for p in model.parameters()} and set(decay.values()) == {0.05}
+    assert all(g["lr"] == 3e-4 for g in opt.param_groups)
+    skip = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU, decay_norm_and_bias=False)
+    decay = {id(p): g["weight_decay"] for g in skip.param_groups for p in g["params"]}
     assert decay[id(model.conv.weight)] == 0.05 and decay[id(model.fc.weight)] == 0.05
     for p in (model.conv.bias, model.bn.weight, model.bn.bias, model.fc.bias):
         assert decay[id(p)] == 0.0
-    assert all(g["lr"] == 3e-4 for g in opt.param_groups)
     head = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 10.0, CPU)
     assert [g["lr"] for g in head.param_groups if any(p is model.fc.weight for p in g["params"])] == [pytest.approx(3e-3)]
     frozen = Tiny()
@@ -82,6 +103,24 @@ def test_adamw_decays_weights_but_not_biases_and_norms():
     assert all(p is not frozen.conv.weight for g in E.build_optimizer(frozen, "adamw", 1, 0, 0, 1, CPU).param_groups
                for p in g["params"])
     assert type(E.build_optimizer(model, "sgd", 0.1, 0.0, 0.9, 1.0, CPU)) is torch.optim.SGD
+
+
+def test_our_optimizer_steps_exactly_as_adamw_over_model_parameters():
+    """The experiment's AdamW(model.parameters(), lr=3e-4, weight_decay=0.05): the same weights after 5 steps."""
+    torch.manual_seed(0)
+    a = Tiny()
+    b = Tiny()
+    b.load_state_dict(a.state_dict())
+    ours = E.build_optimizer(a, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU)
+    ref = torch.optim.AdamW(b.parameters(), lr=3e-4, weight_decay=0.05)
+    for i in range(5):
+        x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 10
+        for model, opt in ((a, ours), (b, ref)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-7, rtol=0), k
 
 
 @pytest.mark.parametrize("amp,dtype,device,bf16,expected", [

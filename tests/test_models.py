@@ -240,3 +240,17 @@ def test_flops_and_params_are_counted():
     model, _ = models.build_model(resolve_model("resnet18", False), 224, 10)
     assert 11.1e6 < models.count_parameters(model) < 11.3e6
     assert 3.4e9 < models.flops_per_image(model, 224) < 3.9e9  # 1.82 GMACs = 3.64 GFLOPs
+
+
+@pytest.mark.parametrize("name,default", [("resnet18", True), ("tv/resnet18", False), ("tiny_vit_5m_224", True)])
+def test_zero_init_last_defaults_to_the_library_and_can_be_set_either_way(name, default):
+    """timm zero-initialises the last BatchNorm of every ResNet block (and TinyViT the last norm of its MBConv
+    blocks); torchvision does not. The flag sets it either way; a model without such norms refuses it."""
+    choice = resolve_model(name, False)
+    assert models.starts_at_zero(models.create_model(choice, 32, 10)) is default
+    for flag in (True, False):
+        model = models.create_model(choice, 32, 10, zero_init_last=flag)
+        norms = models.last_norms(model)
+        assert len(norms) >= 2 and all(torch.equal(w, torch.full_like(w, 0.0 if flag else 1.0)) for w in norms)
+    with pytest.raises(UserError, match="--no-zero-init-last: vit_tiny_patch16_224 has no residual branches"):
+        models.create_model(resolve_model("vit_tiny_patch16_224", False), 32, 10, zero_init_last=False)

@@ -289,9 +289,9 @@ def test_raising_epochs_on_resume_continues_the_cosine_from_where_it_stands(cifa
     assert resnet(*args(cifar_dir, out, "--resume", "--epochs", "6")) == 0
     assert "the cosine schedule continues from lr" in capsys.readouterr().err
     lr = pd.read_csv(out / "metrics.csv")["lr"].to_numpy()
-    s = CosineSchedule(40, 0)
-    s.retarget(20, 60)
-    expected = [3e-4 * s(10 * e) for e in range(1, 7)]
+    s = CosineSchedule(4, 0, floor=0.01)  # per epoch (the default): the lr each epoch trained at
+    s.retarget(2, 6)
+    expected = [3e-4 * s(e) for e in range(6)]
     assert lr == pytest.approx(expected, rel=1e-5)
     assert all(a >= b for a, b in zip(lr, lr[1:])), "no jump back up"
 

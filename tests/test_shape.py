@@ -30,7 +30,8 @@ def test_every_declared_setting_has_its_flag_help_and_range():
                 C.TrainConfig(**{f.name: type(f.default if f.default is not None else 0.5)(low)}).validate()
     assert set(C.IDENTITY_KEYS) <= set(actions) and set(C.COMPARE_KEYS) <= set(actions)
     assert "epochs" not in C.IDENTITY_KEYS, "--epochs may change on resume (the cosine is retargeted)"
-    assert {"lr", "epochs", "img_size", "batch_size"} <= set(C.COMPARE_KEYS) and "seed" not in C.COMPARE_KEYS
+    assert {"lr", "epochs", "img_size", "weight_decay"} <= set(C.COMPARE_KEYS) and "seed" not in C.COMPARE_KEYS
+    assert "batch_size" not in C.COMPARE_KEYS, "the effective batch is compared (64 x 2 accumulated = 128)"
 
 
 def test_a_new_setting_is_one_declaration(monkeypatch):

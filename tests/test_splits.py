@@ -92,3 +92,31 @@ def test_impossible_sizes_are_clear_errors(all_sources):
         make_splits(src, 150, 0)
     with pytest.raises(UserError, match="--train-subset 500 is more than"):
         make_splits(src, 30, 0, train_subset=500)
+
+
+def test_the_random_split_is_the_experiments_randperm():
+    """--val-split random --split-seed 42: validation = the first 5,000 of torch.randperm(50000) under
+    manual_seed(42), as the experiment's code drew it."""
+    import torch
+
+    src = sources.synthetic_source(50_000, 100)
+    s = make_splits(src, 5000, 42, val_split="random")
+    perm = torch.randperm(50_000, generator=torch.Generator().manual_seed(42)).numpy()
+    assert np.array_equal(s.val_idx, np.sort(perm[:5000])) and np.array_equal(s.train_idx, np.sort(perm[5000:]))
+    assert not np.array_equal(s.val_idx, make_splits(src, 5000, 42).val_idx), "stratified is another split"
+
+
+def test_training_subsets_are_nested_and_class_stratified():
+    """The data-size sweep's subsets: a smaller one lies inside a larger one, each class within one image of its
+    share, the same for every --seed and another for another --split-seed."""
+    src = sources.synthetic_source(6000, 100)
+    sizes = (100, 555, 2000, 5000)
+    subsets = [set(make_splits(src, 500, 3, train_subset=n).train_idx.tolist()) for n in sizes]
+    assert all(a < b for a, b in zip(subsets, subsets[1:])), "nested"
+    val = set(make_splits(src, 500, 3).val_idx.tolist())
+    for n, sub in zip(sizes, subsets):
+        assert len(sub) == n and not sub & val
+        counts = np.bincount(src.train_y[sorted(sub)], minlength=10)
+        share = np.bincount(src.train_y[sorted(set(range(6000)) - val)], minlength=10) / 5500
+        assert np.all(np.abs(counts - n * share) <= 1.0), (n, counts)
+    assert subsets[1] != set(make_splits(src, 500, 4, train_subset=555).train_idx.tolist())

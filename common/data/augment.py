@@ -2,8 +2,9 @@
 timm's (or torchvision's) own transforms, the device path from common/data/device_ops.py.
 
 `reference` is the experiment's recipe: timm.data.create_transform(224, is_training=True,
-auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, interpolation="bicubic", scale=(0.08, 1), hflip=0.5)
-for training; resize to floor(224 / 0.875) = 256 (bicubic) + centre crop 224 for evaluation.
+auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic") with
+timm's defaults (scale (0.08, 1), hflip 0.5) for training; resize to floor(224 / 0.875) = 256 (bicubic) + centre
+crop 224 for evaluation.
 `light` is the weaker recipe this repository used before: torchvision RandAugment(2, 9) at 32x32,
 RandomResizedCrop(scale 0.25-1, bilinear), flip, no erasing, full-frame bilinear resize for evaluation."""
 from __future__ import annotations
@@ -34,16 +35,18 @@ class Recipe:
     crop_ratio: tuple[float, float]
     interpolation: str               # bicubic | bilinear, for the crop, RandAugment's geometry and evaluation
     hflip: float
-    re_prob: float                   # RandomErasing probability ('const' mode: the erased box is the mean colour)
+    re_prob: float                   # RandomErasing probability
+    re_mode: str                     # pixel: the box is per-pixel N(0, 1) noise (after normalising); const: zeros
     eval_crop: float                 # eval: resize to floor(size / eval_crop), centre-crop size; 1.0 = full frame
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def randaugment(self) -> str:
-        """The RandAugment spec in its library's terms."""
+        """The RandAugment spec in its library's terms (timm's as the experiment wrote it: n2 is timm's default)."""
         if self.family == "timm":
-            return f"rand-m{self.ra_magnitude:g}-n{self.ra_ops}-mstd{self.ra_std:g}-inc1"
+            layers = "" if self.ra_ops == 2 else f"-n{self.ra_ops}"
+            return f"rand-m{self.ra_magnitude:g}{layers}-mstd{self.ra_std:g}-inc1"
         return f"torchvision RandAugment(num_ops={self.ra_ops}, magnitude={self.ra_magnitude:g})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,23 +63,23 @@ class Recipe:
 PRESETS = {
     "reference": Recipe("reference", "timm", ra_ops=2, ra_magnitude=9, ra_std=0.5, ra_prob=0.5,
                         crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=0.5,
-                        re_prob=0.25, eval_crop=0.875),
+                        re_prob=0.25, re_mode="pixel", eval_crop=0.875),
     "light": Recipe("light", "torchvision", ra_ops=2, ra_magnitude=9, ra_std=0.0, ra_prob=1.0,
                     crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bilinear", hflip=0.5,
-                    re_prob=0.0, eval_crop=1.0),
+                    re_prob=0.0, re_mode="pixel", eval_crop=1.0),
 }
 
 
 def resolve_recipe(name: str, crop_scale_min: float | None = None, ra_ops: int | None = None,
                    ra_magnitude: float | None = None, re_prob: float | None = None,
-                   eval_crop: float | None = None) -> Recipe:
+                   eval_crop: float | None = None, re_mode: str | None = None) -> Recipe:
     """The preset with any named overrides (None keeps the preset's value)."""
     base = PRESETS[name]
     changes: dict[str, Any] = {}
     if crop_scale_min is not None:
         changes["crop_scale"] = (float(crop_scale_min), 1.0)
     for field, value in (("ra_ops", ra_ops), ("ra_magnitude", ra_magnitude), ("re_prob", re_prob),
-                         ("eval_crop", eval_crop)):
+                         ("eval_crop", eval_crop), ("re_mode", re_mode)):
         if value is not None:
             changes[field] = type(getattr(base, field))(value)
     return dataclasses.replace(base, **changes)
@@ -137,8 +140,9 @@ def cpu_train_transform(recipe: Recipe, img_size: int) -> Callable[[torch.Tensor
         from timm.data import create_transform
 
         tf = create_transform(img_size, is_training=True, auto_augment=recipe.randaugment, re_prob=recipe.re_prob,
-                              interpolation=recipe.interpolation, scale=recipe.crop_scale, ratio=recipe.crop_ratio,
-                              hflip=recipe.hflip, mean=recipe.mean, std=recipe.std)
+                              re_mode=recipe.re_mode, re_count=1, interpolation=recipe.interpolation,
+                              scale=recipe.crop_scale, ratio=recipe.crop_ratio, hflip=recipe.hflip, mean=recipe.mean,
+                              std=recipe.std)
         _patch_posterize(tf)
         return FromTensor(tf)
     from torchvision.transforms import InterpolationMode, v2

@@ -40,7 +40,7 @@ def sample_crops(n: int, size: int, scale: tuple[float, float], ratio: tuple[flo
 
 def sample_erasing(n: int, size: int, prob: float, gen: torch.Generator, min_area: float = 0.02,
                    max_area: float = 1 / 3, min_aspect: float = 0.3, attempts: int = 10) -> torch.Tensor:
-    """(n, 4) boxes (top, left, height, width) of timm's RandomErasing ('const' mode, one box); height 0 = none."""
+    """(n, 4) boxes (top, left, height, width) of timm's RandomErasing (one box, re_count=1); height 0 = none."""
     apply = torch.rand(n, generator=gen) <= prob
     area = size * size * torch.empty(n, attempts).uniform_(min_area, max_area, generator=gen)
     r = torch.exp(torch.empty(n, attempts).uniform_(math.log(min_aspect), -math.log(min_aspect), generator=gen))
@@ -55,15 +55,22 @@ def sample_erasing(n: int, size: int, prob: float, gen: torch.Generator, min_are
     return torch.stack([top, left, h, w], 1).long()
 
 
-def erase(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Zero (the normalised mean colour, timm's 'const' mode) each image's box; height 0 leaves it alone."""
+def erase(x: torch.Tensor, boxes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Fill each image's box with `noise` (timm's 'pixel' mode: per-pixel N(0, 1) in normalised units, shaped
+    like x) or with zeros (its 'const' mode: the mean colour); height 0 leaves the image alone."""
     size = x.shape[-1]
-    top, left, h, w = boxes.to(x.device).view(-1, 4, 1).unbind(1)
+    top, left, h, w = boxes.to(x.device, non_blocking=True).view(-1, 4, 1).unbind(1)
     pos = torch.arange(size, device=x.device).view(1, -1)
     rows = (pos >= top) & (pos < top + h)
     cols = (pos >= left) & (pos < left + w)
-    mask = rows.unsqueeze(2) & cols.unsqueeze(1)
-    return x.masked_fill(mask.unsqueeze(1), 0.0)
+    mask = (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)
+    return x.masked_fill(mask, 0.0) if noise is None else torch.where(mask, noise, x)
+
+
+def noise_generator(device: torch.device, seed: int) -> torch.Generator:
+    """A generator on `device` for the erasing noise, seeded from the chunk's CPU draws (normal draws on the
+    device are one kernel; drawing them on the CPU would cost more than the rest of the pipeline)."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------- Pillow's ops on [0, 255]
@@ -245,7 +252,8 @@ class ReferenceAugment(DeviceAugment):
                 "apply": torch.rand(layers, n, generator=gen) <= r.ra_prob,
                 "magnitude": (r.ra_magnitude + r.ra_std * torch.randn(layers, n, generator=gen)).clamp(0, 10),
                 "signs": torch.where(torch.rand(layers, n, generator=gen) > 0.5, -1.0, 1.0),
-                "erase": sample_erasing(n, self.size, r.re_prob, gen)}
+                "erase": sample_erasing(n, self.size, r.re_prob, gen),
+                "noise_seed": int(torch.randint(2**62, (1,), generator=gen))}
 
     def apply(self, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation)
@@ -257,7 +265,12 @@ class ReferenceAugment(DeviceAugment):
                     dev_sel = sel.to(x.device, non_blocking=True)
                     x[dev_sel] = timm_op(name, x[dev_sel], p["magnitude"][layer][sel], p["signs"][layer][sel],
                                          self.fill)
-        return erase(normalize(x, self.recipe.mean, self.recipe.std), p["erase"])
+        x = normalize(x, self.recipe.mean, self.recipe.std)
+        noise = None
+        if self.recipe.re_mode == "pixel" and self.recipe.re_prob > 0:
+            g = noise_generator(x.device, p["noise_seed"])
+            noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return erase(x, p["erase"], noise)
 
 
 # ----------------------------------------------------------------------------- the light recipe

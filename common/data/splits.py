@@ -52,22 +52,45 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     return np.flatnonzero(mask), val
 
 
+def random_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) as the experiment's code drew them: torch.randperm(n) under manual_seed(seed), the
+    first `val_size` for validation (its seed was 42)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
+
+
+def nested_stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:
+    """All indices in an order whose every prefix is class-stratified (each class within one image of its
+    share): each class is shuffled, and its k-th image stands at fraction (k + 0.5) / n_class of the order. So a
+    smaller --train-subset is always inside a larger one (the data-size sweep relies on it)."""
+    rng = np.random.default_rng(seed)
+    keys, order = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        keys.append((np.arange(len(idx)) + 0.5) / len(idx))
+        order.append(idx)
+    keys, order = np.concatenate(keys), np.concatenate(order)
+    return order[np.argsort(keys, kind="stable")]
+
+
 def make_splits(source: DataSource, val_size: int, split_seed: int, train_subset: int = 0,
-                test_subset: int = 0) -> Splits:
-    """Hold `val_size` training images out (0: validate on the test set, as the original notes did), then
-    optionally keep a random `train_subset` of the rest and a class-stratified `test_subset` of the test set."""
+                test_subset: int = 0, val_split: str = "stratified") -> Splits:
+    """Hold `val_size` training images out (0: validate on the test set), then optionally keep a nested,
+    class-stratified `train_subset` of the rest and a class-stratified `test_subset` of the test set."""
     n_train = len(source.train_x)
     if val_size >= n_train:
         raise UserError(f"--val-size {val_size} leaves no training images (the training set has {n_train})")
-    if val_size > 0:
+    if val_size > 0 and val_split == "random":
+        train_idx, val_idx = random_split(n_train, val_size, split_seed)
+    elif val_size > 0:
         train_idx, val_idx = stratified_split(source.train_y, val_size, split_seed + VAL_OFFSET)
     else:
         train_idx, val_idx = np.arange(n_train), np.empty(0, dtype=np.int64)
     if train_subset:
         if train_subset > len(train_idx):
             raise UserError(f"--train-subset {train_subset} is more than the {len(train_idx)} training images")
-        keep = np.random.default_rng(split_seed + SUBSET_OFFSET).permutation(len(train_idx))[:train_subset]
-        train_idx = train_idx[np.sort(keep)]
+        order = nested_stratified_order(source.train_y[train_idx], split_seed + SUBSET_OFFSET)
+        train_idx = train_idx[np.sort(order[:train_subset])]
     test_idx = np.arange(len(source.test_x))
     if test_subset and test_subset < len(test_idx):  # stratified: folders list the test images class by class
         test_idx = stratified_split(source.test_y, test_subset, split_seed + TEST_OFFSET)[1]
@@ -79,8 +102,8 @@ def make_splits(source: DataSource, val_size: int, split_seed: int, train_subset
     def take(x: np.ndarray, idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(x[idx]))
 
-    settings = {"val_size": val_size, "split_seed": split_seed, "train_subset": train_subset,
-                "test_subset": test_subset}
+    settings = {"val_size": val_size, "val_split": val_split, "split_seed": split_seed,
+                "train_subset": train_subset, "test_subset": test_subset}
     return Splits(take(source.train_x, train_idx), take(source.train_y, train_idx),
                   take(val_images, val_idx), take(val_labels, val_idx),
                   take(source.test_x, test_idx), take(source.test_y, test_idx),

@@ -31,14 +31,19 @@ def sample_seed(seed: int, epoch: int, position: int) -> int:
 
 class TrainStream:
     """This rank's share of each epoch: `steps` batches of `local_batch` from the global order, positions
-    rank, rank + world, ... (a last partial batch is dropped: BatchNorm dislikes tiny batches)."""
+    rank, rank + world, ... With drop_last (the default) a last partial batch is dropped (BatchNorm dislikes tiny
+    batches); without it, the last batch is the remainder (one process only: ranks must take equal steps)."""
 
     name = ""
 
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, rank: int = 0, world: int = 1,
+                 drop_last: bool = True, multiple_of: int = 1):
         self.n, self.seed, self.device, self.rank, self.world = n, seed, device, rank, world
         self.local_batch = batch_size // world
-        self.steps = max(1, (n // world) // self.local_batch)
+        self.drop_last = drop_last
+        steps = (n // world) // self.local_batch if drop_last else -(-n // self.local_batch)
+        # whole accumulation groups only: the images of an epoch are those of batch x accumulation steps
+        self.steps = max(multiple_of, steps // multiple_of * multiple_of)
 
     def __len__(self) -> int:
         return self.steps
@@ -94,12 +99,13 @@ class CpuTrainStream(TrainStream):
     name = "cpu"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int, batch_size: int,
-                 seed: int, num_workers: int, device: torch.device, rank: int = 0, world: int = 1):
-        super().__init__(len(images), batch_size, seed, device, rank, world)
+                 seed: int, num_workers: int, device: torch.device, rank: int = 0, world: int = 1,
+                 drop_last: bool = True, multiple_of: int = 1):
+        super().__init__(len(images), batch_size, seed, device, rank, world, drop_last, multiple_of)
         self.sampler = _Positions()
         self.loader = DataLoader(
             _SeededImages(images, labels, cpu_train_transform(recipe, img_size)), batch_size=self.local_batch,
-            sampler=self.sampler, drop_last=True, num_workers=num_workers, pin_memory=device.type == "cuda",
+            sampler=self.sampler, drop_last=drop_last, num_workers=num_workers, pin_memory=device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -124,8 +130,9 @@ class DeviceTrainStream(TrainStream):
     name = "device"
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int, batch_size: int,
-                 seed: int, device: torch.device, rank: int = 0, world: int = 1):
-        super().__init__(len(images), batch_size, seed, device, rank, world)
+                 seed: int, device: torch.device, rank: int = 0, world: int = 1, drop_last: bool = True,
+                 multiple_of: int = 1):
+        super().__init__(len(images), batch_size, seed, device, rank, world, drop_last, multiple_of)
         self.images = images.to(device, non_blocking=True).contiguous()
         self.labels = labels.to(device, non_blocking=True)
         self.augment = make_device_augment(recipe, img_size)
@@ -150,8 +157,10 @@ class DeviceTrainStream(TrainStream):
 
 def make_train_stream(pipeline: str, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int,
                       batch_size: int, seed: int, num_workers: int, device: torch.device, rank: int = 0,
-                      world: int = 1) -> TrainStream:
+                      world: int = 1, drop_last: bool = True, multiple_of: int = 1) -> TrainStream:
     """The training batch source: 'cpu' (DataLoader workers) or 'device' (batched ops where the model is)."""
     if pipeline == "device":
-        return DeviceTrainStream(images, labels, recipe, img_size, batch_size, seed, device, rank, world)
-    return CpuTrainStream(images, labels, recipe, img_size, batch_size, seed, num_workers, device, rank, world)
+        return DeviceTrainStream(images, labels, recipe, img_size, batch_size, seed, device, rank, world, drop_last,
+                                 multiple_of)
+    return CpuTrainStream(images, labels, recipe, img_size, batch_size, seed, num_workers, device, rank, world,
+                          drop_last, multiple_of)
