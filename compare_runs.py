@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = args.output or default_output(paths)
     print(report(paths, args.labels, output, args.results, args.allow_mismatch, args.band, args.safe, args.title,
-                 extra_figures=False))
+                 extra_figures=False, allow_test_selection=args.allow_test_selection))
     return 0
 
 

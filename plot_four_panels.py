@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = Path(args.results) if args.results else Path(args.output).with_name("results.md")
     print(report(args.runs, args.labels, args.output, results, args.allow_mismatch, args.band, args.safe, None,
-                 extra_figures=True, skip_missing=True))
+                 extra_figures=True, skip_missing=True, allow_test_selection=args.allow_test_selection))
     return 0
 
 

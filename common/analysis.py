@@ -1,10 +1,13 @@
-"""From run folders to the answer: settings (model x weights x pretrained / scratch / linear probe, seeds
-grouped), a comparability check, test accuracies with intervals, pre-training gains with paired-bootstrap
-intervals and McNemar's test, the difference of the gains, per-class accuracy, calibration. results.md is
-written from the Comparison by common/results_md.py, the figures by common/plots.py."""
+"""From run folders to the answer: settings (model x weights x pretrained / scratch / linear probe x init, seeds
+grouped), a comparability check, test accuracies with intervals, pre-training gains and the difference of the
+gains with intervals that count the seeds as seeds, McNemar's test per seed pair, per-class accuracy and
+calibration. results.md is written from the Comparison by common/results_md.py, the figures by plots.py.
+
+Nothing here depends on the order in which run folders are given: runs are sorted canonically first."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,20 +18,33 @@ from .errors import UserError
 from .runfolder import Run
 from .specs import MODELS
 
-MARK = "†"
+MARK = "†"            # a comparison of runs that differ in settings that matter (--allow-mismatch)
+TEST_MARK = "‡"       # best.pt chosen on the test set itself (--val-size 0, --allow-test-selection)
 MODES = ("pretrained", "scratch", "linear probe")
 
 
 @dataclass(frozen=True)
 class Kind:
-    """What a run is, read from its record: the architecture, the training mode and the weights."""
+    """What a run is, read from its record: the architecture, the training mode, the weights and the init."""
 
     arch: str
     display: str
     mode: str                     # pretrained | scratch | linear probe
+    weights: str                  # the weights' identity: "timm arch.tag", "file <sha256[:12]>", "random init"
     tag: str | None
-    default_weights: bool         # the registry's default weights (the main comparison) or a control
-    weights: str                  # the weights' identity (tag or file hash)
+    registry_default: bool        # the registry's default weights, or random init
+    init: str                     # "" (the library's init) or "no zero-init-last" / "zero-init-last"
+
+    @property
+    def sort_key(self) -> tuple:
+        order = list(MODELS)
+        return (order.index(self.arch) if self.arch in order else len(order), self.arch,
+                MODES.index(self.mode), not self.registry_default, self.weights, self.init)
+
+    def label(self) -> str:
+        extra = [] if self.registry_default else [self.tag or self.weights]
+        extra += [self.init] if self.init else []
+        return f"{self.display} {self.mode}" + (f" ({', '.join(extra)})" if extra else "")
 
 
 def describe(run: Run) -> Kind:
@@ -36,20 +52,23 @@ def describe(run: Run) -> Kind:
     spec = MODELS.get(r.model.arch)
     pretrained = r.weights.pretrained
     mode = "linear probe" if r.config.freeze_backbone else ("pretrained" if pretrained else "scratch")
-    tag = r.weights.tag if pretrained else None
-    # a local weights file is taken for the default weights (offline copies of them); other tags are controls
-    default = (not pretrained or spec is None or r.weights.init == "file"
-               or (tag == spec.default_tag and r.weights.library == "timm"))
-    return Kind(r.model.arch, r.model.display, mode, tag, default, r.weights.identity)
+    tag = r.weights.tag if pretrained and r.weights.init != "file" else None
+    default = (not pretrained or spec is None
+               or (r.weights.init == "ImageNet" and r.weights.library == "timm" and tag == spec.default_tag))
+    init = ""
+    if r.config.zero_init_last is not None and r.config.zero_init_last != (r.model.library == "timm"):
+        init = "zero-init-last" if r.config.zero_init_last else "no zero-init-last"
+    return Kind(r.model.arch, r.model.display, mode, r.weights.identity, tag, default, init)
 
 
 @dataclass
 class Setting:
-    """Runs (seeds) of one model x weights x training mode."""
+    """Runs (seeds) of one model x weights x training mode x init."""
 
     label: str
     kind: Kind
     runs: list[Run] = field(default_factory=list)
+    main: bool = False            # part of the experiment's four settings (else a control)
 
     @property
     def arch(self) -> str:
@@ -69,45 +88,94 @@ class Setting:
 
     @property
     def default_weights(self) -> bool:
-        return self.kind.default_weights
+        return self.main
 
     @property
     def record(self):
         return self.runs[0].record
 
+    @property
+    def seeds(self) -> list[int]:
+        return [r.record.config.seed for r in self.runs]
+
     def test_acc(self, final: bool = False) -> list[float]:
         return [r.summary.test_acc_final if final else r.summary.test_acc for r in self.runs if r.summary]
 
-    def predictions(self) -> list | None:
-        """Each run's test_predictions.csv; None when a run has none yet."""
-        preds = [r.predictions for r in self.runs]
-        return None if any(p is None for p in preds) else preds
+    def final_val_acc(self) -> list[float]:
+        return [float(r.metrics["val_acc"].iloc[-1]) for r in self.runs]
 
-    def correct(self, which: str = "best") -> list[np.ndarray] | None:
-        """Per seed, whether each test image is right; None when a run has no predictions file."""
+    def predictions(self) -> list | None:
+        """Each run's test_predictions.csv, rows ordered by test-image index; None when a run has none yet."""
+        preds = [r.predictions for r in self.runs]
+        if any(p is None for p in preds):
+            return None
+        return [p.sort_values("index", kind="stable").reset_index(drop=True) for p in preds]
+
+    def correct(self, which: str = "best") -> tuple[np.ndarray, list[np.ndarray]] | None:
+        """(test-image indices, per seed whether each of those images is right); None without predictions."""
         preds = self.predictions()
-        return None if preds is None else [(p[f"{which}_pred"] == p["label"]).to_numpy() for p in preds]
+        if preds is None:
+            return None
+        index = preds[0]["index"].to_numpy()
+        for r, p in zip(self.runs[1:], preds[1:]):
+            _same_test_images(self.runs[0], index, r, p["index"].to_numpy())
+        return index, [(p[f"{which}_pred"] == p["label"]).to_numpy() for p in preds]
+
+
+def _same_test_images(a: Run, ia: np.ndarray, b: Run, ib: np.ndarray) -> None:
+    if len(ia) != len(ib) or not np.array_equal(ia, ib):
+        raise UserError(f"{a.folder} and {b.folder} were tested on different test images ({len(ia)} and {len(ib)}"
+                        f" images, {len(np.intersect1d(ia, ib))} shared); compare runs of the same --test-subset "
+                        f"and data")
+
+
+def canonical(runs: Sequence[Run], labels: Sequence[str] | None) -> tuple[list[Run], list[str] | None]:
+    """The runs (and their labels) in one order whatever order they were given in: by setting, seed, folder.
+    The same folder twice, or two folders of one setting with the same seed, are refused."""
+    seen: dict[Path, Run] = {}
+    for r in runs:
+        key = r.folder.resolve()
+        if key in seen:
+            raise UserError(f"{r.folder} is given twice; give each run once")
+        seen[key] = r
+    items = sorted(zip(runs, labels or [None] * len(runs)),
+                   key=lambda x: (describe(x[0]).sort_key, x[1] or "", x[0].record.config.seed, str(x[0].folder)))
+    by_seed: dict[tuple, Run] = {}
+    for r, label in items:
+        key = (label or describe(r).label(), r.record.config.seed)
+        if key in by_seed:
+            raise UserError(f"{by_seed[key].folder} and {r.folder} are the same setting ({key[0]}) with the same "
+                            f"seed {key[1]}: one run counted twice would shrink the intervals; give each seed once")
+        by_seed[key] = r
+    return [r for r, _ in items], ([lbl for _, lbl in items] if labels else None)
 
 
 def group_settings(runs: Sequence[Run], labels: Sequence[str] | None = None) -> list[Setting]:
-    """Settings in a stable order (registry models first; pretrained, scratch, linear probe, then controls).
-    Runs with the same label (given, or derived from model, weights and mode) are seeds of one setting."""
+    """Settings in a stable order (registry models first; pretrained, scratch, linear probe; main before
+    controls). Runs with the same label (given, or derived from model, weights, mode and init) are seeds of one
+    setting. The main pretrained setting of a model is its registry weights, or a lone weights-file setting."""
+    runs, labels = canonical(runs, labels)
     settings: dict[str, Setting] = {}
     for i, run in enumerate(runs):
         kind = describe(run)
-        label = labels[i] if labels else f"{kind.display} {kind.mode}" + (
-            "" if kind.default_weights else f" ({kind.tag or 'file'})")
+        label = labels[i] if labels else kind.label()
         settings.setdefault(label, Setting(label, kind)).runs.append(run)
-    order = list(MODELS)
-    return sorted(settings.values(), key=lambda s: (order.index(s.arch) if s.arch in order else len(order), s.arch,
-                                                    not s.default_weights, MODES.index(s.mode)))
+    ordered = sorted(settings.values(), key=lambda s: s.kind.sort_key)
+    for s in ordered:
+        s.main = s.kind.registry_default and not s.kind.init
+    for arch in {s.arch for s in ordered}:
+        pre = [s for s in ordered if s.arch == arch and s.mode == "pretrained" and not s.kind.init]
+        files = [s for s in pre if s.kind.weights.startswith("file")]
+        if not any(s.main for s in pre) and len(files) == 1:
+            files[0].main = True  # offline users: their copy of the weights, named by its hash in the label
+    return ordered
 
 
 def comparable_values(run: Run) -> dict[str, str]:
     """The settings that must match for a comparison to be fair, as text: the data and its split, the recipe,
-    and every flag declared `compare` in common/config.py."""
+    every flag declared `compare` in common/config.py, the effective batch and the epochs actually run."""
     r = run.record
-    values = {"data.sha256": r.data.sha256[:12],
+    values = {"data": f"{r.data.label()} {r.data.sha256[:12]}",
               "data.splits": _text({k: v for k, v in vars(r.data.splits).items()}),
               "recipe": _text({k: v for k, v in r.recipe.to_dict().items() if k != "departures_from_preset"})}
     values.update({k: _text(getattr(r.config, k)) for k in COMPARE_KEYS})
@@ -127,22 +195,48 @@ def mismatches(runs: Sequence[Run]) -> dict[str, dict[str, list[str]]]:
     seen: dict[str, dict[str, list[str]]] = {}
     for r in runs:
         for key, value in comparable_values(r).items():
-            seen.setdefault(key, {}).setdefault(value, []).append(r.label)
+            seen.setdefault(key, {}).setdefault(value, []).append(str(r.folder))
     return {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def differences_text(key: str, values: dict[str, list[str]]) -> str:
+    return f"{key}: " + "; ".join(f"{v} ({', '.join(runs)})" for v, runs in values.items())
+
+
+@dataclass
+class Interval:
+    """An estimate with its 95% interval and what the interval accounts for."""
+
+    estimate: float
+    lo: float
+    hi: float
+    method: str                   # "seeds": test images and training seeds; "images": test images only
+
+    @property
+    def covers_seeds(self) -> bool:
+        return self.method == "seeds"
+
+
+@dataclass
+class McNemar:
+    seed_a: int
+    seed_b: int
+    only_a: int
+    only_b: int
+    p: float
 
 
 @dataclass
 class Gain:
-    """A pretrained setting against the scratch setting of the same architecture."""
+    """A pretrained setting against the scratch setting of the same architecture (and init)."""
 
     pretrained: Setting
     scratch: Setting
-    gain: float | None                    # points / 100 (mean over seeds)
-    lo: float | None = None               # 95% interval (paired bootstrap over images and seeds)
-    hi: float | None = None
-    mcnemar: dict | None = None
+    gain: float | None                    # mean accuracy difference (fractions; x 100 for points)
+    interval: Interval | None = None
+    mcnemar: list[McNemar] = field(default_factory=list)
     n_images: int = 0
-    seeds: tuple[int, int] = (0, 0)
+    error_reduction: float | None = None  # (err_scratch - err_pretrained) / err_scratch
     correct: tuple[list, list] | None = None
 
     @property
@@ -155,22 +249,28 @@ class Gain:
 
     @property
     def default(self) -> bool:
-        return self.pretrained.default_weights
+        return self.pretrained.main and self.scratch.main
 
     @property
     def top1(self) -> float | None:
         return self.pretrained.record.weights.imagenet_top1
+
+    @property
+    def seeds(self) -> tuple[int, int]:
+        return len(self.pretrained.runs), len(self.scratch.runs)
 
 
 @dataclass
 class GainDifference:
     """TinyViT-5M's gain minus ResNet-18's: the number the question asks for."""
 
-    estimate: float
-    lo: float
-    hi: float
+    interval: Interval
     vit: Gain
     cnn: Gain
+
+    @property
+    def estimate(self) -> float:
+        return self.interval.estimate
 
 
 @dataclass
@@ -178,27 +278,34 @@ class Comparison:
     settings: list[Setting]
     mismatched: dict[str, dict[str, list[str]]]
     allow_mismatch: bool
+    test_selected: list[str] = field(default_factory=list)   # runs whose best.pt was chosen on the test set
     gains: list[Gain] = field(default_factory=list)
     gain_difference: GainDifference | None = None
 
-    def marked(self, setting: Setting) -> str:
-        """The mark of numbers from a comparison of runs that differ in settings that matter (--allow-mismatch):
-        every row and gain is then affected, since each is read against the others."""
-        return MARK if self.mismatched else ""
+    def marked(self, setting: Setting | None = None) -> str:
+        """The marks every number carries: † when runs that differ are compared (--allow-mismatch), since each
+        number is read against the others; ‡ when a best.pt was chosen on the test set."""
+        return (MARK if self.mismatched else "") + (TEST_MARK if self.test_selected else "")
 
 
 def compare(runs: Sequence[Run], labels: Sequence[str] | None = None, allow_mismatch: bool = False,
-            n_boot: int = 4000) -> Comparison:
-    """Group runs into settings, check they are comparable, and compute gains (see the module docstring)."""
-    settings = group_settings(runs, labels)
+            n_boot: int = 4000, allow_test_selection: bool = False) -> Comparison:
+    """Check the runs are comparable, group them into settings, and compute the gains and their difference."""
+    if labels and len(labels) != len(runs):
+        raise UserError(f"--labels has {len(labels)} names for {len(runs)} runs; give one per run")
+    selected = [str(r.folder) for r in runs if r.record.data.splits.val_is_test]
+    if selected and not allow_test_selection:
+        raise UserError(f"{', '.join(selected)} chose best.pt on the test set (--val-size 0), so its test accuracy "
+                        f"is not a test result; re-run with a validation split, or pass --allow-test-selection to "
+                        f"show it marked {TEST_MARK} 'selected on the test set'")
     differ = mismatches(runs)
-    comparison = Comparison(settings, differ, allow_mismatch)
-    pairs = _gain_pairs(settings)
-    if pairs and differ and not allow_mismatch:
-        what = "; ".join(differences_text(k, vals)[:300] for k, vals in differ.items())
+    if differ and not allow_mismatch:
+        what = "; ".join(differences_text(k, vals) for k, vals in differ.items())
         raise UserError(f"the runs are not comparable: {what}. Re-run them alike, or pass --allow-mismatch to "
-                        f"compare anyway (every affected number is then marked {MARK})")
-    comparison.gains = [_gain(pre, scratch, n_boot) for pre, scratch in pairs]
+                        f"compare anyway (every number is then marked {MARK})")
+    settings = group_settings(runs, labels)
+    comparison = Comparison(settings, differ, allow_mismatch, selected)
+    comparison.gains = [_gain(pre, scratch, n_boot) for pre, scratch in _gain_pairs(settings)]
     main = [g for g in comparison.gains if g.default]
     vit = next((g for g in main if g.arch == "tiny_vit_5m_224"), None)
     cnn = next((g for g in main if g.arch == "resnet18"), None)
@@ -207,78 +314,152 @@ def compare(runs: Sequence[Run], labels: Sequence[str] | None = None, allow_mism
     return comparison
 
 
-def differences_text(key: str, values: dict[str, list[str]]) -> str:
-    return f"{key}: " + "; ".join(f"{v} ({', '.join(runs)})" for v, runs in values.items())
-
-
 def _gain_pairs(settings: list[Setting]) -> list[tuple[Setting, Setting]]:
-    """(pretrained, scratch) of the same architecture: the default weights first, then the controls."""
+    """(pretrained, scratch) of the same architecture: the main weights first, then the controls. A pretrained
+    setting is paired with the main scratch setting (the init variant pairs with its own variant)."""
     pairs = []
     for s in settings:
-        if s.mode == "pretrained":
-            scratch = next((t for t in settings if t.arch == s.arch and t.mode == "scratch"), None)
-            if scratch is not None:
-                pairs.append((s, scratch))
+        if s.mode != "pretrained":
+            continue
+        scratch = [t for t in settings if t.arch == s.arch and t.mode == "scratch" and t.kind.init == s.kind.init]
+        chosen = next((t for t in scratch if t.main), scratch[0] if scratch else None)
+        if chosen is not None:
+            pairs.append((s, chosen))
     return pairs
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+def _aligned(settings: Sequence[Setting]) -> dict[str, list[np.ndarray]] | None:
+    """Per setting, its seeds' correctness on the same test images (checked by index); None without predictions."""
+    out, first = {}, None
+    for s in settings:
+        got = s.correct()
+        if got is None:
+            return None
+        index, correct = got
+        if first is None:
+            first = (s.runs[0], index)
+        else:
+            _same_test_images(first[0], first[1], s.runs[0], index)
+        out[s.label] = correct
+    return out
+
+
+def contrast(settings: Sequence[Setting], weights: Sequence[float], n_boot: int) -> Interval | None:
+    """sum_i w_i x accuracy of settings[i], with a 95% interval: over the seeds and the test images when every
+    setting has 2 or more seeds (variance components, stats.seed_interval), else over the test images alone
+    (paired bootstrap), which then says nothing about training noise."""
+    correct = _aligned(settings)
+    if correct is None:
+        return None
+    w = {s.label: float(x) for s, x in zip(settings, weights)}
+    if all(len(s.runs) >= 2 for s in settings):
+        r = stats.seed_interval(correct, w)
+        return Interval(r["estimate"], r["lo"], r["hi"], "seeds")
+    est, lo, hi = stats.bootstrap({k: [np.asarray(c) for c in v] for k, v in correct.items()},
+                                  lambda m: sum(wk * m[k] for k, wk in w.items()), n_boot)
+    return Interval(est, lo, hi, "images")
 
 
 def _gain(pre: Setting, scratch: Setting, n_boot: int) -> Gain:
-    acc_pre, acc_scr = _mean(pre.test_acc()), _mean(scratch.test_acc())
-    gain = Gain(pre, scratch, None if acc_pre is None or acc_scr is None else acc_pre - acc_scr)
-    a, b = pre.correct(), scratch.correct()
-    if a is not None and b is not None and len(a[0]) == len(b[0]):
-        est, lo, hi = stats.bootstrap({"pre": a, "scr": b}, lambda m: m["pre"] - m["scr"], n_boot)
-        gain.gain, gain.lo, gain.hi = est, lo, hi
-        gain.correct, gain.mcnemar = (a, b), stats.mcnemar(a[0], b[0])
-        gain.n_images, gain.seeds = len(a[0]), (len(a), len(b))
+    acc_pre, acc_scr = pre.test_acc(), scratch.test_acc()
+    gain = Gain(pre, scratch, float(np.mean(acc_pre) - np.mean(acc_scr)) if acc_pre and acc_scr else None)
+    if gain.gain is not None:
+        gain.error_reduction = stats.relative_error_reduction(float(np.mean(acc_pre)), float(np.mean(acc_scr)))
+    interval = contrast([pre, scratch], [1, -1], n_boot)
+    if interval is None:
+        return gain
+    correct = _aligned([pre, scratch])
+    a, b = correct[pre.label], correct[scratch.label]
+    gain.interval, gain.gain, gain.correct, gain.n_images = interval, interval.estimate, (a, b), len(a[0])
+    gain.mcnemar = [McNemar(sa, sb, **stats.mcnemar(ca, cb)) for sa, sb, ca, cb in _seed_pairs(pre, scratch, a, b)]
     return gain
 
 
+def _seed_pairs(pre: Setting, scratch: Setting, a: list, b: list):
+    """McNemar pairs: runs with the same seed where both settings have it, else the i-th seed of each."""
+    common = [s for s in pre.seeds if s in scratch.seeds]
+    if common:
+        return [(s, s, a[pre.seeds.index(s)], b[scratch.seeds.index(s)]) for s in common]
+    return [(sa, sb, ca, cb) for sa, sb, ca, cb in zip(pre.seeds, scratch.seeds, a, b)]
+
+
 def _difference(vit: Gain, cnn: Gain, n_boot: int) -> GainDifference:
-    """TinyViT's gain minus ResNet's, with a paired bootstrap over the shared test images and the seeds."""
-    correct = {"vit_pre": vit.correct[0], "vit_scr": vit.correct[1],
-               "cnn_pre": cnn.correct[0], "cnn_scr": cnn.correct[1]}
-    est, lo, hi = stats.bootstrap(correct, lambda m: (m["vit_pre"] - m["vit_scr"]) - (m["cnn_pre"] - m["cnn_scr"]),
-                                  n_boot)
-    return GainDifference(est, lo, hi, vit, cnn)
+    """TinyViT's gain minus ResNet's, on the shared test images (and over the seeds)."""
+    interval = contrast([vit.pretrained, vit.scratch, cnn.pretrained, cnn.scratch], [1, -1, -1, 1], n_boot)
+    return GainDifference(interval, vit, cnn)
 
 
 # ----------------------------------------------------------------------------- per class, calibration
 
-def per_class(setting: Setting) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-    """(class names, mean accuracy per class over seeds, test images per class); None without predictions."""
-    preds = setting.predictions()
-    if preds is None:
+@dataclass
+class PerClass:
+    classes: list[str]
+    acc: np.ndarray               # mean over seeds of each class's accuracy (recall)
+    lo: np.ndarray
+    hi: np.ndarray
+    counts: np.ndarray            # test images per class (the same for every seed)
+    seeds: int
+
+
+def per_class(setting: Setting) -> PerClass | None:
+    """Each class's test accuracy (the share of its images predicted as it: recall), with a 95% interval: Wilson
+    over the class's images for one seed; over the images and the seeds (as seeds, not as more images) for
+    several. None without predictions."""
+    got = setting.correct()
+    if got is None:
         return None
-    classes = setting.record.data.classes
-    acc = np.mean([[(p.loc[p["label"] == c, "best_pred"] == c).mean() for c in range(len(classes))] for p in preds], 0)
-    counts = np.bincount(preds[0]["label"], minlength=len(classes))
-    return list(classes), acc, counts
+    preds = setting.predictions()
+    labels = preds[0]["label"].to_numpy()
+    classes = list(setting.record.data.classes)
+    correct = got[1]
+    acc, lo, hi, counts = [], [], [], []
+    for c in range(len(classes)):
+        mask = labels == c
+        n = int(mask.sum())
+        per_seed = [float(x[mask].mean()) if n else float("nan") for x in correct]
+        counts.append(n)
+        acc.append(float(np.mean(per_seed)))
+        if n == 0:
+            lo.append(np.nan), hi.append(np.nan)
+        elif len(correct) == 1:
+            a, b = stats.wilson(int(correct[0][mask].sum()), n)
+            lo.append(a), hi.append(b)
+        else:
+            r = stats.seed_interval({"s": [x[mask] for x in correct]}, {"s": 1.0})
+            lo.append(max(0.0, r["lo"])), hi.append(min(1.0, r["hi"]))
+    return PerClass(classes, np.array(acc), np.array(lo), np.array(hi), np.array(counts), len(correct))
 
 
-def calibration(setting: Setting) -> tuple[float, list[dict]] | None:
+@dataclass
+class Calibration:
+    ece: float
+    bins: list[dict]
+    images: int
+    seeds: int
+
+
+def calibration(setting: Setting) -> Calibration | None:
     """ECE (15 bins) and the bins of best.pt's predictions, pooled over seeds; None without predictions."""
     preds = setting.predictions()
     if preds is None:
         return None
     conf = np.concatenate([p["best_conf"].to_numpy() for p in preds])
     ok = np.concatenate([(p["best_pred"] == p["label"]).to_numpy() for p in preds])
-    return stats.ece(conf, ok, 15)
+    ece, bins = stats.ece(conf, ok, 15)
+    return Calibration(ece, bins, len(preds[0]), len(preds))
 
 
 def footnote(settings: Sequence[Setting]) -> str:
-    """The provenance line drawn under a figure: what data, how many test images, size, epochs, weights."""
+    """The provenance line drawn under a figure: what data, how many test images, size, epochs, weights, seeds."""
     runs = [r for s in settings for r in s.runs]
     labels = {r.record.data.label() for r in runs}
     sizes = {str(r.record.config.img_size) for r in runs}
     epochs = {str(r.summary.epochs_run if r.summary else int(r.metrics["epoch"].iloc[-1])) for r in runs}
     n_test = {str(r.summary.test_images if r.summary else r.record.data.splits.test) for r in runs}
+    n_train = {str(r.record.data.splits.train) for r in runs}
     weights = "; ".join(f"{s.label}: {s.record.weights.label()}" for s in settings if s.mode != "scratch")
-    seeds = max(len(s.runs) for s in settings)
-    return (f"{' / '.join(sorted(labels))}; {'/'.join(sorted(n_test))} test images; {'/'.join(sorted(sizes))} px; "
+    seeds = "/".join(sorted({str(len(s.runs)) for s in settings}, key=int))
+    return (f"{' / '.join(sorted(labels))}; {'/'.join(sorted(n_train, key=int))} train and "
+            f"{'/'.join(sorted(n_test))} test images; {'/'.join(sorted(sizes))} px; "
             f"{'/'.join(sorted(epochs, key=float))} epochs; recipe {settings[0].record.recipe.name}; {seeds} seed(s) "
             f"per setting" + (f"; {weights}" if weights else ""))

@@ -38,5 +38,7 @@ def analysis_options() -> argparse.ArgumentParser:
                    help="The band drawn around a mean over seeds: min-max or one standard deviation.")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="Compare runs that differ in data, split, size, epochs, recipe or budget; marks the numbers.")
+    p.add_argument("--allow-test-selection", action="store_true",
+                   help="Show runs whose best.pt was chosen on the test set (--val-size 0), every number marked ‡.")
     p.add_argument("--safe", action="store_true", help="Never open a window, only save files.")
     return p

@@ -97,7 +97,7 @@ def last_norms(model: nn.Module) -> list[torch.Tensor]:
 def starts_at_zero(model: nn.Module) -> bool | None:
     """Whether every residual branch's last norm is zero (None: the model has no such norms)."""
     norms = last_norms(model)
-    return bool(all(float(w.abs().max()) == 0 for w in norms)) if norms else None
+    return bool(all(float(w.detach().abs().max()) == 0 for w in norms)) if norms else None
 
 
 def create_model(choice: ModelChoice, img_size: int, num_classes: int,

@@ -9,7 +9,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import stats
 from .errors import UserError
 
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -106,7 +105,8 @@ def spread_labels(values: Sequence[float], low: float, high: float, min_gap: flo
 
 def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str = "minmax"):
     """Train/validation loss and accuracy against epoch, one series per setting (several seeds: their mean
-    with a band); a star marks each series' best validation epoch (the epoch best.pt holds)."""
+    with a band). On the validation panel a star marks the best epoch of the drawn curve: best.pt's epoch for
+    one seed; for several, the best epoch of their mean, and a small x marks each seed's own best.pt."""
     from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
@@ -130,6 +130,11 @@ def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str 
                 b = int(np.argmax(y))
                 ax.plot(x[b], y[b], marker="*", markersize=12, color=st["color"], markeredgecolor="black",
                         markeredgewidth=0.6, zorder=5)
+                if len(runs) > 1:
+                    for r in runs:
+                        i = int(r.metrics["val_acc"].to_numpy().argmax())
+                        ax.plot(r.metrics["epoch"].iloc[i], r.metrics["val_acc"].iloc[i] * scale, marker="x",
+                                markersize=6, color=st["color"], linestyle="none", zorder=5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         _annotate_ends(ax, ends, "{:.1f}%" if acc else "{:.3f}")
         ax.set_title(name)
@@ -139,8 +144,10 @@ def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str 
             ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
         ax.grid(alpha=0.3)
     band_text = {"minmax": "band: min–max over seeds", "std": "band: ±1 std over seeds"}[band]
-    axes[0, 0].legend(loc="upper right", fontsize=8.5, title=f"★ best validation epoch; {band_text}",
-                      title_fontsize=8)
+    several = any(len(st["setting"].runs) > 1 for st in styles)
+    star = ("★ best epoch of each curve (of the seeds' mean); x: each seed's best.pt; " + band_text if several
+            else "★ best validation epoch (the epoch best.pt holds)")
+    axes[0, 0].legend(loc="upper right", fontsize=8.5, title=star, title_fontsize=8)
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     add_footnote(fig, footnote)
@@ -167,23 +174,22 @@ def _annotate_ends(ax, ends, fmt: str) -> None:
 
 # ----------------------------------------------------------------------------- per class, calibration
 
-def per_class_figure(plt, styles: list[dict], per_class: dict[str, tuple], title: str, footnote: str):
-    """Small multiples, one panel per class: each setting's test accuracy on that class with its 95% Wilson
-    interval (over the class's test images, pooled over seeds)."""
+def per_class_figure(plt, styles: list[dict], per_class: dict, title: str, footnote: str):
+    """Small multiples, one panel per class: each setting's test accuracy on that class (recall) with its 95%
+    interval: Wilson over the class's test images for one seed, over the images and the seeds (as seeds) for
+    several (analysis.per_class)."""
     first = next(iter(per_class.values()))
-    classes, counts = first[0], first[2]
+    classes, counts = first.classes, first.counts
     cols = 5
     rows = (len(classes) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows + 0.6), sharex=True, squeeze=False)
     present = [st for st in styles if st["setting"].label in per_class]
     for k, (ax, cls) in enumerate(zip(axes.flat, classes)):
         for j, st in enumerate(present):
-            s = st["setting"]
-            acc = per_class[s.label][1][k]
-            n = int(counts[k]) * len(s.runs)
-            lo, hi = stats.wilson(round(acc * n), n)
-            ax.errorbar(100 * acc, j, xerr=[[100 * max(0.0, acc - lo)], [100 * max(0.0, hi - acc)]], fmt=st["marker"],
-                        color=st["color"], ms=6, capsize=2)
+            pc = per_class[st["setting"].label]
+            acc, lo, hi = pc.acc[k], pc.lo[k], pc.hi[k]
+            ax.errorbar(100 * acc, j, xerr=[[100 * max(0.0, acc - lo)], [100 * max(0.0, hi - acc)]],
+                        fmt=st["marker"], color=st["color"], ms=6, capsize=2)
         ax.set_yticks(range(len(present)), [st["setting"].label for st in present] if k % cols == 0 else [],
                       fontsize=8)
         ax.set_ylim(-0.7, len(present) - 0.3)
@@ -196,35 +202,49 @@ def per_class_figure(plt, styles: list[dict], per_class: dict[str, tuple], title
         ax.set_xlabel("test accuracy (%)")
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    add_footnote(fig, footnote + "; whiskers: 95% Wilson interval")
+    seeds = max(pc.seeds for pc in per_class.values())
+    whiskers = ("95% Wilson interval over the class's test images" if seeds == 1 else
+                "95% interval over the class's test images and the seeds (seeds counted as seeds)")
+    add_footnote(fig, footnote + f"; whiskers: {whiskers}")
     return fig
 
 
-def reliability_figure(plt, styles: list[dict], calibration: dict[str, tuple], title: str, footnote: str):
+def reliability_figure(plt, styles: list[dict], calibration: dict, title: str, footnote: str):
     """One reliability diagram per setting: accuracy against confidence in 15 bins, the diagonal of perfect
-    calibration, bar widths the bins, ECE in the panel title."""
+    calibration, ECE in the panel title; below each, how many predictions fall in each bin (log scale), so a bin
+    of a handful of images is not read like one of thousands."""
+    from matplotlib.ticker import LogLocator
+
     present = [st for st in styles if st["setting"].label in calibration]
     cols = min(4, len(present))
     rows = (len(present) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.6 * rows + 0.6), squeeze=False)
-    for ax, st in zip(axes.flat, present):
-        ece, bins = calibration[st["setting"].label]
-        n = sum(b["n"] for b in bins)
-        for b in bins:
-            ax.bar(100 * b["lo"], 100 * b["acc"], width=100 * (b["hi"] - b["lo"]), align="edge", color=st["color"],
-                   alpha=0.75, edgecolor="white")
-            ax.bar(100 * b["lo"], 100 * (b["conf"] - b["acc"]), bottom=100 * b["acc"],
-                   width=100 * (b["hi"] - b["lo"]), align="edge", color="none", edgecolor="#999999", hatch="//",
-                   linewidth=0.5)
+    fig = plt.figure(figsize=(3.6 * cols, 4.6 * rows + 0.6))
+    grid = fig.add_gridspec(rows * 2, cols, height_ratios=[3, 1] * rows)
+    for i, st in enumerate(present):
+        cal = calibration[st["setting"].label]
+        ax = fig.add_subplot(grid[2 * (i // cols), i % cols])
+        hist = fig.add_subplot(grid[2 * (i // cols) + 1, i % cols], sharex=ax)
+        for b in cal.bins:
+            width = 100 * (b["hi"] - b["lo"])
+            ax.bar(100 * b["lo"], 100 * b["acc"], width=width, align="edge", color=st["color"], alpha=0.75,
+                   edgecolor="white")
+            ax.bar(100 * b["lo"], 100 * (b["conf"] - b["acc"]), bottom=100 * b["acc"], width=width, align="edge",
+                   color="none", edgecolor="#999999", hatch="//", linewidth=0.5)
+            hist.bar(100 * b["lo"], b["n"], width=width, align="edge", color=st["color"], alpha=0.5,
+                     edgecolor="white")
         ax.plot([0, 100], [0, 100], color="black", lw=0.8, linestyle="--")
         ax.set_xlim(0, 100)
         ax.set_ylim(0, 100)
-        ax.set_title(f"{st['setting'].label}\nECE {100 * ece:.1f}% (n={n:,})", fontsize=9.5)
-        ax.set_xlabel("confidence (%)")
+        n = f"{cal.images:,} test images" + (f" x {cal.seeds} seeds" if cal.seeds > 1 else "")
+        ax.set_title(f"{st['setting'].label}\nECE {100 * cal.ece:.1f}% ({n})", fontsize=9.5)
         ax.set_ylabel("accuracy (%)")
-    for ax in axes.flat[len(present):]:
-        ax.axis("off")
+        ax.tick_params(labelbottom=False)
+        hist.set_yscale("log")
+        hist.yaxis.set_major_locator(LogLocator(numticks=4))
+        hist.set_ylabel("predictions", fontsize=8)
+        hist.set_xlabel("confidence (%)")
     fig.suptitle(title, fontsize=12)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    add_footnote(fig, footnote + "; hatched: gap between confidence and accuracy; dashed: perfect calibration")
+    add_footnote(fig, footnote + "; hatched: gap between confidence and accuracy; dashed: perfect calibration; "
+                 "lower panels: predictions per bin")
     return fig

@@ -34,12 +34,12 @@ def load_runs(paths: Sequence[str], labels: Sequence[str] | None, skip_missing: 
 
 def report(paths: Sequence[str], labels: Sequence[str] | None, output: str | Path, results: str | Path | None,
            allow_mismatch: bool, band: str, safe: bool, title: str | None, extra_figures: bool,
-           skip_missing: bool = False) -> str:
+           skip_missing: bool = False, allow_test_selection: bool = False) -> str:
     """Draw the figures, write results.md (when `results`), and return its text."""
     runs, labels, missing = load_runs(paths, labels, skip_missing)
     if missing:
         log.warning(f"missing (not drawn): {', '.join(missing)}")
-    comparison = analysis.compare(runs, labels, allow_mismatch)
+    comparison = analysis.compare(runs, labels, allow_mismatch, allow_test_selection=allow_test_selection)
     styles = plots.series_style(comparison.settings)
     footnote = analysis.footnote(comparison.settings)
     if missing:

@@ -1,12 +1,16 @@
-"""results.md: the answer first (the difference of the gains with its interval), then every test accuracy, each
-gain with its interval and McNemar's test, the confound, per-class accuracy and what produced every run."""
+"""results.md: the answer first (the difference of the gains with its interval and what the interval covers),
+then every test accuracy beside the experiment's published figure of the same kind, each gain with its
+interval, relative error reduction and McNemar's test per seed pair, the confounds, per-class accuracy and
+what produced every run."""
 from __future__ import annotations
 
 import numpy as np
 
 from . import stats
-from .analysis import MARK, Comparison, Setting, calibration, differences_text, per_class
-from .specs import RESNET18, TINYVIT_5M
+from .analysis import MARK, TEST_MARK, Comparison, Gain, Interval, Setting, calibration, differences_text, per_class
+from .specs import MODELS, RESNET18, TINYVIT_5M
+
+SEEDS_FOR_A_CLAIM = 5
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -19,6 +23,10 @@ def _top1(x: float | None) -> str:
 
 def _points(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.1f}"
+
+
+def _ci(i: Interval | None) -> str:
+    return "" if i is None else f" [{_points(i.lo)}, {_points(i.hi)}]"
 
 
 def accuracy_cell(setting: Setting, final: bool = False) -> str:
@@ -34,6 +42,14 @@ def accuracy_cell(setting: Setting, final: bool = False) -> str:
             f"{len(accs)} seeds)")
 
 
+def interval_note(i: Interval, n_images: int, seeds: tuple[int, ...]) -> str:
+    if i.covers_seeds:
+        return (f"95% CI over the {n_images:,} test images and the seeds ({'/'.join(map(str, seeds))} per "
+                f"setting; Student's t on variance components)")
+    return (f"95% CI from a paired bootstrap over the {n_images:,} test images; with one seed per setting it "
+            f"covers test-set noise only, not training noise: run {SEEDS_FOR_A_CLAIM} seeds for a claim")
+
+
 def headline(c: Comparison) -> str:
     """The first line of results.md: the number the question asks for."""
     d = c.gain_difference
@@ -41,53 +57,108 @@ def headline(c: Comparison) -> str:
         return ("**Not answered yet:** the difference of the gains needs four runs with test predictions "
                 "(ResNet-18 and TinyViT-5M, each pretrained and from scratch).")
     v, r = d.vit, d.cnn
-    mark = MARK if c.mismatched else ""
-    n_seeds = max(max(v.seeds), max(r.seeds))
-    return (f"**ImageNet pre-training helps TinyViT-5M by {_points(v.gain)} points and ResNet-18 by "
-            f"{_points(r.gain)} points of test accuracy; the difference of the gains is "
-            f"{_points(d.estimate)}{mark} points (95% CI [{_points(d.lo)}, {_points(d.hi)}], paired "
-            f"bootstrap over the {v.n_images:,} test images" + (" and the seeds" if n_seeds > 1 else "") + ").**")
+    mark = c.marked()
+    seeds = (*v.seeds, *r.seeds)
+    return (f"**ImageNet pre-training helps TinyViT-5M by {_points(v.gain)} points (relative error reduction "
+            f"{_pct(v.error_reduction, 0)}) and ResNet-18 by {_points(r.gain)} points ({_pct(r.error_reduction, 0)}) "
+            f"of test accuracy; the difference of the gains is {_points(d.estimate)}{mark} points{_ci(d.interval)}: "
+            f"{interval_note(d.interval, v.n_images, seeds)}.**")
 
 
 def results_markdown(c: Comparison) -> str:
-    first = c.settings[0].runs[0]
-    lines = ["# Results", "", headline(c), "",
-             f"Data and budget: {first.record.line(first.summary)}. Test accuracy is that of best.pt, the epoch "
-             f"chosen on validation; the test set was used for nothing else.", ""]
+    lines = ["# Results", "", headline(c), ""]
+    lines += [f"Data and budget: {data_and_budget(c)}", ""]
+    if c.test_selected:
+        lines += [f"**{TEST_MARK} Selected on the test set:** {', '.join(c.test_selected)} chose best.pt on the test "
+                  f"set (--val-size 0); their test accuracies are not test results (shown because of "
+                  f"--allow-test-selection).", ""]
     if c.mismatched:
         lines += [f"**{MARK} The runs differ in settings that matter** (compared because of --allow-mismatch):", ""]
         lines += [f"- {differences_text(k, vals)}" for k, vals in c.mismatched.items()]
         lines.append("")
-    lines += ["## Test accuracy", "",
-              "| setting | test acc, best.pt [95% CI] | test acc, final epoch | best val acc (epoch) | weights "
-              "(ImageNet top-1) | ECE | train time |",
-              "|---|---:|---:|---:|---|---:|---:|"]
+    lines += _accuracy_table(c) + _gain_table(c) + [confound_note(), ""]
+    if any(s.arch == "resnet18" and s.mode == "scratch" and not s.kind.init for s in c.settings):
+        lines += [INIT_NOTE, ""]
+    lines += _per_class_table(c) + _runs_table(c)
+    return "\n".join(lines) + "\n"
+
+
+def data_and_budget(c: Comparison) -> str:
+    """What all settings share, then what each one is (weights, seeds); best.pt's selection in words."""
+    first = c.settings[0].runs[0]
+    s = first.record.data.splits
+    shared = (f"{first.record.data.label()}, {s.train} training / {s.val} validation / "
+              f"{first.summary.test_images if first.summary else s.test} test images, "
+              f"{first.record.config.img_size} px, {first.record.config.epochs} epochs, recipe "
+              f"{first.record.recipe.name}, split seed {first.record.config.split_seed}")
+    each = "; ".join(f"{st.label}: {st.record.weights.label()}, seed{'s' if len(st.runs) > 1 else ''} "
+                     f"{', '.join(map(str, st.seeds))}" for st in c.settings)
+    chosen = ("chosen on the test set itself (marked ‡)" if c.test_selected else
+              "chosen on validation; the test set was used for nothing else")
+    return f"{shared}. {each}. Test accuracy is that of best.pt, the epoch {chosen}."
+
+
+def published(setting: Setting) -> str:
+    """The experiment's published figure for this setting, when ours is the same kind of number: a final-epoch
+    validation accuracy of the main setting, on the full data at 224 px."""
+    spec = MODELS.get(setting.arch)
+    if spec is None or not setting.main or setting.mode not in spec.published:
+        return "–"
+    r = setting.record
+    if r.config.img_size != 224 or r.data.splits.train < 45_000 or r.data.synthetic:
+        return "– (ours: not the full data at 224 px)"
+    p = spec.published[setting.mode]
+    return f"{p.final_val_acc:.2f}% ({p.epochs} epochs)"
+
+
+def _accuracy_table(c: Comparison) -> list[str]:
+    lines = ["## Test accuracy, and our final-epoch validation accuracy beside the experiment's", "",
+             "| setting | test acc, best.pt [95% CI] | test acc, final epoch | final-epoch val acc | the experiment's "
+             "final-epoch val acc | best val acc (epoch) | weights (ImageNet top-1) | ECE | train time |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for s in c.settings:
         best_val = [float(r.metrics["val_acc"].max()) for r in s.runs]
         best_epoch = "/".join(str(int(r.metrics.loc[r.metrics["val_acc"].idxmax(), "epoch"])) for r in s.runs)
+        final_val = s.final_val_acc()
+        final_txt = (_pct(final_val[0], 2) if len(final_val) == 1 else
+                     f"{_pct(np.mean(final_val), 2)} ± {100 * np.std(final_val, ddof=1):.2f}")
         cal = calibration(s)
         minutes = np.mean([r.summary.train_time_s if r.summary else float(r.metrics["epoch_time_s"].sum())
                            for r in s.runs]) / 60
         lines.append(f"| {s.label}{c.marked(s)} | {accuracy_cell(s)} | {accuracy_cell(s, final=True)} | "
-                     f"{_pct(np.mean(best_val))} ({best_epoch}) | {s.record.weights.label()} | "
-                     f"{'–' if cal is None else _pct(cal[0])} | {minutes:.1f} min |")
-    lines += ["", "## Gain from ImageNet pre-training", "",
-              "| model | weights | pretrained − scratch, points [95% CI] | McNemar (only pretrained right / only "
-              "scratch right, p) | linear probe (frozen features) | source's ImageNet top-1 |",
-              "|---|---|---:|---|---:|---:|"]
+                     f"{final_txt} | {published(s)} | {_pct(np.mean(best_val))} ({best_epoch}) | "
+                     f"{s.record.weights.label()} | {'–' if cal is None else _pct(cal.ece)} | {minutes:.1f} min |")
+    return lines + ["", "The experiment published final-epoch validation accuracies only (its TinyViT-5M fine-tune "
+                    "ran 21 epochs); they stand beside ours of the same kind, and our test accuracy is separate.", ""]
+
+
+def _mcnemar_text(g: Gain) -> str:
+    if not g.mcnemar:
+        return "–"
+    if len(g.mcnemar) == 1:
+        m = g.mcnemar[0]
+        return f"{m.only_a} / {m.only_b}, p = {m.p:.2g} (seed {m.seed_a} vs {m.seed_b})"
+    ps = [m.p for m in g.mcnemar]
+    pairs = ", ".join(f"{m.seed_a}–{m.seed_b}" for m in g.mcnemar)
+    return f"p = {min(ps):.2g} to {max(ps):.2g} over {len(ps)} seed pairs ({pairs})"
+
+
+def _gain_table(c: Comparison) -> list[str]:
+    lines = ["## Gain from ImageNet pre-training", "",
+             "| model | weights | pretrained − scratch, points [95% CI] | relative error reduction | McNemar (only "
+             "pretrained right / only scratch right, p) | linear probe (frozen features) | source's ImageNet top-1 |",
+             "|---|---|---:|---:|---|---:|---:|"]
     for g in c.gains:
         probe = next((s for s in c.settings if s.arch == g.arch and s.mode == "linear probe"), None)
-        ci = f" [{_points(g.lo)}, {_points(g.hi)}]" if g.lo is not None else " (no per-image predictions)"
-        mc = g.mcnemar
-        mc_txt = f"{mc['only_a']} / {mc['only_b']}, p = {mc['p']:.2g}" if mc else "–"
-        lines.append(f"| {g.display} | {g.pretrained.tag or 'file'}{'' if g.default else ' (control)'} | "
-                     f"{_points(g.gain)}{c.marked(g.pretrained)}{ci} | {mc_txt} | "
+        ci = _ci(g.interval) if g.interval else " (no per-image predictions)"
+        covers = "" if g.interval is None else (" (images and seeds)" if g.interval.covers_seeds else " (images)")
+        name = g.pretrained.label.split(" pretrained")[-1].strip(" ()") or g.pretrained.tag or "file"
+        lines.append(f"| {g.display} | {name}{'' if g.default else ' (control)'} | {_points(g.gain)}{c.marked()}{ci}"
+                     f"{covers} | {_pct(g.error_reduction, 0)} | {_mcnemar_text(g)} | "
                      f"{accuracy_cell(probe) if probe else '– (run with --freeze-backbone)'} | {_top1(g.top1)} |")
     if not c.gains:
-        lines.append("| – | – | needs a pretrained and a scratch run of the same model | – | – | – |")
-    lines += ["", confound_note(), ""]
-    lines += _per_class_table(c) + _runs_table(c)
-    return "\n".join(lines) + "\n"
+        lines.append("| – | – | needs a pretrained and a scratch run of the same model | – | – | – | – |")
+    return lines + [""]
 
 
 def confound_note() -> str:
@@ -97,23 +168,32 @@ def confound_note() -> str:
     tv = RESNET18.weights_for("torchvision", "IMAGENET1K_V1")
     return ("**The confound.** The two models' ImageNet weights are not equally good: TinyViT-5M's default weights "
             f"saw {vit.pretrain_data} ({vit.imagenet_top1:.1f}% top-1), ResNet-18's saw {cnn.pretrain_data} only "
-            f"(timm resnet18.{cnn.tag} {cnn.imagenet_top1:.1f}% in {cnn.top1_source}; torchvision V1 {tv.imagenet_top1:.1f}%). So part "
-            "of \"the ViT gains more from pre-training\" may be \"its pre-trained weights are better\". Controls: "
-            f"`python train_tinyvit_cifar.py --model tiny_vit_5m_224.in1k` (ImageNet-1k only, "
-            f"{vit_1k.imagenet_top1:.1f}%) and `python train_resnet_cifar.py --model resnet18.fb_swsl_ig1b_ft_in1k` "
-            f"(a billion extra images, {swsl.imagenet_top1:.1f}%) or `--model tv/resnet18` "
-            f"({tv.imagenet_top1:.1f}%); give their folders to this script and they appear as control rows above.")
+            f"(timm resnet18.{cnn.tag} {cnn.imagenet_top1:.1f}% in {cnn.top1_source}; torchvision V1 "
+            f"{tv.imagenet_top1:.1f}%). So part of \"the ViT gains more from pre-training\" may be \"its pre-trained "
+            f"weights are better\". Controls: `python train_tinyvit_cifar.py --model tiny_vit_5m_224.in1k` "
+            f"(ImageNet-1k only, {vit_1k.imagenet_top1:.1f}%) and `python train_resnet_cifar.py --model "
+            f"resnet18.fb_swsl_ig1b_ft_in1k` (a billion extra images, {swsl.imagenet_top1:.1f}%) or `--model "
+            f"tv/resnet18` ({tv.imagenet_top1:.1f}%); give their folders to this script and they appear as control "
+            f"rows above.")
+
+
+INIT_NOTE = ("**The scratch ResNet-18's init.** timm's ResNet-18 starts the last BatchNorm of every residual block at "
+             "zero (zero-init-last, as the experiment's runs had it); under AdamW such a scale moves by about one lr "
+             "a step, so the residual branches open slowly and a short scratch run is handicapped. Part of "
+             "\"pre-training helps ResNet-18\" is then \"this init starts slowly\" (measured in design.md). Control: "
+             "`python train_resnet_cifar.py --no-pretrained --no-zero-init-last` (its folder appears as a control "
+             "row).")
 
 
 def _per_class_table(c: Comparison) -> list[str]:
     rows = [(s, pc) for s in c.settings if (pc := per_class(s)) is not None]
     if not rows:
         return []
-    classes = rows[0][1][0]
-    lines = ["## Per-class test accuracy (best.pt)", "", "| setting | " + " | ".join(classes) + " |",
-             "|---|" + "---:|" * len(classes)]
-    for s, (_, acc, _) in rows:
-        lines.append(f"| {s.label} | " + " | ".join(f"{100 * a:.1f}" for a in acc) + " |")
+    classes = rows[0][1].classes
+    lines = ["## Per-class test accuracy (best.pt; recall: the share of each class's images predicted as it)", "",
+             "| setting | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
+    for s, pc in rows:
+        lines.append(f"| {s.label} | " + " | ".join(f"{100 * a:.1f}" for a in pc.acc) + " |")
     return lines + [""]
 
 
