@@ -36,8 +36,9 @@ def parse_args(argv):
                         "of the four-run suite.")
     p.add_argument("--bench-suite-flags", default="", metavar="FLAGS",
                    help='Training flags for --bench-suite, e.g. "--batch-size 256 --compile".')
-    p.add_argument("--bench-profile", choices=list(MODELS),
-                   help="Profile training steps of one model: the operators or kernels that take the time.")
+    p.add_argument("--bench-profile", choices=[*MODELS, "augment"],
+                   help="Profile training steps of one model (the operators or kernels that take the time), or "
+                        "count the device augmentation's ops and bytes per batch (augment).")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="Where to benchmark.")
     args = p.parse_args(argv)
     for flag in ("bench_img_size", "bench_batch_size", "bench_steps", "bench_suite"):
@@ -50,6 +51,11 @@ def parse_args(argv):
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.bench_profile == "augment":
+        from common.bench import augment_profile
+
+        print(augment_profile(args.bench_img_size, args.bench_batch_size))
+        return 0
     if args.bench_profile:
         from common.bench import bench_profile
 

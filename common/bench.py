@@ -62,6 +62,18 @@ def bench_data(pipeline: str, recipe, images, labels, img_size, batch_size, devi
     return steps * batch_size / seconds
 
 
+def peak_train_memory_gb(step: TrainStep, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float | None:
+    """The peak GPU memory of one training step at this batch (weights, optimizer state, activations): whether a
+    run fits before it starts. None on the CPU (no allocator statistics there)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(x, y)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def make_step(model, device, amp_dtype, channels_last: bool) -> TrainStep:
     optimizer = build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, device)
     scheduler = build_scheduler(optimizer, 1, 0, 10_000)
@@ -136,9 +148,7 @@ def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | Non
         row["eval"] = evaluator(model, images[:n_eval], labels[:n_eval])["img_per_s"]
         train_flops = 3 * flops_per_image(model, img_size)  # forward + backward ~ 3x forward
         row["mfu"] = row["fed_device"] * train_flops / (peak * 1e12) if peak else None
-        if device.type == "cuda":
-            row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            torch.cuda.reset_peak_memory_stats(device)
+        row["peak_mem_gb"] = peak_train_memory_gb(step, x, y, device)
         results["models"][spec.display] = row
     return results
 
@@ -150,11 +160,12 @@ def format_table(r: dict) -> str:
              "", "| recipe / data path | training batches as images/s |", "|---|---:|"]
     lines += [f"| {k} | {v:,.0f} |" for k, v in r["data"].items()]
     lines += ["", "| model | ceiling (input on device) | fed by cpu path | fed by device path | device-fed / "
-              "ceiling | eval | MFU (device-fed) |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "ceiling | eval | MFU (device-fed) | peak memory of a step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["models"].items():
         mfu = "–" if m["mfu"] is None else f"{m['mfu']:.1%}"
+        mem = "– (CPU)" if m["peak_mem_gb"] is None else f"{m['peak_mem_gb']:.1f} GiB"
         lines.append(f"| {name} | {m['ceiling']:,.0f} | {m['fed_cpu']:,.0f} | {m['fed_device']:,.0f} | "
-                     f"{m['fed_device'] / m['ceiling']:.0%} | {m['eval']:,.0f} | {mfu} |")
+                     f"{m['fed_device'] / m['ceiling']:.0%} | {m['eval']:,.0f} | {mfu} | {mem} |")
     lines.append("\n(fed paths use the reference recipe; MFU = training FLOP/s, 3x the forward FLOPs, over the bf16 peak)")
     return "\n".join(lines)
 
@@ -207,3 +218,57 @@ def bench_profile(arch: str, device_name: str, img_size: int | None, batch_size:
             f"{compile_model}, channels_last {channels_last}: {steps} steps in {seconds:.2f} s "
             f"({steps * batch_size / seconds:,.0f} img/s under the profiler); aten ops per step: {fwd} forward, "
             f"{bwd} backward\n" + prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
+def augment_cost(recipe_name: str, img_size: int = 224, batch_size: int = 128, seed: int = 0) -> dict[str, float]:
+    """What the device augmentation of one batch dispatches, counted on the CPU: aten ops other than views (each
+    one kernel launch or more on a GPU) and the bytes they read and write (a proxy for the memory traffic: views
+    move nothing, an indexing op reads the rows it takes, an in-place op is not charged the whole tensor it writes
+    into). Only apply() is counted: sample() draws on the CPU by design."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from .data.augment import resolve_recipe
+    from .data.device_ops import make_device_augment
+
+    def nbytes(tree) -> int:
+        flat = tree if isinstance(tree, (list, tuple)) else [tree]
+        return sum(t.numel() * t.element_size() for t in flat if isinstance(t, torch.Tensor))
+
+    class Count(TorchDispatchMode):
+        ops = 0
+        bytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func._schema.name
+            outs = list(out) if isinstance(out, (list, tuple)) else [out]
+            if getattr(func, "is_view", False):  # a view moves no data
+                return out
+            self.ops += 1
+            if name in ("aten::index", "aten::index_select", "aten::gather"):  # reads the rows it takes
+                self.bytes += nbytes(list(args[1:])) + 2 * nbytes(outs)
+            elif name.endswith("_"):  # in place (index_put_, clamp_): the target is not read whole
+                self.bytes += nbytes(list(args[1:]))
+            else:
+                self.bytes += nbytes(list(args)) + nbytes(outs)
+            return out
+
+    x_np, _ = synthetic_images(batch_size, seed=seed)
+    images = torch.from_numpy(x_np)
+    aug = make_device_augment(resolve_recipe(recipe_name), img_size)
+    plan = aug.sample(batch_size, torch.Generator().manual_seed(seed))
+    with Count() as c:
+        aug.finish(aug.apply(images, plan))
+    return {"ops": c.ops, "MB": c.bytes / 1e6}
+
+
+def augment_profile(img_size: int | None, batch_size: int | None) -> str:
+    """check.py --bench-profile augment: the device augmentation's ops and bytes per batch, both recipes."""
+    img_size, batch_size = img_size or 224, batch_size or 128
+    lines = [f"device augmentation of one batch of {batch_size} at {img_size} px (counted on the CPU; each op is "
+             f"one kernel launch or more on a GPU)", "", "| recipe | aten ops per batch | MB read + written |",
+             "|---|---:|---:|"]
+    for recipe in ("reference", "light"):
+        c = augment_cost(recipe, img_size, batch_size)
+        lines.append(f"| {recipe} | {c['ops']:,} | {c['MB']:,.0f} |")
+    return "\n".join(lines)

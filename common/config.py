@@ -75,10 +75,10 @@ class TrainConfig:
     epochs: int = opt(30, "Length of the cosine schedule, in epochs.", OPTIM, check=Range(1, 10_000), compare=True)
     batch_size: int = opt(128, "Images per step (global: split across GPUs under torchrun); with "
                           "--grad-accum-steps N an optimizer update sees N of these batches.", OPTIM,
-                          check=Range(1, 65_536), identity=True)
+                          check=Range(1, 65_536))  # the identity holds their product (trainer.check_resume)
     grad_accum_steps: int = opt(1, "Accumulate the gradients of this many batches before each optimizer update, so "
                                 "that a GPU that cannot hold batch 128 runs the same experiment with --batch-size 64 "
-                                "--grad-accum-steps 2.", OPTIM, check=Range(1, 1024), identity=True)
+                                "--grad-accum-steps 2.", OPTIM, check=Range(1, 1024))
     lr: float = opt(3e-4, "Peak learning rate.", OPTIM, check=Range(0, 10, open_lo=True), identity=True,
                     compare=True)
     weight_decay: float = opt(0.05, "Decoupled weight decay (AdamW).", OPTIM, check=Range(0, 10), identity=True,

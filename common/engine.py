@@ -165,12 +165,20 @@ class TrainStep:
 
     def __init__(self, model: nn.Module, optimizer, scheduler, scaler, loss_fn, mixup, amp_dtype,
                  grad_clip: float, channels_last: bool, device: torch.device, accum_steps: int = 1,
-                 step_scheduler: bool = True):
+                 step_scheduler: bool = True, compile: bool = False):
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.loss_fn, self.mixup, self.amp_dtype = loss_fn, mixup, amp_dtype
         self.grad_clip, self.channels_last, self.device = grad_clip, channels_last, device
         self.accum_steps, self.step_scheduler = accum_steps, step_scheduler
         self.micro = 0  # batches since the last update
+        # --compile: the forward and the loss, under autocast, as one graph (its backward compiled with it by
+        # AOTAutograd); the fused AdamW is one kernel already, and compiling it would recompile at every lr change
+        self.forward_loss = torch.compile(self._forward_loss) if compile else self._forward_loss
+
+    def _forward_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.amp_dtype):
+            logits = self.model(x)
+            return self.loss_fn(logits, target), logits
 
     @property
     def at_update_boundary(self) -> bool:
@@ -183,9 +191,7 @@ class TrainStep:
         target = y
         if self.mixup is not None:
             x, target = self.mixup(x, y)
-        with autocast(self.device, self.amp_dtype):
-            logits = self.model(x)
-            loss = self.loss_fn(logits, target)
+        loss, logits = self.forward_loss(x, target)
         if self.micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self.micro += 1
@@ -279,6 +285,17 @@ class Evaluator:
     device: torch.device
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        self._compiled: dict[int, Callable] = {}
+
+    def _forward(self, model: nn.Module) -> Callable:
+        if not self.compile:
+            return model
+        if id(model) not in self._compiled:  # the eval-mode graphs: the full batch and the last partial one
+            self._compiled[id(model)] = torch.compile(model)
+        return self._compiled[id(model)]
 
     def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Float logits of one batch of uint8 images (already on any device)."""
@@ -286,7 +303,7 @@ class Evaluator:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.amp_dtype):
-            return model(x).float()
+            return self._forward(model)(x).float()
 
     @torch.no_grad()
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:

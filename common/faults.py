@@ -14,7 +14,8 @@ import os
 import signal
 
 ENV = "CIFAR_FAILPOINT"
-_SIGNALS = {"kill": signal.SIGKILL, "int": signal.SIGINT, "term": signal.SIGTERM}
+# Windows has no SIGKILL: os.kill with SIGTERM terminates the process there just as abruptly
+_SIGNALS = {"kill": getattr(signal, "SIGKILL", signal.SIGTERM), "int": signal.SIGINT, "term": signal.SIGTERM}
 
 
 def failpoint(point: str) -> None:

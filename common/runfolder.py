@@ -18,7 +18,7 @@ from .files import atomic_write, pid_alive, remove_stale_temp
 from .record import RunRecord, Summary, read_record, read_summary
 
 CONFIG, METRICS, SUMMARY, PREDICTIONS = "config.json", "metrics.csv", "summary.json", "test_predictions.csv"
-LAST, BEST, LOCK = "last.pt", "best.pt", ".lock"
+LAST, BEST, LOCK, HOLDER = "last.pt", "best.pt", ".lock", ".lock.holder"
 RUN_FILES = (LAST, BEST, METRICS, SUMMARY, PREDICTIONS, CONFIG)
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s",
                   "train_img_per_s", "val_img_per_s", "peak_mem_gb")
@@ -34,52 +34,72 @@ class FolderInUse(UserError):
 
 
 class RunLock:
-    """An exclusive lock on a run folder (flock on .lock, which also names the holder). A lock left by a dead
-    process (kill -9, reboot) is free again; taking it over says so. flock never blocks here (LOCK_NB); where
-    the file system cannot lock (some network mounts: ENOLCK/EOPNOTSUPP) the holder's pid and host in .lock
-    decide instead, and a live holder on another host can only be reported, not checked."""
+    """An exclusive lock on a run folder: `filelock` (flock on Linux and macOS, msvcrt on Windows, a lock file
+    where neither exists) on .lock, with the holder's pid, host and start time in .lock.holder. Never blocks.
+    A lock left by a dead process (kill -9, reboot) is taken over, with a message: an OS lock is released by the
+    kernel when its holder dies; a bare lock file (no OS locking) is removed when its recorded holder, on this
+    host, no longer runs. A live holder on another host can only be reported, not checked."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK
-        self.fd: int | None = None
+        self.holder_path = Path(folder) / HOLDER
+        self.lock = None
+        self.held = False
 
     def acquire(self) -> str | None:
-        """Take the lock, or raise a UserError naming the holder; returns a message when a stale one was taken."""
-        import fcntl
+        """Take the lock, or raise FolderInUse naming the holder; returns a message when a stale one was taken."""
+        import warnings
+
+        with warnings.catch_warnings():  # "only soft file lock is available": handled below, no need to shout
+            warnings.simplefilter("ignore")
+            from filelock import FileLock, Timeout
 
         previous = self._holder()
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            self.fd = None
-            raise FolderInUse(f"{self.path.parent} is in use by another training process ({previous or 'unknown'}); "
-                              f"wait for it to finish or stop it") from None
-        except OSError:  # no flock on this file system: fall back to the recorded holder
-            if previous and _holder_alive(previous):
-                os.close(self.fd)
-                self.fd = None
-                raise FolderInUse(f"{self.path.parent} is in use by {previous} (this file system cannot lock; if "
-                                  f"that process is gone, delete {self.path})") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                 .encode())
+        for attempt in (1, 2):
+            lock = FileLock(str(self.path), timeout=0)
+            try:
+                lock.acquire()
+                break
+            except Timeout:
+                stale_file = attempt == 1 and previous and not _holder_alive(previous) and not _os_locking(lock)
+                if not stale_file:
+                    raise FolderInUse(f"{self.path.parent} is in use by another training process "
+                                      f"({previous or 'unknown'}); wait for it to finish or stop it") from None
+                self.path.unlink(missing_ok=True)  # a bare lock file of a process that is gone
+            except OSError:  # this file system cannot lock (some network mounts): the recorded holder decides
+                if previous and _holder_alive(previous):
+                    raise FolderInUse(f"{self.path.parent} is in use by {previous} (this file system cannot lock; "
+                                      f"if that process is gone, delete {self.path})") from None
+                lock = None
+                break
+        self.lock, self.held = lock, True
+        self.holder_path.write_text(f"pid {os.getpid()} on {socket.gethostname()} since "
+                                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         if previous:
             return f"took over the lock of {previous}, which no longer runs"
         return None
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-            self.path.unlink(missing_ok=True)
+        """Give the lock up (only if this process took it: a refused process leaves the holder's files alone)."""
+        if not self.held:
+            return
+        self.holder_path.unlink(missing_ok=True)
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        self.path.unlink(missing_ok=True)
+        self.held = False
 
     def _holder(self) -> str:
         try:
-            return self.path.read_text().strip()
+            return self.holder_path.read_text().strip()
         except OSError:
             return ""
+
+
+def _os_locking(lock) -> bool:
+    """Does this lock rely on the OS (released when its holder dies), rather than on a file's existence?"""
+    return "Soft" not in type(lock).__name__
 
 
 def _holder_alive(holder: str) -> bool:

@@ -3,6 +3,7 @@ prepare data, model, state and the run record once; then for each epoch train, v
 test the checkpoint chosen on validation, once."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import shlex
 import sys
@@ -88,7 +89,8 @@ def train_and_test(ctx: Context) -> int:
                 result = train_epoch(ctx, epoch, stop)
                 if result.stopped:
                     return save_interrupted(ctx, epoch, result, stop)
-                val = ctx.evaluator(state.model, ctx.splits.val_x, ctx.splits.val_y, ctx.rt.dist)
+                with out_of_memory_hint(ctx, f"validating epoch {epoch + 1}"):
+                    val = ctx.evaluator(state.model, ctx.splits.val_x, ctx.splits.val_y, ctx.rt.dist)
                 row = epoch_row(ctx, epoch, result, val)
                 improved, early = close_epoch(ctx, epoch, val["acc"])
                 if cfg.sched_step == "epoch":  # CosineAnnealingLR as the experiment stepped it: after validation
@@ -161,6 +163,13 @@ def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None, 
     out = Path(cfg.output_dir)
     saved = RunRecord.from_dict(ckpt["record"], str(out / RF.LAST))
     diffs = identity_differences(saved.config.to_dict(), cfg.to_dict())
+    old, new = saved.config, cfg
+    if old.effective_batch != new.effective_batch:
+        diffs.append(f"batch per update: {old.batch_size} x {old.grad_accum_steps} in the checkpoint, "
+                     f"{new.batch_size} x {new.grad_accum_steps} now")
+    elif (old.batch_size, old.grad_accum_steps) != (new.batch_size, new.grad_accum_steps) and ckpt["step"]:
+        diffs.append(f"--batch-size / --grad-accum-steps changed in the middle of an epoch (step {ckpt['step']}): "
+                     f"the same batch per update may be split differently only from an epoch's start")
     if record is not None:
         now = record.resolved_identity()
         diffs += [f"{k} differs ({_short(v)} in the checkpoint, {_short(now[k])} now)"
@@ -216,7 +225,7 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
                                 cfg.sched_step == "epoch", cfg.min_lr_ratio)
     state = RunState(model, optimizer, scheduler, make_scaler(rt.amp_dtype, rt.device))
     evaluator = Evaluator(EvalTransform(recipe, cfg.img_size), rt.eval_batch, rt.device,
-                          rt.amp_dtype if cfg.amp_eval else None, cfg.channels_last)
+                          rt.amp_dtype if cfg.amp_eval else None, cfg.channels_last, cfg.compile)
     record = make_record(cfg, rt, choice, weights, zero_init, source, splits, recipe, evaluator, model, stream, ckpt)
     if ckpt is not None:
         check_resume(cfg, ckpt, record)
@@ -279,8 +288,12 @@ def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: Wei
                 stream: TrainStream, ckpt: dict | None) -> RunRecord:
     """config.json: the resolved flags and everything needed to judge the run."""
     previous = RunRecord.from_dict(ckpt["record"], "last.pt") if ckpt else None
-    resumed = (previous.run.resumed if previous else []) + ([f"epoch {ckpt['epoch'] + 1} step {ckpt['step']}"]
-                                                            if ckpt else [])
+    resumed = previous.run.resumed if previous else []
+    if ckpt:
+        split = (previous.config.batch_size, previous.config.grad_accum_steps) != (cfg.batch_size,
+                                                                                 cfg.grad_accum_steps)
+        resumed = resumed + [f"epoch {ckpt['epoch'] + 1} step {ckpt['step']}" + (
+            f" with --batch-size {cfg.batch_size} x {cfg.grad_accum_steps} accumulated" if split else "")]
     data = source.provenance()
     env = environment(rt.device)
     return RunRecord(
@@ -297,12 +310,13 @@ def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: Wei
 
 def make_step(cfg: TrainConfig, rt: Runtime, model: nn.Module, state: RunState, num_classes: int) -> TrainStep:
     loss_fn, mixup = build_loss_and_mixup(cfg.label_smoothing, cfg.mixup, cfg.cutmix, num_classes)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = model
     if rt.dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return TrainStep(train_model, state.optimizer, state.scheduler, state.scaler, loss_fn, mixup, rt.amp_dtype,
-                     cfg.grad_clip, cfg.channels_last, rt.device, cfg.grad_accum_steps, cfg.sched_step == "step")
+                     cfg.grad_clip, cfg.channels_last, rt.device, cfg.grad_accum_steps, cfg.sched_step == "step",
+                     cfg.compile)
 
 
 def schedule_position(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> int:
@@ -370,13 +384,33 @@ def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
                                                                            len(ctx.stream)))
     counted = float(sums.count) if start_step else 0.0
     t0 = time.perf_counter()
-    step, stopped = train_one_epoch(ctx.step_fn, ctx.stream.epoch(epoch, start_step), sums, stop, ctx.rt.dist,
-                                    start_step, progress, ctx.cfg.freeze_backbone, epoch * len(ctx.stream))
+    with out_of_memory_hint(ctx, f"training epoch {epoch + 1}"):
+        step, stopped = train_one_epoch(ctx.step_fn, ctx.stream.epoch(epoch, start_step), sums, stop, ctx.rt.dist,
+                                        start_step, progress, ctx.cfg.freeze_backbone, epoch * len(ctx.stream))
     progress.close()
     for total in (sums.loss, sums.correct, sums.count):
         D.all_reduce_sum(total, ctx.rt.dist)
     ctx.state.step = step
     return EpochResult(sums, stopped, time.perf_counter() - t0, int(float(sums.count) - counted), lr)
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(ctx: Context, doing: str):
+    """A GPU out-of-memory error becomes one line: what ran out, and the same experiment in smaller batches.
+    Nothing is written at that point: the checkpoint of the last finished epoch stays as it was."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        cfg = ctx.cfg
+        if ctx.rt.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = max(1, cfg.batch_size // 2)
+        saved = f"{ctx.out / RF.LAST} (epoch {ctx.state.epoch}) is intact" if ctx.state.epoch else "nothing is lost"
+        raise UserError(f"out of GPU memory {doing} of {ctx.record.model.display} at {cfg.img_size} px with "
+                        f"--batch-size {cfg.batch_size}" + (f" x {cfg.grad_accum_steps} accumulated"
+                                                             if cfg.grad_accum_steps > 1 else "")
+                        + f"; the same experiment in smaller batches: --batch-size {half} --grad-accum-steps "
+                          f"{cfg.grad_accum_steps * cfg.batch_size // half} (then --resume); {saved}") from None
 
 
 def save_interrupted(ctx: Context, epoch: int, result: EpochResult, stop: GracefulStop) -> int:

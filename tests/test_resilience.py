@@ -224,10 +224,11 @@ def test_a_second_process_on_a_running_folder_is_refused(cifar_dir, tmp_path, ca
 def test_a_stale_lock_of_a_dead_process_is_taken_over(cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".lock").write_text(f"pid 999999999 on {socket.gethostname()} since 2026-01-01 00:00:00\n")
+    (out / ".lock").write_text("")  # the lock file a killed process left (its OS lock died with it)
+    (out / ".lock.holder").write_text(f"pid 999999999 on {socket.gethostname()} since 2026-01-01 00:00:00\n")
     assert resnet(*args(cifar_dir, out, "--epochs", "1")) == 0
     assert "took over the lock of pid 999999999" in capsys.readouterr().err
-    assert not (out / ".lock").exists(), "released at the end"
+    assert not (out / ".lock").exists() and not (out / ".lock.holder").exists(), "released at the end"
 
 
 # ----------------------------------------------------------------------------- damaged files

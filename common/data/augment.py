@@ -93,10 +93,10 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """[0, 255] -> (x / 255 - mean) / std, per channel."""
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x / 255.0 - m) / s
+    """[0, 255] -> (x / 255 - mean) / std, per channel, as one multiply-add: x * 1/(255 std) - mean/std."""
+    scale = torch.tensor([1 / (255.0 * s) for s in std], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return torch.addcmul(shift, x, scale)
 
 
 # ----------------------------------------------------------------------------- the CPU (per-image) path

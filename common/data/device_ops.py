@@ -96,12 +96,15 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 
 
 def _autocontrast(x: torch.Tensor) -> torch.Tensor:
-    """ImageOps.autocontrast per channel: stretch min..max to 0..255 (lut values truncated)."""
-    xd = x.double()
-    lo, hi = xd.amin(dim=(2, 3), keepdim=True), xd.amax(dim=(2, 3), keepdim=True)
+    """ImageOps.autocontrast per channel: stretch min..max to 0..255 through Pillow's truncated lut (built in
+    float64 on 256 entries, then looked up: exact, and no float64 image)."""
+    n, c, h, w = x.shape
+    flat = x.reshape(n * c, h * w)
+    lo, hi = flat.amin(1, keepdim=True).double(), flat.amax(1, keepdim=True).double()
     scale = 255.0 / (hi - lo).clamp(min=1)
-    out = torch.trunc(xd * scale - lo * scale).clamp(0, 255)
-    return torch.where(hi > lo, out, xd).to(x.dtype)
+    levels = torch.arange(256, device=x.device, dtype=torch.float64).view(1, 256)
+    lut = torch.where(hi > lo, torch.trunc(levels * scale - lo * scale).clamp(0, 255), levels).to(x.dtype)
+    return lut.gather(1, flat.long()).view(n, c, h, w)
 
 
 def _equalize(x: torch.Tensor) -> torch.Tensor:
@@ -126,28 +129,27 @@ def _cubic_weights(d: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def pil_affine(x: torch.Tensor, mats: torch.Tensor, fill: tuple[float, ...]) -> torch.Tensor:
     """Image.transform(size, AFFINE, (a, b, c, d, e, f), BICUBIC, fillcolor=fill) per image: each output
-    pixel centre (x + .5, y + .5) maps to (a x + b y + c, d x + e y + f) in the input; outside -> fill."""
+    pixel centre (x + .5, y + .5) maps to (a x + b y + c, d x + e y + f) in the input; outside -> fill. The 16
+    taps of every output pixel are gathered at once and weighted by the outer product of the x and y cubic
+    weights (float32 coordinates: exact to 1e-5 px at 224 px)."""
     n, ch, h, w = x.shape
     dev = x.device
-    a, b, c, d, e, f = mats.to(dev, torch.float64).view(n, 6, 1, 1).unbind(1)
-    xs = torch.arange(w, device=dev, dtype=torch.float64).view(1, 1, w) + 0.5
-    ys = torch.arange(h, device=dev, dtype=torch.float64).view(1, h, 1) + 0.5
-    xin, yin = a * xs + b * ys + c, d * xs + e * ys + f
+    a, b, c, d, e, f = mats.to(dev, torch.float32, non_blocking=True).view(n, 6, 1, 1).unbind(1)
+    xs = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w) + 0.5
+    ys = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1) + 0.5
+    xin, yin = a * xs + b * ys + c, d * xs + e * ys + f                            # (n, h, w)
     inside = (xin >= 0) & (xin < w) & (yin >= 0) & (yin < h)
     xf, yf = xin - 0.5, yin - 0.5
     x0, y0 = torch.floor(xf), torch.floor(yf)
-    wx, wy = _cubic_weights((xf - x0).float()), _cubic_weights((yf - y0).float())
-    flat = x.reshape(n, ch, h * w)
-    out = torch.zeros(n, ch, h, w, device=dev, dtype=x.dtype)
-    for i in range(4):
-        ry = (y0 - 1 + i).clamp(0, h - 1).long()
-        row = torch.zeros_like(out)
-        for j in range(4):
-            rx = (x0 - 1 + j).clamp(0, w - 1).long()
-            idx = (ry * w + rx).view(n, 1, h * w).expand(n, ch, h * w)
-            row += wx[j].unsqueeze(1) * flat.gather(2, idx).view(n, ch, h, w)
-        out += wy[i].unsqueeze(1) * row
-    out = out.clamp_(0, 255).floor_()
+    taps = torch.arange(-1, 3, device=dev, dtype=torch.float32).view(1, 4, 1, 1)
+    cols = (x0.unsqueeze(1) + taps).clamp_(0, w - 1).long()                       # (n, 4, h, w)
+    rows = (y0.unsqueeze(1) + taps).clamp_(0, h - 1).long()
+    idx = (rows.unsqueeze(2) * w + cols.unsqueeze(1)).view(n, 1, 16 * h * w)     # (n, 1, 4 rows x 4 cols x hw)
+    wx = torch.stack(_cubic_weights(xf - x0), 1)                                   # (n, 4, h, w)
+    wy = torch.stack(_cubic_weights(yf - y0), 1)
+    weights = (wy.unsqueeze(2) * wx.unsqueeze(1)).view(n, 1, 16, h, w)
+    taps16 = x.reshape(n, ch, h * w).gather(2, idx.expand(n, ch, 16 * h * w)).view(n, ch, 16, h, w)
+    out = (taps16 * weights).sum(2).clamp_(0, 255).floor_()
     fill_t = torch.tensor(fill, device=dev, dtype=x.dtype).view(1, ch, 1, 1)
     return torch.where(inside.unsqueeze(1), out, fill_t)
 
@@ -237,40 +239,66 @@ class DeviceAugment:
 
 
 class ReferenceAugment(DeviceAugment):
-    """timm's train transform of the experiment on a batch: uint8 (n, 3, 32, 32) -> normalised float."""
+    """timm's train transform of the experiment on a batch: uint8 (n, 3, 32, 32) -> normalised float.
+
+    sample() makes every data-dependent decision on the CPU: the crops and flips, and for each RandAugment layer
+    which images take which op (an image takes one op per layer, so the ops partition the images and their order
+    within a layer does not matter: the five geometric ops become one affine pass), the affine matrices, the
+    erasing boxes. apply() is then device work on tensors of known shapes, with no host read."""
 
     def __init__(self, recipe: Recipe, img_size: int):
         super().__init__(recipe, img_size)
         self.fill = tuple(float(min(255, round(255 * m))) for m in recipe.mean)  # timm's img_mean fill
 
-    def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def sample(self, n: int, gen: torch.Generator) -> dict:
         r = self.recipe
         layers = r.ra_ops
-        return {"crops": sample_crops(n, 32, r.crop_scale, r.crop_ratio, gen, allow_empty=True),
-                "flips": torch.rand(n, generator=gen) < r.hflip,
-                "ops": torch.randint(len(TIMM_OPS), (layers, n), generator=gen),
-                "apply": torch.rand(layers, n, generator=gen) <= r.ra_prob,
-                "magnitude": (r.ra_magnitude + r.ra_std * torch.randn(layers, n, generator=gen)).clamp(0, 10),
-                "signs": torch.where(torch.rand(layers, n, generator=gen) > 0.5, -1.0, 1.0),
-                "erase": sample_erasing(n, self.size, r.re_prob, gen),
-                "noise_seed": int(torch.randint(2**62, (1,), generator=gen))}
-
-    def apply(self, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation)
-        x = torch.where(p["flips"].to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-        for layer in range(p["ops"].shape[0]):
+        crops = sample_crops(n, 32, r.crop_scale, r.crop_ratio, gen, allow_empty=True)
+        flips = torch.rand(n, generator=gen) < r.hflip
+        ops = torch.randint(len(TIMM_OPS), (layers, n), generator=gen)
+        apply = torch.rand(layers, n, generator=gen) <= r.ra_prob
+        magnitude = (r.ra_magnitude + r.ra_std * torch.randn(layers, n, generator=gen)).clamp(0, 10)
+        signs = torch.where(torch.rand(layers, n, generator=gen) > 0.5, -1.0, 1.0)
+        erase_boxes = sample_erasing(n, self.size, r.re_prob, gen)
+        noise_seed = int(torch.randint(2**62, (1,), generator=gen))
+        plan = []
+        for layer in range(layers):
+            geometric_idx, geometric_mats = [], []
             for k, name in enumerate(TIMM_OPS):
-                sel = torch.nonzero((p["ops"][layer] == k) & p["apply"][layer]).flatten()
-                if len(sel):
-                    dev_sel = sel.to(x.device, non_blocking=True)
-                    x[dev_sel] = timm_op(name, x[dev_sel], p["magnitude"][layer][sel], p["signs"][layer][sel],
-                                         self.fill)
+                sel = torch.nonzero((ops[layer] == k) & apply[layer]).flatten()
+                if not len(sel):
+                    continue
+                m, s = magnitude[layer][sel], signs[layer][sel]
+                if name in GEOMETRIC_SCALE:
+                    level = m.double() / 10 * GEOMETRIC_SCALE[name] * s.double()
+                    geometric_idx.append(sel)
+                    geometric_mats.append(_affine_matrix(name, level, self.size))
+                else:
+                    plan.append((name, sel, m, s))
+            if geometric_idx:
+                plan.append(("affine", torch.cat(geometric_idx), torch.cat(geometric_mats), None))
+        return {"crops": crops, "flips": flips, "ops": ops, "apply": apply, "magnitude": magnitude, "signs": signs,
+                "erase": erase_boxes, "erased": torch.nonzero(erase_boxes[:, 2] > 0).flatten(),
+                "noise_seed": noise_seed, "plan": plan}
+
+    def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation, flips=p["flips"])
+        for name, sel, magnitude, sign in p["plan"]:
+            dev_sel = sel.to(x.device, non_blocking=True)
+            if name == "affine":
+                x[dev_sel] = pil_affine(x[dev_sel], magnitude, self.fill)
+            else:
+                x[dev_sel] = timm_op(name, x[dev_sel], magnitude, sign, self.fill)
         x = normalize(x, self.recipe.mean, self.recipe.std)
+        if not len(p["erased"]):
+            return x
+        sel = p["erased"].to(x.device, non_blocking=True)  # only the images with a box: a quarter of them
         noise = None
-        if self.recipe.re_mode == "pixel" and self.recipe.re_prob > 0:
+        if self.recipe.re_mode == "pixel":
             g = noise_generator(x.device, p["noise_seed"])
-            noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-        return erase(x, p["erase"], noise)
+            noise = torch.randn((len(p["erased"]), *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+        x[sel] = erase(x[sel], p["erase"][p["erased"]], noise)
+        return x
 
 
 # ----------------------------------------------------------------------------- the light recipe
@@ -347,36 +375,45 @@ def tv_geometric_inverse(op: str, strength: float, sign: torch.Tensor, size: int
 class LightAugment(DeviceAugment):
     """RandAugment(num_ops, magnitude) at 32x32 + RandomResizedCrop + flip + normalise, one upsample."""
 
-    def sample(self, n: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def sample(self, n: int, gen: torch.Generator) -> dict:
+        """The draws, and what they decide: the colour op of each image per layer (the selections), and the one
+        affine map per image that composes its geometric ops with its crop and flip (computed here, on the CPU)."""
         r = self.recipe
-        return {"ops": torch.randint(len(TV_OPS), (r.ra_ops, n), generator=gen),
-                "signs": torch.where(torch.rand(r.ra_ops, n, generator=gen) < 0.5, -1.0, 1.0),
-                "crops": sample_crops(n, 32, r.crop_scale, r.crop_ratio, gen),
-                "flips": torch.rand(n, generator=gen) < r.hflip}
-
-    def apply(self, images: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        """All random ops at 32x32: uint8 (n, 3, 32, 32) -> normalised float (n, 3, 32, 32); see finish()."""
-        n, device = images.shape[0], images.device
-        x = images.float().div_(255)
+        ops = torch.randint(len(TV_OPS), (r.ra_ops, n), generator=gen)
+        signs = torch.where(torch.rand(r.ra_ops, n, generator=gen) < 0.5, -1.0, 1.0)
+        crops = sample_crops(n, 32, r.crop_scale, r.crop_ratio, gen)
+        flips = torch.rand(n, generator=gen) < r.hflip
         inverse = torch.eye(3).repeat(n, 1, 1)
-        for r in range(p["ops"].shape[0]):
+        colour = []
+        for layer in range(ops.shape[0]):
             for k, op in enumerate(TV_OPS):
-                chosen = p["ops"][r] == k
+                chosen = ops[layer] == k
                 if op == "Identity" or not chosen.any():
                     continue
-                strength = tv_op_strength(op, self.recipe.ra_magnitude, 32)
+                strength = tv_op_strength(op, r.ra_magnitude, 32)
                 if op in TV_GEOMETRIC:
-                    m = tv_geometric_inverse(op, strength, p["signs"][r], 32)
+                    m = tv_geometric_inverse(op, strength, signs[layer], 32)
                     inverse = torch.where(chosen.view(-1, 1, 1), inverse @ m, inverse)
                 else:
-                    x = torch.where(chosen.to(device).view(-1, 1, 1, 1), tv_colour_op(op, x, strength, p["signs"][r]), x)
-        top, left, h, w = p["crops"].float().unbind(1)
-        flip = torch.where(p["flips"], -1.0, 1.0)
+                    sel = torch.nonzero(chosen).flatten()
+                    colour.append((op, sel, strength, signs[layer][sel]))
+        top, left, h, w = crops.float().unbind(1)
+        flip = torch.where(flips, -1.0, 1.0)
         crop = torch.zeros(n, 3, 3)
         crop[:, 0, 0], crop[:, 0, 2] = w / 32 * flip, (2 * left + w) / 32 - 1
         crop[:, 1, 1], crop[:, 1, 2] = h / 32, (2 * top + h) / 32 - 1
         crop[:, 2, 2] = 1
-        theta = (inverse @ crop)[:, :2].to(device)
+        return {"ops": ops, "signs": signs, "crops": crops, "flips": flips, "colour": colour,
+                "theta": (inverse @ crop)[:, :2].contiguous()}
+
+    def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        """All random ops at 32x32: uint8 (n, 3, 32, 32) -> normalised float (n, 3, 32, 32); see finish()."""
+        n, device = images.shape[0], images.device
+        x = images.float().div_(255)
+        for op, sel, strength, sign in p["colour"]:
+            dev_sel = sel.to(device, non_blocking=True)
+            x[dev_sel] = tv_colour_op(op, x[dev_sel], strength, sign)
+        theta = p["theta"].to(device, non_blocking=True)
         # sample at 32x32 (black fill outside) and normalise there: normalising is per-channel affine and
         # commutes with the bilinear upsample, so it costs a 32x32 pass, not an img_size one
         grid = F.affine_grid(theta, [n, 3, 32, 32], align_corners=False)
