@@ -79,8 +79,12 @@ def main(argv: list[str] | None = None) -> int:
 
     lines, missing = readiness(args.data_dir)
     print("\n".join(lines))
+    gpu = not any(m.startswith("no GPU") for m in missing)
+    print("\nworks on this machine: " + ("everything" if gpu else
+          "the CPU-sized runs of README's 'Try it' (32 px, small subsets), the tests, and reading runs back "
+          "(compare_runs.py, plot_four_panels.py, show_resnet_example.py)"))
     if missing:
-        print(f"\nnot ready ({len(missing)}):")
+        print(f"\nnot ready for the experiment ({len(missing)}):")
         for m in missing:
             print(f"  - {m}")
         return 1

@@ -54,6 +54,14 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
             if not e.quiet:
                 print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (ImportError, RuntimeError) as e:
+            from .deps import explain_import_error
+
+            why = explain_import_error(e)
+            if why is None:
+                raise
+            print(f"error: {why}", file=sys.stderr)
+            raise SystemExit(2) from None
         except KeyboardInterrupt:  # a second Ctrl+C: quit at once, files on disk are whole (atomic writes)
             if os.environ.get("RANK", "0") == "0":  # torchrun: every rank gets the Ctrl+C; rank 0 speaks
                 print("\ninterrupted: quit at once; the last completed checkpoint is intact (--resume)",

@@ -17,6 +17,28 @@ PANELS = (("train_loss", "Train loss"), ("val_loss", "Validation loss"), ("train
           ("val_acc", "Validation accuracy"))
 
 
+def percent_formatter():
+    """Tick labels in % with as many decimals as the tick spacing needs, so that no two ticks read the same on a
+    narrow range (a 0.2-point spacing gets one decimal, a 0.05 one two)."""
+    import math
+
+    from matplotlib.ticker import Formatter
+
+    class Percent(Formatter):
+        decimals = 0
+
+        def format_ticks(self, values):
+            steps = [b - a for a, b in zip(values, values[1:]) if b > a]
+            step = min(steps) if steps else 1.0
+            self.decimals = max(0, math.ceil(-math.log10(step) - 1e-9)) if step < 1 else 0
+            return [self(v) for v in values]
+
+        def __call__(self, x, pos=None):
+            return f"{x:.{self.decimals}f}%"
+
+    return Percent()
+
+
 def setup_matplotlib(safe: bool):
     """pyplot with a non-interactive backend when `safe` or when there is no display to show on."""
     import matplotlib
@@ -107,7 +129,7 @@ def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str 
     """Train/validation loss and accuracy against epoch, one series per setting (several seeds: their mean
     with a band). On the validation panel a star marks the best epoch of the drawn curve: best.pt's epoch for
     one seed; for several, the best epoch of their mean, and a small x marks each seed's own best.pt."""
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     for ax, (column, name) in zip(axes.flat, PANELS):
@@ -141,7 +163,7 @@ def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str 
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)" if acc else "cross-entropy loss")
         if acc:
-            ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+            ax.yaxis.set_major_formatter(percent_formatter())
         ax.grid(alpha=0.3)
     band_text = {"minmax": "band: min–max over seeds", "std": "band: ±1 std over seeds"}[band]
     several = any(len(st["setting"].runs) > 1 for st in styles)

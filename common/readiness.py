@@ -9,9 +9,12 @@ from pathlib import Path
 def data_report(data_dir: str) -> tuple[list[str], list[str]]:
     """Lines about --data-dir, and what is missing."""
     from .data import cache, folders
-    from .data.sources import BATCHES, batches_folder, describe_kind, read_batches
+    from .data.sources import BATCHES, batches_folder, describe_kind, lone_archive, read_batches
 
     path = Path(data_dir)
+    if not path.exists() and path.name.lower().endswith(folders.ARCHIVE_SUFFIXES):
+        return [f"CIFAR-10     {path}: no such file"], [f"--data-dir {path}: no such file; give the archive's path"]
+    path = lone_archive(path) or path
     kind = describe_kind(path)
     if kind == "missing":
         return ([f"CIFAR-10     not found in {path}"],
@@ -48,11 +51,12 @@ def readiness(data_dir: str) -> tuple[list[str], list[str]]:
     missing = []
     if torch.version.cuda is None:
         lines.append("GPU          none: this PyTorch is a CPU-only build")
-        missing.append("no GPU: this PyTorch is CPU-only; on a machine with an NVIDIA GPU install the CUDA build "
-                       "(env_setup.md). On the CPU, train only smoke runs (--device cpu).")
+        missing.append("no GPU for the experiment (four 30-epoch runs at 224 px: hours on a GPU, weeks on a CPU): "
+                       "on a machine with an NVIDIA GPU, install PyTorch's CUDA build (env_setup.md)")
     elif not torch.cuda.is_available():
         lines.append(f"GPU          none visible (PyTorch built for CUDA {torch.version.cuda}, but no GPU or driver found)")
-        missing.append("no GPU visible: check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+        missing.append("no GPU visible for the experiment: if this machine has an NVIDIA GPU, check its driver "
+                       "(nvidia-smi) and CUDA_VISIBLE_DEVICES; if it has none, the experiment needs another machine")
     else:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)

@@ -79,6 +79,7 @@ class SplitInfo:
     val: int
     test: int
     val_is_test: bool
+    indices_sha256: str          # which images train / val / test hold: equal for runs that share the split
 
 
 @dataclass

@@ -62,6 +62,8 @@ def run_training(cfg: TrainConfig) -> int:
     """Train, validate, checkpoint and test one model; returns the process exit code."""
     dist = D.init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     lock = RF.RunLock(Path(cfg.output_dir))
+    created = not Path(cfg.output_dir).exists()
+    failed = True
     try:
         with D.together(dist):
             rt = resolve_runtime(cfg, dist)
@@ -74,11 +76,25 @@ def run_training(cfg: TrainConfig) -> int:
             ckpt = open_run_folder(cfg, lock, dist.is_main)
             done = ckpt is not None and check_resume(cfg, ckpt, is_main=dist.is_main)
         if done:
+            failed = False
             return 0
-        return train_and_test(prepare(cfg, rt, ckpt))
+        code = train_and_test(prepare(cfg, rt, ckpt))
+        failed = False
+        return code
     finally:
         lock.release()
+        if failed and created and dist.is_main:
+            _remove_if_empty(Path(cfg.output_dir))
         D.cleanup(dist)
+
+
+def _remove_if_empty(out: Path) -> None:
+    """A run that failed before writing anything leaves no empty folder behind (it created the folder)."""
+    try:
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    except OSError:
+        pass
 
 
 def train_and_test(ctx: Context) -> int:

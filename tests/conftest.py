@@ -150,7 +150,7 @@ def fake_record(arch: str = "resnet18", pretrained: bool = True, tag: str | None
     data = DataInfo("synthetic" if synthetic else "tar", None if synthetic else "cifar10-jpeg.tar.gz",
                     "synthetic (--dummy, not CIFAR-10)" if synthetic else "CIFAR-10",
                     ("s" if synthetic else "c") * 64, {"train": 50000, "test": n_test}, classes, 0, [],
-                    SplitInfo(5000, "stratified", 0, 0, 0, 45000, 5000, n_test, False))
+                    SplitInfo(5000, "stratified", 0, 0, 0, 45000, 5000, n_test, False, "i" * 64))
     env = Environment("3.11", "2.11", "0.26", "1.0.31", "12.8", "Linux", "cuda:0", "NVIDIA H100", 8, "abcdef123",
                       False, "train.py", "2026-01-01T00:00:00")
     return RunRecord(cfg, ModelInfo(arch, spec.display, arch, "timm", 1, 1, 10, True), weights,

@@ -26,6 +26,7 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # = torchvision.datasets.CIFAR10.url
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"                          # = CIFAR10.tgz_md5
+OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"  # the official pickles, not an image archive: unpacked, not decoded
 HF_REPO = "uoft-cs/cifar10"
 HF_FILES = {"train": "plain_text/train-00000-of-00001.parquet", "test": "plain_text/test-00000-of-00001.parquet"}
 SYNTHETIC = "synthetic"
@@ -89,6 +90,13 @@ def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = T
     if dummy:
         return synthetic_source()
     path = Path(data_dir)
+    if not path.exists() and path.name.lower().endswith(folders.ARCHIVE_SUFFIXES):
+        raise UserError(f"--data-dir {path}: no such file (a name ending in {path.suffix} is read as an archive, "
+                        f"not a folder to download into); give the archive's path, or a folder")
+    archive = lone_archive(path)
+    if archive is not None:
+        log.info(f"--data-dir {path} holds one CIFAR-10 archive, {archive.name}: reading it")
+        path = archive
     kind = describe_kind(path)
     if kind in ("tar", "zip", "image-folder"):
         return read_image_source(path, kind, cache_dir, skip_bad_images)
@@ -102,6 +110,18 @@ def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = T
     folder = batches_folder(path)
     train_x, train_y, test_x, test_y = read_batches(folder)
     return DataSource("cifar-batches", str(folder), train_x, train_y, test_x, test_y)
+
+
+def lone_archive(folder: Path) -> Path | None:
+    """The one .tar.gz/.tgz/.tar/.zip in a folder that holds no CIFAR-10 otherwise; a UserError when several
+    compete (which one is meant is not for us to guess)."""
+    if not folder.is_dir() or batches_folder(folder) is not None or folders.is_image_folder(folder):
+        return None
+    found = sorted(p for p in folder.iterdir() if folders.is_archive(p) and p.name != OFFICIAL_ARCHIVE)
+    if len(found) > 1:
+        raise UserError(f"--data-dir {folder} holds {len(found)} archives ({', '.join(p.name for p in found[:4])}); "
+                        f"pass the one to read")
+    return found[0] if found else None
 
 
 # ----------------------------------------------------------------------------- image folders and archives
@@ -216,13 +236,17 @@ def write_batches(data_dir: str | Path, train_x: np.ndarray, train_y: np.ndarray
 
 def download_official(data_dir: Path, url: str | None = None, md5: str | None = None) -> None:
     url, md5 = url or CIFAR_URL, md5 or CIFAR_MD5
-    archive = download_url(url, data_dir / "cifar-10-python.tar.gz")
+    archive = download_url(url, data_dir / OFFICIAL_ARCHIVE)
     if md5 and file_digest(archive, "md5") != md5:
         archive.unlink()
         raise DownloadError(f"{url}: checksum mismatch (incomplete download)")
+    unpack_official(archive, data_dir)
+    archive.unlink()
+
+
+def unpack_official(archive: Path, data_dir: Path) -> None:
     with tarfile.open(archive, "r:gz") as tar:
         tar.extractall(data_dir, filter="data")
-    archive.unlink()
 
 
 def parquet_to_arrays(frame) -> tuple[np.ndarray, np.ndarray]:
@@ -255,6 +279,14 @@ def ensure_batches(data_dir: Path, download: bool) -> Path:
         return folder
     by_hand = (f"download {CIFAR_URL} and unpack it so that {folder}/data_batch_1 exists, or pass --data-dir "
                f"an image folder (train/<class>/*.png, test/<class>/*.png) or an archive of one")
+    official = data_dir / OFFICIAL_ARCHIVE
+    if official.is_file():  # downloaded by hand into the folder
+        if file_digest(official, "md5") != CIFAR_MD5:
+            raise UserError(f"{official} is not the official CIFAR-10 archive (its MD5 differs: an incomplete "
+                            f"download?); delete it to download it again")
+        log.info(f"unpacking {official} into {data_dir}")
+        unpack_official(official, data_dir)
+        return folder
     if not download:
         raise UserError(f"CIFAR-10 not found in {data_dir} and --no-download is set: {by_hand}")
     errors = []

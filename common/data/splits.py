@@ -3,6 +3,7 @@ by --split-seed alone so that runs with different --seed share it) and test. Ind
 kept, so a test can prove that no image is in two sets."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,8 +35,12 @@ class Splits:
     settings: dict[str, Any]
 
     def provenance(self) -> dict[str, Any]:
+        """The settings, the sizes, and a hash of which images each set holds: runs that share a split share it."""
+        digest = hashlib.sha256()
+        for idx in (self.train_idx, self.val_idx, self.test_idx):
+            digest.update(np.ascontiguousarray(idx, dtype=np.int64).tobytes() + b"|")
         return {**self.settings, "train": int(len(self.train_x)), "val": int(len(self.val_x)),
-                "test": int(len(self.test_x)), "val_is_test": self.val_is_test}
+                "test": int(len(self.test_x)), "val_is_test": self.val_is_test, "indices_sha256": digest.hexdigest()}
 
 
 def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
