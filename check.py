@@ -34,6 +34,8 @@ def parse_args(argv):
     p.add_argument("--bench-suite", type=int, default=0, metavar="EPOCHS",
                    help="Run each train script for EPOCHS epochs on CIFAR-sized synthetic data and project the time "
                         "of the four-run suite.")
+    p.add_argument("--bench-suite-output", default="runs/bench_suite.json", metavar="PATH",
+                   help="Where --bench-suite saves its figures (run_suite.py --dry-run projects a sweep from them).")
     p.add_argument("--bench-suite-flags", default="", metavar="FLAGS",
                    help='Training flags for --bench-suite, e.g. "--batch-size 256 --compile".')
     p.add_argument("--bench-profile", choices=[*MODELS, "augment"],
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.bench_suite:
         from common.bench_suite import bench_suite, format_suite
 
-        result = bench_suite(args.bench_suite, args.device, args.bench_suite_flags)
+        result = bench_suite(args.bench_suite, args.device, args.bench_suite_flags, args.bench_suite_output)
         print(json.dumps(result, indent=2) if args.json else format_suite(result))
         return 0
     if args.bench:

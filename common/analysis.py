@@ -21,6 +21,7 @@ from .specs import MODELS
 MARK = "†"            # a comparison of runs that differ in settings that matter (--allow-mismatch)
 TEST_MARK = "‡"       # best.pt chosen on the test set itself (--val-size 0, --allow-test-selection)
 MODES = ("pretrained", "scratch", "linear probe")
+TRAINING_SET = ("train", "train_subset", "indices_sha256")  # what differs between the sizes of a sweep
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,9 @@ def comparable_values(run: Run) -> dict[str, str]:
     """The settings that must match for a comparison to be fair, as text: the data and its split, the recipe,
     every flag declared `compare` in common/config.py, the effective batch and the epochs actually run."""
     r = run.record
-    values = {"data": f"{r.data.label()} {r.data.sha256[:12]}",
-              "data.splits": _text({k: v for k, v in vars(r.data.splits).items()}),
+    split = {k: v for k, v in vars(r.data.splits).items() if k not in TRAINING_SET}
+    values = {"data": f"{r.data.label()} {r.data.sha256[:12]}", "data.splits": _text(split),
+              "training set": _text({k: getattr(r.data.splits, k) for k in TRAINING_SET}),
               "recipe": _text({k: v for k, v in r.recipe.to_dict().items() if k != "departures_from_preset"})}
     values.update({k: _text(getattr(r.config, k)) for k in COMPARE_KEYS})
     values["effective batch"] = str(r.config.effective_batch)  # 128, or 64 x 2 accumulated: the same experiment
@@ -389,6 +391,46 @@ def _difference(vit: Gain, cnn: Gain, n_boot: int) -> GainDifference:
     return GainDifference(interval, vit, cnn)
 
 
+# ----------------------------------------------------------------------------- across training-set sizes
+
+@dataclass
+class SizeComparison:
+    """A sweep: one Comparison per training-set size (its own comparability check), all other settings equal."""
+
+    sizes: list[int]
+    by_size: dict[int, Comparison]
+    mismatched: dict[str, dict[str, list[str]]]
+
+    @property
+    def largest(self) -> Comparison:
+        return self.by_size[self.sizes[-1]]
+
+
+def training_images(run: Run) -> int:
+    return run.record.data.splits.train
+
+
+def compare_sizes(runs: Sequence[Run], allow_mismatch: bool = False, n_boot: int = 4000,
+                  allow_test_selection: bool = False) -> SizeComparison:
+    """Runs of several training-set sizes: everything but the training set must match across sizes."""
+    across = {k: v for k, v in mismatches(runs).items() if k != "training set"}
+    if across and not allow_mismatch:
+        what = "; ".join(differences_text(k, vals) for k, vals in across.items())
+        raise UserError(f"the runs of the sweep are not comparable across sizes: {what}. Re-run them alike, or pass "
+                        f"--allow-mismatch (every number is then marked {MARK})")
+    sizes = sorted({training_images(r) for r in runs})
+    by_size = {n: compare([r for r in runs if training_images(r) == n], None, allow_mismatch, n_boot,
+                          allow_test_selection) for n in sizes}
+    return SizeComparison(sizes, by_size, across)
+
+
+def setting_interval(setting: Setting, n_boot: int = 2000) -> Interval | None:
+    """A setting's mean test accuracy with its 95% interval (over images and seeds when it has 2 or more),
+    within [0, 1] (an accuracy cannot leave it, even when two seeds make Student's t wide)."""
+    i = contrast([setting], [1.0], n_boot)
+    return None if i is None else Interval(i.estimate, max(0.0, i.lo), min(1.0, i.hi), i.method)
+
+
 # ----------------------------------------------------------------------------- per class, calibration
 
 @dataclass
@@ -456,8 +498,9 @@ def footnote(settings: Sequence[Setting]) -> str:
     sizes = {str(r.record.config.img_size) for r in runs}
     epochs = {str(r.summary.epochs_run if r.summary else int(r.metrics["epoch"].iloc[-1])) for r in runs}
     n_test = {str(r.summary.test_images if r.summary else r.record.data.splits.test) for r in runs}
-    n_train = {str(r.record.data.splits.train) for r in runs}
-    weights = "; ".join(f"{s.label}: {s.record.weights.label()}" for s in settings if s.mode != "scratch")
+    n_train = {str(r.record.data.splits.train) for r in runs}  # several: a data-size sweep
+    named = {s.label: s.record.weights.label() for s in settings if s.mode != "scratch"}  # once per setting
+    weights = "; ".join(f"{label}: {w}" for label, w in named.items())
     seeds = "/".join(sorted({str(len(s.runs)) for s in settings}, key=int))
     return (f"{' / '.join(sorted(labels))}; {'/'.join(sorted(n_train, key=int))} train and "
             f"{'/'.join(sorted(n_test))} test images; {'/'.join(sorted(sizes))} px; "

@@ -36,7 +36,7 @@ def check_flags(flags: str) -> list[str]:
     return argv
 
 
-def bench_suite(epochs: int, device_name: str, flags: str) -> dict:
+def bench_suite(epochs: int, device_name: str, flags: str, output: str | Path | None = None) -> dict:
     """Projected wall time of the four-run suite, from `epochs` timed epochs per model (set-up, validation
     and test included). Pretrained and scratch runs do the same compute, so each model runs once, from scratch.
     The epoch lines of the timed runs go to stderr, as progress."""
@@ -68,6 +68,10 @@ def bench_suite(epochs: int, device_name: str, flags: str) -> dict:
                 "test_images": summary.test_images,
                 "projected_run_s": other_s + epoch_s[0] + (full_epochs - 1) * later}
     results["projected_suite_s"] = 2 * sum(r["projected_run_s"] for r in results["runs"].values())
+    if output:  # run_suite.py --dry-run projects a sweep from these figures
+        from .files import write_json
+
+        write_json(output, results)
     return results
 
 

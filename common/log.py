@@ -37,5 +37,5 @@ def setup_logging(rank: int = 0) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    for noisy in ("PIL", "matplotlib", "urllib3", "huggingface_hub", "filelock", "torch"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "huggingface_hub", "filelock", "torch", "submitit"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

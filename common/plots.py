@@ -18,19 +18,15 @@ PANELS = (("train_loss", "Train loss"), ("val_loss", "Validation loss"), ("train
 
 
 def percent_formatter():
-    """Tick labels in % with as many decimals as the tick spacing needs, so that no two ticks read the same on a
-    narrow range (a 0.2-point spacing gets one decimal, a 0.05 one two)."""
-    import math
-
+    """Tick labels in % with as many decimals as the ticks need to be written exactly (22.5 is never shown as
+    22%), so that no two ticks read the same on a narrow range."""
     from matplotlib.ticker import Formatter
 
     class Percent(Formatter):
         decimals = 0
 
         def format_ticks(self, values):
-            steps = [b - a for a, b in zip(values, values[1:]) if b > a]
-            step = min(steps) if steps else 1.0
-            self.decimals = max(0, math.ceil(-math.log10(step) - 1e-9)) if step < 1 else 0
+            self.decimals = next((d for d in range(6) if all(abs(round(v, d) - v) < 1e-7 for v in values)), 6)
             return [self(v) for v in values]
 
         def __call__(self, x, pos=None):
@@ -169,9 +165,11 @@ def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str 
     several = any(len(st["setting"].runs) > 1 for st in styles)
     star = ("★ best epoch of each curve (of the seeds' mean); x: each seed's best.pt; " + band_text if several
             else "★ best validation epoch (the epoch best.pt holds)")
-    axes[0, 0].legend(loc="upper right", fontsize=8.5, title=star, title_fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=min(4, len(labels)),
+               fontsize=8.5, title=star, title_fontsize=8, frameon=False)  # above the panels: hides no curve
     fig.suptitle(title, fontsize=12)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.04, 1, 0.90))
     add_footnote(fig, footnote)
     return fig
 
@@ -270,3 +268,71 @@ def reliability_figure(plt, styles: list[dict], calibration: dict, title: str, f
     add_footnote(fig, footnote + "; hatched: gap between confidence and accuracy; dashed: perfect calibration; "
                  "lower panels: predictions per bin")
     return fig
+
+
+def data_efficiency_figure(plt, sc, footnote: str):
+    """Test accuracy against training images (log x) for each setting, with 95% interval bands; below it each
+    model's pre-training gain and the difference of the gains, with theirs. Same colours and line styles as the
+    curves (colour = model, solid = pretrained, dashed = scratch)."""
+    from matplotlib.ticker import FuncFormatter
+
+    from .analysis import setting_interval
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 9.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    labels: dict[str, dict] = {}
+    for n in sc.sizes:
+        for st in series_style(sc.by_size[n].settings):
+            labels.setdefault(st["setting"].label, st)
+    for label, st in labels.items():
+        xs, ys, lo, hi = [], [], [], []
+        for n in sc.sizes:
+            s = next((x for x in sc.by_size[n].settings if x.label == label), None)
+            if s is None or not s.test_acc():
+                continue
+            i = setting_interval(s)
+            xs.append(n), ys.append(100 * float(np.mean(s.test_acc())))
+            lo.append(100 * (i.lo if i else ys[-1] / 100)), hi.append(100 * (i.hi if i else ys[-1] / 100))
+        top.plot(xs, ys, color=st["color"], linestyle=st["linestyle"], marker=st["marker"], label=label)
+        top.fill_between(xs, lo, hi, color=st["color"], alpha=0.15, lw=0)
+    top.set_ylabel("test accuracy (%)")
+    top.yaxis.set_major_formatter(percent_formatter())
+    top.legend(fontsize=8.5, loc="lower right")
+    top.grid(alpha=0.3)
+    arch_style = {}
+    for st in labels.values():
+        arch_style.setdefault(st["setting"].arch, (st["color"], st["setting"].display))
+    series = [(f"{name} gain", color, "-", "o", lambda c, a=a: _gain(c, a)) for a, (color, name) in arch_style.items()]
+    series.append(("difference of the gains", "#000000", ":", "D",
+                   lambda c: (c.gain_difference.estimate, c.gain_difference.interval) if c.gain_difference else None))
+    diff = next((sc.by_size[n].gain_difference for n in sc.sizes if sc.by_size[n].gain_difference), None)
+    if diff is not None:
+        series[-1] = (f"difference ({diff.vit.display} − {diff.cnn.display})",
+                      *series[-1][1:])
+    for name, color, style, marker, get in series:
+        pts = [(n, get(sc.by_size[n])) for n in sc.sizes]
+        pts = [(n, v) for n, v in pts if v is not None]
+        if not pts:
+            continue
+        xs = [n for n, _ in pts]
+        bottom.plot(xs, [100 * v[0] for _, v in pts], color=color, linestyle=style, marker=marker, label=name)
+        bottom.fill_between(xs, [100 * v[1].lo for _, v in pts], [100 * v[1].hi for _, v in pts], color=color,
+                            alpha=0.12, lw=0)
+    bottom.axhline(0, color="#999999", lw=0.8)
+    bottom.set_ylabel("points of test accuracy")
+    bottom.set_xlabel("training images (log scale)")
+    bottom.legend(fontsize=8.5)
+    bottom.grid(alpha=0.3)
+    bottom.set_xscale("log")
+    bottom.set_xticks(sc.sizes)
+    bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    bottom.minorticks_off()
+    fig.suptitle("Pre-training gain against the number of training images", fontsize=12)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    add_footnote(fig, footnote + "; bands: 95% intervals (over images and seeds with 2+ seeds, over images alone "
+                 "with one)")
+    return fig
+
+
+def _gain(c, arch: str):
+    g = next((g for g in c.gains if g.default and g.arch == arch), None)
+    return None if g is None or g.interval is None else (g.gain, g.interval)

@@ -9,7 +9,7 @@ from typing import Sequence
 from . import analysis, plots
 from .errors import UserError, WriteError, hint
 from .files import atomic_write
-from .results_md import results_markdown
+from .results_md import results_markdown, sizes_markdown
 from .runfolder import load_run, metrics_path
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,26 @@ def report(paths: Sequence[str], labels: Sequence[str] | None, output: str | Pat
     runs, labels, missing = load_runs(paths, labels, skip_missing)
     if missing:
         log.warning(f"missing (not drawn): {', '.join(missing)}")
-    comparison = analysis.compare(runs, labels, allow_mismatch, allow_test_selection=allow_test_selection)
+    sizes = sorted({analysis.training_images(r) for r in runs})
+    sweep = None
+    if len(sizes) > 1:  # a data-size sweep: each size compared on its own, the curves of the largest drawn
+        if labels:
+            raise UserError("--labels cannot be used with runs of several training-set sizes (the sizes group them)")
+        sweep = analysis.compare_sizes(runs, allow_mismatch, allow_test_selection=allow_test_selection)
+        comparison = sweep.largest
+    else:
+        comparison = analysis.compare(runs, labels, allow_mismatch, allow_test_selection=allow_test_selection)
     styles = plots.series_style(comparison.settings)
     footnote = analysis.footnote(comparison.settings)
     if missing:
         footnote += f"; missing runs: {', '.join(missing)}"
     plt = plots.setup_matplotlib(safe)
-    figures = [(plots.curves_figure(plt, styles, title or _title(comparison), footnote, band), Path(output))]
+    curves_title = title or _title(comparison) + (f" ({sizes[-1]:,} training images)" if sweep else "")
+    figures = [(plots.curves_figure(plt, styles, curves_title, footnote, band), Path(output))]
+    if sweep is not None:
+        all_settings = [s for n in sweep.sizes for s in sweep.by_size[n].settings]
+        figures.append((plots.data_efficiency_figure(plt, sweep, analysis.footnote(all_settings)),
+                        Path(output).with_name("data_efficiency.png")))
     if extra_figures:
         per_class = {s.label: pc for s in comparison.settings if (pc := analysis.per_class(s)) is not None}
         calibration = {s.label: cal for s in comparison.settings if (cal := analysis.calibration(s)) is not None}
@@ -58,7 +71,7 @@ def report(paths: Sequence[str], labels: Sequence[str] | None, output: str | Pat
                             Path(output).with_name("calibration.png")))
     for fig, path in figures:
         plots.save_figure(fig, path)
-    text = results_markdown(comparison)
+    text = sizes_markdown(sweep) if sweep is not None else results_markdown(comparison)
     if missing:
         text += f"\nMissing runs (not included): {', '.join(missing)}\n"
     if results:

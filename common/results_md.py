@@ -203,3 +203,64 @@ def _runs_table(c: Comparison) -> list[str]:
         for r in s.runs:
             lines.append(f"| {r.folder} | {r.record.line(r.summary)}; {r.record.environment.label()} |")
     return lines
+
+
+# ----------------------------------------------------------------------------- a data-size sweep
+
+def sizes_headline(sc) -> str:
+    """The first line of a sweep's results.md: the difference of the gains at the largest size, and how it moves
+    with the number of training images."""
+    diffs = [(n, sc.by_size[n].gain_difference) for n in sc.sizes]
+    have = [(n, d) for n, d in diffs if d is not None]
+    if not have:
+        return ("**Not answered yet:** each size needs the four settings (ResNet-18 and TinyViT-5M, pretrained and "
+                "from scratch) with test predictions.")
+    n, d = have[-1]
+    trend = "; ".join(f"{m:,}: {_points(x.estimate)}{_ci(x.interval)}" for m, x in have)
+    if len(have) > 1:
+        moves = (f" By training images: {trend} (it changes from {_points(have[0][1].estimate)} at "
+                 f"{have[0][0]:,} to {_points(have[-1][1].estimate)} at {have[-1][0]:,}; the intervals say how "
+                 f"much of that change is noise).")
+    else:
+        moves = ""
+    covers = interval_note(d.interval, d.vit.n_images, (*d.vit.seeds, *d.cnn.seeds))
+    return (f"**With {n:,} training images the difference of the gains (TinyViT-5M's minus ResNet-18's) is "
+            f"{_points(d.estimate)} points{_ci(d.interval)}: {covers}.{moves}**")
+
+
+def sizes_markdown(sc) -> str:
+    """results.md of a sweep: the answer against size, a table per size, then each size's full tables."""
+    from .analysis import setting_interval
+
+    lines = ["# Results across training-set sizes", "", sizes_headline(sc), ""]
+    if sc.mismatched:
+        lines += [f"**{MARK} The runs differ in settings that matter** (compared because of --allow-mismatch):", ""]
+        lines += [f"- {differences_text(k, vals)}" for k, vals in sc.mismatched.items()] + [""]
+    labels = []
+    for n in sc.sizes:
+        labels += [s.label for s in sc.by_size[n].settings if s.label not in labels]
+    archs = []
+    for n in sc.sizes:
+        archs += [(g.arch, g.display) for g in sc.by_size[n].gains if g.default and (g.arch, g.display) not in archs]
+    lines += ["## Test accuracy and gains by training-set size", "",
+              "| training images | " + " | ".join(labels) + " | " + " | ".join(f"{d} gain" for _, d in archs)
+              + " | difference of the gains |", "|---:|" + "---:|" * (len(labels) + len(archs) + 1)]
+    for n in sc.sizes:
+        c = sc.by_size[n]
+        cells = []
+        for label in labels:
+            s = next((x for x in c.settings if x.label == label), None)
+            i = setting_interval(s) if s else None
+            cells.append("–" if s is None else f"{_pct(np.mean(s.test_acc()), 1)}" + (
+                f" [{_pct(i.lo)}, {_pct(i.hi)}]" if i else ""))
+        gains = {g.arch: g for g in c.gains if g.default}
+        gain_cells = [f"{_points(gains[a].gain)}{_ci(gains[a].interval)}" if a in gains else "–" for a, _ in archs]
+        d = c.gain_difference
+        lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {' | '.join(gain_cells)} | "
+                     f"{_points(d.estimate) + _ci(d.interval) if d else '–'} |")
+    lines += ["", "Intervals: 95%, over the test images and the seeds where a setting has 2 or more seeds, over the "
+              "test images alone with one seed (which then says nothing about training noise).", ""]
+    for n in sc.sizes:
+        body = results_markdown(sc.by_size[n]).split("\n", 2)[2]  # without its own "# Results" title
+        lines += [f"## {n:,} training images", "", body.replace("\n## ", "\n### ")]
+    return "\n".join(lines) + "\n"

@@ -181,8 +181,8 @@ def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None, 
     diffs = identity_differences(saved.config.to_dict(), cfg.to_dict())
     old, new = saved.config, cfg
     if old.effective_batch != new.effective_batch:
-        diffs.append(f"batch per update: {old.batch_size} x {old.grad_accum_steps} in the checkpoint, "
-                     f"{new.batch_size} x {new.grad_accum_steps} now")
+        diffs.append(f"batch_size x grad_accum_steps (the batch per update): {old.batch_size} x "
+                     f"{old.grad_accum_steps} in the checkpoint, {new.batch_size} x {new.grad_accum_steps} now")
     elif (old.batch_size, old.grad_accum_steps) != (new.batch_size, new.grad_accum_steps) and ckpt["step"]:
         diffs.append(f"--batch-size / --grad-accum-steps changed in the middle of an epoch (step {ckpt['step']}): "
                      f"the same batch per update may be split differently only from an epoch's start")

@@ -131,7 +131,7 @@ def assert_same_run(a: Path, b: Path, epochs: int) -> None:
 
 def fake_record(arch: str = "resnet18", pretrained: bool = True, tag: str | None = None, epochs: int = 6,
                 seed: int = 0, synthetic: bool = False, img_size: int = 224, frozen: bool = False, n_test: int = 400,
-                **config):
+                train_images: int = 45000, **config):
     """A run record as the trainer writes it, for analysis tests that need run folders with known answers."""
     from common.config import TrainConfig
     from common.data.augment import resolve_recipe
@@ -144,13 +144,15 @@ def fake_record(arch: str = "resnet18", pretrained: bool = True, tag: str | None
                            imagenet_top1=(spec.weights_for("timm", tag).imagenet_top1
                                           if spec.weights_for("timm", tag) else None))
                if pretrained else WeightsInfo("random init", library="timm", arch=arch))
+    subset = 0 if train_images == 45000 else train_images
     cfg = TrainConfig(model=f"{arch}.{tag}" if pretrained else arch, pretrained=pretrained, freeze_backbone=frozen,
-                      img_size=img_size, epochs=epochs, seed=seed, dummy=synthetic, **config)
+                      img_size=img_size, epochs=epochs, seed=seed, dummy=synthetic, train_subset=subset, **config)
     classes = [f"class {i}" for i in range(10)] if synthetic else list(CIFAR_CLASSES)
     data = DataInfo("synthetic" if synthetic else "tar", None if synthetic else "cifar10-jpeg.tar.gz",
                     "synthetic (--dummy, not CIFAR-10)" if synthetic else "CIFAR-10",
                     ("s" if synthetic else "c") * 64, {"train": 50000, "test": n_test}, classes, 0, [],
-                    SplitInfo(5000, "stratified", 0, 0, 0, 45000, 5000, n_test, False, "i" * 64))
+                    SplitInfo(5000, "stratified", 0, subset, 0, train_images, 5000, n_test, False,
+                              f"{train_images:064d}"))
     env = Environment("3.11", "2.11", "0.26", "1.0.31", "12.8", "Linux", "cuda:0", "NVIDIA H100", 8, "abcdef123",
                       False, "train.py", "2026-01-01T00:00:00")
     return RunRecord(cfg, ModelInfo(arch, spec.display, arch, "timm", 1, 1, 10, True), weights,

@@ -21,7 +21,7 @@ N_TEST = 400
 
 def write_run(folder: Path, arch: str = "resnet18", pretrained: bool = True, correct: np.ndarray | None = None,
               final_val: float = 0.8, epochs: int = 6, seed: int = 0, data: str = "cifar", img_size: int = 224,
-              tag: str | None = None, frozen: bool = False, conf: float = 0.8) -> Path:
+              tag: str | None = None, frozen: bool = False, conf: float = 0.8, train_images: int = 45000) -> Path:
     """A run folder as the train scripts write it (a typed run record), with per-image test predictions that
     are right exactly where `correct` says."""
     rng = np.random.default_rng(seed)
@@ -33,7 +33,7 @@ def write_run(folder: Path, arch: str = "resnet18", pretrained: bool = True, cor
                   "val_acc": val, "epoch_time_s": 10.0, "train_img_per_s": 5000.0 + seed, "val_img_per_s": 9000.0,
                   "peak_mem_gb": 1.0})[list(METRIC_COLUMNS)].to_csv(folder / "metrics.csv", index=False)
     record = fake_record(arch, pretrained, tag=tag, epochs=epochs, seed=seed, synthetic=data == "synthetic",
-                         img_size=img_size, frozen=frozen, n_test=N_TEST)
+                         img_size=img_size, frozen=frozen, n_test=N_TEST, train_images=train_images)
     (folder / "config.json").write_text(json.dumps(record.to_dict()))
     labels = np.arange(N_TEST) % 10
     correct = np.ones(N_TEST, bool) if correct is None else correct
@@ -187,7 +187,7 @@ def test_seed_groups_are_drawn_as_their_mean_with_a_band(tmp_path):
     ys = band.get_paths()[0].vertices[:, 1]
     lows = np.min([r.metrics["val_acc"].to_numpy() for r in runs], 0) * 100
     assert np.isclose(ys.min(), lows.min())
-    assert "band: min–max over seeds" in ax.figure.axes[0].get_legend().get_title().get_text()
+    assert "band: min–max over seeds" in ax.figure.legends[0].get_title().get_text()
     text = results_markdown(c)
     accs = [0.8, 0.8, 0.8]
     assert f"{100 * np.mean(accs):.2f}% ± 0.00 (80.0%–80.0%, 3 seeds)" in text

@@ -169,6 +169,7 @@ def test_the_hot_loop_reads_the_device_only_at_the_check_in(monkeypatch):
 
 # ----------------------------------------------------------------------------- gradient accumulation, memory
 
+@pytest.mark.slow
 def test_two_accumulated_batches_of_32_are_one_batch_of_64(cifar_dir, tmp_path):
     """timm's test_vit (no BatchNorm, so accumulation is exact up to rounding): --batch-size 32
     --grad-accum-steps 2 gives the rows and weights of --batch-size 64, per epoch and per update schedule."""
@@ -191,6 +192,7 @@ def test_two_accumulated_batches_of_32_are_one_batch_of_64(cifar_dir, tmp_path):
         assert record["config"]["grad_accum_steps"] == 2 and record["run"]["steps_per_epoch"] == 20
 
 
+@pytest.mark.slow
 def test_a_stop_waits_for_the_update_and_the_resumed_run_is_exact(cifar_dir, tmp_path):
     """Ctrl+C in the middle of an accumulation (the run's step 11, with 2 batches per update) is taken at the
     update's end (step 12), so the checkpoint holds no half-accumulated gradient and --resume is exact."""
@@ -252,6 +254,7 @@ WITHOUT_UNIX_MODULES = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_every_module_imports_and_a_run_trains_without_fcntl_and_resource(cifar_dir, tmp_path):
     """As on Windows (no fcntl, no resource): filelock falls back to a lock file, which a finished run removes
     and a dead run's is taken over."""
@@ -279,6 +282,7 @@ SPAWNED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_run_and_its_resume_work_with_spawned_dataloader_workers(cifar_dir, tmp_path):
     """Spawned workers pickle the dataset and every transform (the reference recipe's patched posterize too),
     and a resume under spawn gives the run an uninterrupted one gives."""

@@ -116,7 +116,7 @@ def test_the_validation_star_says_what_it_marks_with_several_seeds(tmp_path, mon
     figures = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append((str(path), fig)) or path)
     results(tmp_path, seeded_runs(tmp_path / "runs"))
-    legend = figures[0][1].axes[0].get_legend().get_title().get_text()
+    legend = figures[0][1].legends[0].get_title().get_text()
     assert "seeds' mean" in legend and "each seed's best.pt" in legend
 
 

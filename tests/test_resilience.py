@@ -117,6 +117,7 @@ def test_a_kill_before_the_first_checkpoint_can_be_resumed(cifar_dir, tmp_path, 
     assert_same_run(straight, out, epochs=4)
 
 
+@pytest.mark.slow
 def test_an_interrupt_during_the_final_test_is_finished_by_resume(cifar_dir, tmp_path, straight, capsys):
     out = tmp_path / "run"
     r = with_fault("test@term", cifar_dir, out)

@@ -1,0 +1,421 @@
+"""The experiment as a grid of ordinary train commands (models x pretrained / scratch x training-set sizes x
+seeds), each with a deterministic folder, handed to submitit (the launcher of DeiT / MAE / ConvNeXt-style
+research code): `debug` runs them in this process, `local` on this machine (one run per GPU, pinned with
+CUDA_VISIBLE_DEVICES; one at a time on a CPU), `slurm` as a job array that requeues preempted and timed-out
+runs, which continue with --resume. Nothing in the train scripts knows it is part of a sweep; the analysis
+reads the folders back."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import TrainConfig, build_parser, config_from_args, identity_differences
+from .errors import UserError
+from .specs import MODELS
+
+log = logging.getLogger(__name__)
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("pretrained", "scratch")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One cell of the grid: what it is, where it lives, the command that runs it."""
+
+    arch: str
+    mode: str
+    size: int                    # training images; 0 = all of the training split
+    seed: int
+    folder: Path
+    script: str
+    argv: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch} {self.mode} n={self.size or 'all'} seed {self.seed}"
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, str(REPO / self.script), *self.argv]
+
+    def config(self) -> TrainConfig:
+        """The config the train script will resolve from this command (bad flags: a one-line UserError)."""
+        spec = MODELS.get(self.arch)
+        default = spec.default_model if spec else self.arch
+        parser = build_parser("", default)
+
+        def refuse(message: str):
+            raise UserError(f"the train flags after --: {message} (see python {self.script} --help)")
+
+        parser.error = refuse
+        return config_from_args(parser.parse_args(list(self.argv)), spec.run_prefix if spec else "run", default)
+
+
+def plan_grid(models: Sequence[str], modes: Sequence[str], sizes: Sequence[int], seeds: Sequence[int],
+              root: Path, train_flags: Sequence[str], weights: dict[str, str]) -> list[Run]:
+    """Every run of the grid, in a fixed order (size, model, mode, seed): small runs first, so the first
+    answers come early."""
+    for what, values in (("--train-sizes", sizes), ("--seeds", seeds), ("--models", models), ("--modes", modes)):
+        dupes = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if dupes:
+            raise UserError(f"{what} lists {', '.join(dupes)} twice; give each once")
+    for m in modes:
+        if m not in MODES:
+            raise UserError(f"--modes {m}: choose from {', '.join(MODES)}")
+    controlled = {"--model", "--pretrained", "--no-pretrained", "--train-subset", "--seed", "--output-dir",
+                  "--resume", "--overwrite", "--weights"}
+    clash = sorted({f.split("=")[0] for f in train_flags if f.split("=")[0] in controlled})
+    if clash:
+        raise UserError(f"the train flags after -- set {', '.join(clash)}, which the suite sets per run; use "
+                        f"--models, --modes, --train-sizes, --seeds, --root and --weights ARCH=PATH instead")
+    runs = []
+    for size in sizes:
+        for arch in models:
+            spec = MODELS.get(arch)
+            for mode in modes:
+                for seed in seeds:
+                    pretrained = mode == "pretrained"
+                    model = (spec.default_model if spec else arch) if pretrained else arch
+                    folder = root / f"{arch}_{'ft' if pretrained else 'scratch'}" / f"n{size or 'all'}" / f"seed{seed}"
+                    argv = ["--model", model, "--pretrained" if pretrained else "--no-pretrained",
+                            "--train-subset", str(size), "--seed", str(seed), "--output-dir", str(folder), "--resume",
+                            *train_flags]
+                    if pretrained and arch in weights:
+                        argv += ["--weights", weights[arch]]
+                    runs.append(Run(arch, mode, size, seed, folder, spec.script if spec else "train_resnet_cifar.py",
+                                    tuple(argv)))
+    return runs
+
+
+def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
+    """Refuse, before anything starts, what cannot run: an unknown model, a size larger than the training split,
+    flags the train scripts reject, a folder under --root that holds a run of another recipe."""
+    import timm
+
+    for arch in sorted({r.arch for r in runs}):
+        if arch not in MODELS and not timm.is_model(arch):
+            raise UserError(f"--models {arch}: not a model of this repository ({', '.join(MODELS)}) nor of timm")
+    if n_train is not None:
+        too_big = sorted({r.size for r in runs if r.size > n_train})
+        if too_big:
+            raise UserError(f"--train-sizes {', '.join(map(str, too_big))}: larger than the {n_train} training "
+                            f"images left after the validation split (0 = all of them)")
+    for r in runs:
+        planned = r.config()
+        existing = r.folder / "config.json"
+        if existing.is_file():
+            from .record import read_record
+
+            saved = read_record(existing).config
+            diffs = identity_differences(saved.to_dict(), planned.to_dict())
+            if saved.effective_batch != planned.effective_batch or saved.epochs != planned.epochs:
+                diffs.append(f"batch per update / epochs: {saved.effective_batch} / {saved.epochs} there, "
+                             f"{planned.effective_batch} / {planned.epochs} now")
+            if diffs:
+                raise UserError(f"{r.folder} holds a run of another recipe ({'; '.join(diffs)[:300]}); use another "
+                                f"--root, or the flags it was run with")
+
+
+def status_of(run: Run) -> str:
+    """done (tested), interrupted (a checkpoint, no summary) or new."""
+    if (run.folder / "summary.json").is_file():
+        return "done"
+    if (run.folder / "last.pt").is_file():
+        return "interrupted"
+    return "new"
+
+
+# ----------------------------------------------------------------------------- what a job runs
+
+class TrainJob:
+    """What submitit runs for one cell: the train script, with --resume (a requeued or restarted job continues
+    where its run stopped). In a child process (local, slurm), so that a preemption can ask it to save first:
+    checkpoint() sends it SIGTERM, waits for its last.pt, and requeues this same job. In this process for the
+    debug launcher. Returns (exit code, last error line)."""
+
+    def __init__(self, run: Run, in_process: bool = False):
+        self.run = run
+        self.in_process = in_process
+        self.child: subprocess.Popen | None = None
+
+    def __call__(self) -> tuple[int, str]:
+        self.run.folder.mkdir(parents=True, exist_ok=True)
+        if self.in_process:
+            return _run_in_process(self.run)
+        with open(self.run.folder / "train.log", "a") as logfile:
+            self.child = subprocess.Popen(self.run.command, stdout=logfile, stderr=subprocess.STDOUT, cwd=REPO)
+            code = self.child.wait()
+        return code, _last_error(self.run.folder / "train.log")
+
+    def checkpoint(self):
+        """Preempted or timed out (Slurm's signal, some time before the kill): the run saves at its next step
+        boundary, then the same job is requeued and continues with --resume."""
+        import submitit
+
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.child.wait(timeout=60)
+        return submitit.helpers.DelayedSubmission(TrainJob(self.run, self.in_process))
+
+
+def _run_in_process(run: Run) -> tuple[int, str]:
+    import importlib
+
+    from .log import setup_logging
+
+    module = importlib.import_module(run.script.removesuffix(".py"))
+    captured = io.StringIO()
+    tee = _Tee(sys.stderr, captured)
+    with contextlib.redirect_stderr(tee):
+        try:
+            code = module.main(list(run.argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    setup_logging()
+    lines = [ln for ln in captured.getvalue().splitlines() if ln.startswith("error: ")]
+    return int(code or 0), (lines[-1] if lines else "")
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, s: str) -> int:
+        for st in self.streams:
+            st.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        for st in self.streams:
+            st.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _last_error(path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    return errors[-1] if errors else (lines[-1] if lines else "")
+
+
+# ----------------------------------------------------------------------------- launching
+
+@dataclass
+class Slot:
+    """A place a run can go: a GPU (pinned), or this machine's CPU."""
+
+    gpu: int | None
+    job: Any = None
+    run: Run | None = None
+
+
+@dataclass
+class Progress:
+    """The suite's state, as the status board shows it."""
+
+    runs: list[Run]
+    state: dict[Path, str] = field(default_factory=dict)   # queued | running | done | failed | skipped
+    errors: dict[Path, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    projected_s: float | None = None
+
+    def counts(self) -> dict[str, int]:
+        out = {k: 0 for k in ("done", "skipped", "running", "queued", "failed")}
+        for s in self.state.values():
+            out[s] += 1
+        return out
+
+
+def visible_gpus() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board, poll_s: float = 2.0) -> None:
+    """One run per visible GPU, each pinned with CUDA_VISIBLE_DEVICES; one at a time on a CPU. submitit's
+    LocalExecutor starts each job as its own process (and would start them all at once: the slots queue them)."""
+    import submitit
+
+    gpus = visible_gpus()
+    slots = [Slot(g) for g in gpus] or [Slot(None)]
+    queue = [r for r in runs if progress.state[r.folder] == "queued"]
+    while queue or any(s.job for s in slots):
+        for slot in slots:
+            if slot.job is not None and slot.job.done():
+                _finish(slot.job, slot.run, progress)
+                slot.job = slot.run = None
+            if slot.job is None and queue:
+                run = queue.pop(0)
+                executor = submitit.LocalExecutor(folder=str(logs))
+                executor.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=1 if slot.gpu is not None else 0,
+                                           visible_gpus=() if slot.gpu is None else (slot.gpu,))
+                slot.job, slot.run = executor.submit(TrainJob(run)), run
+                progress.state[run.folder] = "running"
+        board.update(progress)
+        time.sleep(poll_s)
+
+
+def run_debug(runs: Sequence[Run], logs: Path, progress: Progress, board) -> None:
+    """In this process, one after the other (submitit's DebugExecutor): for tests and debugging."""
+    import submitit
+
+    executor = submitit.DebugExecutor(folder=str(logs))
+    for run in runs:
+        if progress.state[run.folder] != "queued":
+            continue
+        progress.state[run.folder] = "running"
+        board.update(progress)
+        job = executor.submit(TrainJob(run, in_process=True))
+        _finish(job, run, progress)
+    board.update(progress)
+
+
+def slurm_executor(logs: Path, partition: str | None, gpus_per_run: int, time_min: int, max_parallel: int):
+    """A Slurm job array: each task one run, --signal USR2 some time before the limit (submitit's preemption and
+    timeout signal), requeued by TrainJob.checkpoint."""
+    import shutil
+
+    import submitit
+
+    if shutil.which("sbatch") is None or shutil.which("srun") is None:
+        raise UserError("--launcher slurm: no sbatch/srun on this machine's PATH; run run_suite.py on the "
+                        "cluster's login node, or use --launcher local here")
+    executor = submitit.SlurmExecutor(folder=str(logs), max_num_timeout=30)
+    params: dict[str, Any] = dict(time=time_min, gpus_per_node=gpus_per_run, ntasks_per_node=1,
+                                  cpus_per_task=max(2, 8 * gpus_per_run), array_parallelism=max_parallel,
+                                  signal_delay_s=120, job_name="cifar-suite")
+    if partition:
+        params["partition"] = partition
+    executor.update_parameters(**params)
+    return executor
+
+
+def run_slurm(runs: Sequence[Run], logs: Path, progress: Progress, board, executor, poll_s: float = 30.0,
+              wait: bool = True) -> list:
+    queued = [r for r in runs if progress.state[r.folder] == "queued"]
+    if not queued:
+        return []
+    jobs = executor.submit_array([TrainJob(r) for r in queued])
+    log.info(f"submitted {len(jobs)} runs to Slurm as job array {str(jobs[0].job_id).split('_')[0]}")
+    for r in queued:
+        progress.state[r.folder] = "running"
+    if not wait:
+        return jobs
+    pending = dict(zip(jobs, queued))
+    while pending:
+        for job, run in list(pending.items()):
+            if job.done():
+                _finish(job, run, progress)
+                del pending[job]
+        board.update(progress)
+        time.sleep(poll_s)
+    return jobs
+
+
+def _finish(job, run: Run, progress: Progress) -> None:
+    try:
+        code, error = job.result()
+    except Exception as e:  # the job process died (killed, out of memory): its log says more
+        code, error = 1, str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    if code == 0 and status_of(run) == "done":
+        progress.state[run.folder] = "done"
+    else:
+        progress.state[run.folder] = "failed"
+        progress.errors[run.folder] = error or f"exit code {code}"
+        log.warning(f"{run.name} failed ({run.folder}): {progress.errors[run.folder]}")
+
+
+# ----------------------------------------------------------------------------- projections and the board
+
+def projected_seconds(runs: Sequence[Run], bench: dict | None, epochs: int) -> dict[Path, float] | None:
+    """Each run's time from check.py --bench-suite figures (runs/bench_suite.json), its epoch time scaled by its
+    training-set size; None without them."""
+    if not bench:
+        return None
+    out = {}
+    by_display = bench.get("runs", {})
+    for r in runs:
+        spec = MODELS.get(r.arch)
+        b = by_display.get(spec.display if spec else "", None)
+        if b is None:
+            return None
+        scale = (r.size or 45_000) / max(1, b["train_images"])
+        out[r.folder] = b["other_s"] + epochs * b["later_epoch_s"] * scale
+    return out
+
+
+def _fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class StatusBoard:
+    """The suite's progress: a table redrawn in place on a terminal; on a log file, a line when it changes."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.drawn = 0
+        self.last = ""
+
+    def lines(self, p: Progress) -> list[str]:
+        c = p.counts()
+        elapsed = time.monotonic() - p.started
+        head = (f"suite: {c['done'] + c['skipped']} done ({c['skipped']} from before), {c['running']} running, "
+                f"{c['queued']} queued, {c['failed']} failed; elapsed {_fmt(elapsed)}, projected {_fmt(p.projected_s)}")
+        if not self.tty:
+            return [head]
+        rows = []
+        for r in p.runs:
+            state = p.state[r.folder]
+            rows.append(f"  {state:8s} {r.name}" + (f"  ({p.errors[r.folder][:80]})" if r.folder in p.errors else ""))
+        return [head, *rows[-30:]]
+
+    def update(self, p: Progress) -> None:
+        lines = self.lines(p)
+        text = "\n".join(lines)
+        if text == self.last:
+            return
+        self.last = text
+        if self.tty:
+            if self.drawn:
+                self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+            self.stream.write(text + "\n")
+            self.drawn = len(lines)
+            self.stream.flush()
+        else:
+            log.info(lines[0])
+
+
+def load_bench(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def shell_line(run: Run) -> str:
+    return shlex.join(["python", run.script, *run.argv])
+
+
+def env_for_gpu(gpu: int | None) -> dict[str, str]:
+    return {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
