@@ -376,6 +376,7 @@ class StatusBoard:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.drawn = 0
         self.last = ""
+        self.seen: dict = {}
 
     def lines(self, p: Progress) -> list[str]:
         c = p.counts()
@@ -391,19 +392,26 @@ class StatusBoard:
         return [head, *rows[-30:]]
 
     def update(self, p: Progress) -> None:
+        if not self.tty:  # a log: a line per run that changed state, then the counts (not every poll)
+            changed = [r for r in p.runs if self.seen.get(r.folder) != p.state[r.folder]]
+            self.seen.update({r.folder: p.state[r.folder] for r in p.runs})
+            if changed:
+                if len(changed) < len(p.runs):
+                    for r in changed:
+                        log.info(f"suite: {r.name} {p.state[r.folder]}" + (f" ({p.errors[r.folder]})" if
+                                                                          r.folder in p.errors else ""))
+                log.info(self.lines(p)[0])
+            return
         lines = self.lines(p)
         text = "\n".join(lines)
         if text == self.last:
             return
         self.last = text
-        if self.tty:
-            if self.drawn:
-                self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
-            self.stream.write(text + "\n")
-            self.drawn = len(lines)
-            self.stream.flush()
-        else:
-            log.info(lines[0])
+        if self.drawn:
+            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+        self.stream.write(text + "\n")
+        self.drawn = len(lines)
+        self.stream.flush()
 
 
 def load_bench(path: Path) -> dict | None:

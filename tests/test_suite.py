@@ -235,3 +235,34 @@ def test_intervals_of_accuracies_stay_in_range(tmp_path):
             for i, acc in enumerate((0.02, 0.30))]
     i = analysis.setting_interval(analysis.group_settings(runs)[0])
     assert 0.0 <= i.lo <= i.estimate <= i.hi <= 1.0 and np.isclose(i.estimate, 0.16)
+
+
+def test_the_status_board_redraws_a_terminal_in_place_and_logs_only_changes(tmp_path, caplog, monkeypatch):
+    import io
+    import logging
+
+    monkeypatch.setattr(S.time, "monotonic", lambda: 1000.0)  # the elapsed time stands still: only states change
+    runs = S.plan_grid(["test_resnet"], ["scratch"], [200], [0, 1], tmp_path, ["--data-dir", "x"], {})
+    progress = S.Progress(runs, {r.folder: "queued" for r in runs}, started=1000.0)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    board, log_board = S.StatusBoard(term), S.StatusBoard(io.StringIO())
+    with caplog.at_level(logging.INFO, logger="common.suite"):
+        for state in ("queued", "running", "running", "running", "done"):
+            progress.state[runs[0].folder] = state
+            board.update(progress)
+            log_board.update(progress)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["suite: 0 done (0 from before), 0 running, 2 queued, 0 failed; elapsed 0:00:00, projected –",
+                     "suite: test_resnet scratch n=200 seed 0 running",
+                     "suite: 0 done (0 from before), 1 running, 1 queued, 0 failed; elapsed 0:00:00, projected –",
+                     "suite: test_resnet scratch n=200 seed 0 done",
+                     "suite: 1 done (0 from before), 0 running, 1 queued, 0 failed; elapsed 0:00:00, projected –"], \
+        "a line per change, none per poll"
+    screen = term.getvalue()
+    assert screen.count("\x1b[3F\x1b[J") == 2, "the 3-line table is redrawn in place, once per change"
+    assert screen.rstrip().endswith("queued   test_resnet scratch n=200 seed 1")
