@@ -5,6 +5,7 @@
     python check.py --bench [--json]         # images/s of each data path and model (see design.md)
     python check.py --bench-suite 2          # time 2 real epochs of each model; project the four 30-epoch runs
     python check.py --bench-profile tiny_vit_5m_224  # which kernels a training step spends its time in
+    python check.py --smoke --data-dir cifar10-jpeg.tar.gz   # every run path, a PASS/FAIL line each
 """
 from __future__ import annotations
 
@@ -42,8 +43,16 @@ def parse_args(argv):
                    help="Profile training steps of one model (the operators or kernels that take the time), or "
                         "count the device augmentation's ops and bytes per batch (augment).")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="Where to benchmark.")
+    p.add_argument("--smoke", action="store_true",
+                   help="Short real runs on --data-dir of each model x data pipeline x AMP dtype (bf16, fp16 on a "
+                        "GPU), a SIGTERM and a SIGKILL each followed by --resume, and --compile: a PASS/FAIL line "
+                        "each (2 s to a minute per case).")
+    p.add_argument("--smoke-img-size", type=int, help="Image size of --smoke (default: 224 on a GPU, 32 on a CPU).")
+    p.add_argument("--smoke-only", metavar="WORDS", help="Only the --smoke cases whose name contains WORDS.")
+    p.add_argument("--smoke-keep", metavar="DIR", help="Keep the --smoke run folders in DIR (default: a temp "
+                   "folder, removed).")
     args = p.parse_args(argv)
-    for flag in ("bench_img_size", "bench_batch_size", "bench_steps", "bench_suite"):
+    for flag in ("bench_img_size", "bench_batch_size", "bench_steps", "bench_suite", "smoke_img_size"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "bench_suite" else 1):
             raise UserError(f"--{flag.replace('_', '-')} must be a number >= 1")
@@ -53,6 +62,14 @@ def parse_args(argv):
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.smoke:
+        import torch
+
+        from common.smoke import run_smoke
+
+        gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        return run_smoke(args.data_dir, gpu, args.smoke_img_size or (224 if gpu else 32), args.smoke_keep,
+                         only=args.smoke_only)
     if args.bench_profile == "augment":
         from common.bench import augment_profile
 
