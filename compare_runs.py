@@ -22,9 +22,10 @@ from common.errors import UserError
 def parse_args(argv):
     p = script_parser(__doc__, parents=(analysis_options(),))
     p.add_argument("runs", nargs="*", help="Run folders or metrics.csv files.")
-    p.add_argument("--log-path", action="append", default=[], help="A run's metrics.csv (same as a positional run).")
-    p.add_argument("--output", help="Figure path, .png/.pdf/.svg (default: <run>_curve.png in a single run's "
-                                    "folder, else runs/compare.png).")
+    p.add_argument("--log-path", action="append", default=[],
+                   help="A run's metrics.csv (same as a positional run).")
+    p.add_argument("--output", help="Figure path, .png/.pdf/.svg (default: <run>_curve.png in a "
+                                    "single run's folder, else runs/compare.png).")
     p.add_argument("--results", help="Also write the tables to this markdown file.")
     p.add_argument("--title", help="Figure title (default: says what data and comparison it is).")
     return p.parse_args(argv)
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     from common.report import report
 
     output = args.output or default_output(paths)
-    print(report(paths, args.labels, output, args.results, args.allow_mismatch, args.band, args.safe, args.title,
-                 extra_figures=False, allow_test_selection=args.allow_test_selection))
+    print(report(paths, args.labels, output, args.results, args.allow_mismatch, args.band,
+                 args.safe, args.title, extra_figures=False,
+                 allow_test_selection=args.allow_test_selection))
     return 0
 
 

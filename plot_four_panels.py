@@ -22,7 +22,8 @@ def parse_args(argv):
     p = script_parser(__doc__, parents=(analysis_options(),))
     p.add_argument("--runs", nargs="+", default=list(default_run_folders()),
                    help="Run folders (or metrics.csv files); missing ones are listed and left out.")
-    p.add_argument("--output", default="runs/four_panels.png", help="The curves figure: .png, .pdf or .svg.")
+    p.add_argument("--output", default="runs/four_panels.png",
+                   help="The curves figure: .png, .pdf or .svg.")
     p.add_argument("--results", help="The markdown results (default: results.md beside --output).")
     return p.parse_args(argv)
 
@@ -33,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from common.report import report
 
     results = Path(args.results) if args.results else Path(args.output).with_name("results.md")
-    print(report(args.runs, args.labels, args.output, results, args.allow_mismatch, args.band, args.safe, None,
-                 extra_figures=True, skip_missing=True, allow_test_selection=args.allow_test_selection))
+    print(report(args.runs, args.labels, args.output, results, args.allow_mismatch, args.band,
+                 args.safe, None, extra_figures=True, skip_missing=True,
+                 allow_test_selection=args.allow_test_selection))
     return 0
 
 

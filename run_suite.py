@@ -30,27 +30,34 @@ def parse_args(argv):
     p = script_parser(__doc__)
     p.add_argument("--data-dir", required=True, help="CIFAR-10, as the train scripts' --data-dir.")
     p.add_argument("--models", nargs="+", default=list(MODELS), help="Architectures to run.")
-    p.add_argument("--modes", nargs="+", default=["pretrained", "scratch"], help="pretrained and/or scratch.")
+    p.add_argument("--modes", nargs="+", default=["pretrained", "scratch"],
+                   help="pretrained and/or scratch.")
     p.add_argument("--train-sizes", nargs="+", type=int, default=[0], metavar="N",
-                   help="Training-set sizes (class-stratified, nested: a smaller one lies inside a larger one; "
-                        "0 = all of the training split).")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="Seeds of every setting and size.")
-    p.add_argument("--root", default="runs/suite", help="Where the run folders go: <root>/<model>_<ft|scratch>/"
+                   help="Training-set sizes (class-stratified, nested: a smaller one lies inside a "
+                        "larger one; 0 = all of the training split).")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="Seeds of every setting and size.")
+    p.add_argument("--root", default="runs/suite",
+                   help="Where the run folders go: <root>/<model>_<ft|scratch>/"
                    "n<size>/seed<seed>.")
     p.add_argument("--weights", nargs="+", default=[], metavar="ARCH=PATH",
-                   help="Local ImageNet weights for a model's pretrained runs (offline machines), e.g. "
-                        "resnet18=resnet18.a1_in1k.safetensors.")
+                   help="Local ImageNet weights for a model's pretrained runs (offline machines), "
+                        "e.g. resnet18=resnet18.a1_in1k.safetensors.")
     p.add_argument("--launcher", choices=["local", "slurm", "debug"], default="local",
-                   help="local: this machine, one run per visible GPU (one at a time on a CPU); slurm: a job array; "
-                        "debug: in this process, one after the other.")
+                   help="local: this machine, one run per visible GPU (one at a time on a CPU); "
+                        "slurm: a job array; debug: in this process, one after the other.")
     p.add_argument("--partition", help="Slurm partition.")
-    p.add_argument("--gpus-per-run", type=int, default=1, help="Slurm: GPUs of each run (torchrun is not used: 1).")
+    p.add_argument("--gpus-per-run", type=int, default=1,
+                   help="Slurm: GPUs of each run (torchrun is not used: 1).")
     p.add_argument("--time", type=int, default=240, metavar="MINUTES",
-                   help="Slurm: time limit of each job; a run that needs longer is requeued and continues.")
+                   help="Slurm: time limit of each job; a run that needs longer is requeued and "
+                        "continues.")
     p.add_argument("--max-parallel", type=int, default=16, help="Slurm: runs of the array at once.")
-    p.add_argument("--dry-run", action="store_true", help="Print the commands and the projected time; run nothing.")
+    p.add_argument("--dry-run", action="store_true",
+                   help="Print the commands and the projected time; run nothing.")
     p.add_argument("--no-analysis", action="store_true", help="Do not run the analysis at the end.")
-    p.add_argument("--bench", default="runs/bench_suite.json", help="check.py --bench-suite figures for the "
+    p.add_argument("--bench", default="runs/bench_suite.json",
+                   help="check.py --bench-suite figures for the "
                    "projected time.")
     args = p.parse_args(argv)
     args.train_flags = ["--data-dir", args.data_dir, *train_flags]
@@ -58,7 +65,8 @@ def parse_args(argv):
     for item in args.weights:
         arch, sep, path = item.partition("=")
         if not sep or not path:
-            raise UserError(f"--weights {item}: give ARCH=PATH, e.g. resnet18=resnet18.a1_in1k.safetensors")
+            raise UserError(f"--weights {item}: give ARCH=PATH, e.g. "
+                            "resnet18=resnet18.a1_in1k.safetensors")
         weights[arch] = path
     args.weights = weights
     if any(n < 0 for n in args.train_sizes):
@@ -72,29 +80,37 @@ def main(argv: list[str] | None = None) -> int:
     from common import suite as S
 
     root = Path(args.root)
-    runs = S.plan_grid(args.models, args.modes, args.train_sizes, args.seeds, root, args.train_flags, args.weights)
+    runs = S.plan_grid(args.models, args.modes, args.train_sizes, args.seeds, root,
+                       args.train_flags, args.weights)
     n_train = training_split_size(runs[0].config())
     S.check_grid(runs, n_train)
     epochs = runs[0].config().epochs
     times = S.projected_seconds(runs, S.load_bench(Path(args.bench)), epochs)
-    progress = S.Progress(runs, {r.folder: {"done": "skipped"}.get(S.status_of(r), "queued") for r in runs})
+    progress = S.Progress(runs, {r.folder: {"done": "skipped"}.get(S.status_of(r), "queued")
+                                 for r in runs})
     todo = [r for r in runs if progress.state[r.folder] == "queued"]
     if times:
-        progress.projected_s = sum(times[r.folder] for r in todo) / max(1, len(S.visible_gpus()) or 1)
+        progress.projected_s = (sum(times[r.folder] for r in todo)
+                                / max(1, len(S.visible_gpus()) or 1))
     if args.dry_run:
         for r in runs:
             state = {"skipped": "done", "queued": S.status_of(r)}[progress.state[r.folder]]
             took = f"  # {S._fmt(times[r.folder])}" if times else ""
-            print(f"{'#' if state == 'done' else ' '} {S.shell_line(r)}{took}" + ("  (done)" if state == "done" else
-                                                                                ("  (resumes)" if state ==
-                                                                                 "interrupted" else "")))
+            print(f"{'#' if state == 'done' else ' '} {S.shell_line(r)}{took}"
+                  + ("  (done)" if state == "done" else
+                   ("  (resumes)" if state ==
+                    "interrupted" else "")))
         print(f"{len(runs)} runs, {len(todo)} to run; projected time " + (
-            f"{S._fmt(progress.projected_s)} (check.py --bench-suite figures in {args.bench})" if times else
-            f"unknown: run python check.py --bench-suite 2 on this machine first (it writes {args.bench})"))
+            f"{S._fmt(progress.projected_s)} (check.py --bench-suite figures in {args.bench})"
+            if times else
+            "unknown: run python check.py --bench-suite 2 on this machine first (it writes "
+            f"{args.bench})"))
         return 0
     logs = root / ".submitit"
-    executor = (S.slurm_executor(logs, args.partition, args.gpus_per_run, args.time, args.max_parallel)
-                if args.launcher == "slurm" else None)  # no sbatch here: one line before anything starts
+    # no sbatch here: one line before anything starts
+    executor = (S.slurm_executor(logs, args.partition, args.gpus_per_run, args.time,
+                                 args.max_parallel)
+                if args.launcher == "slurm" else None)
     board = S.StatusBoard()
     board.update(progress)
     if args.launcher == "debug":
@@ -110,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     if done and not args.no_analysis:
         from common.report import report
 
-        report(done, None, root / "four_panels.png", root / "results.md", False, "minmax", True, None,
-               extra_figures=True)
+        report(done, None, root / "four_panels.png", root / "results.md", False, "minmax", True,
+               None, extra_figures=True)
         print(f"results: {root / 'results.md'}, {root / 'data_efficiency.png'}")
     return 1 if failed else 0
 
 
 def training_split_size(cfg) -> int | None:
-    """Training images left after the validation split, from the data itself (a decoded source is cached)."""
+    """Training images left after the validation split, from the data itself (a decoded source is
+    cached)."""
     from common.data.sources import open_source
 
     try:

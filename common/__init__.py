@@ -1,1 +1,2 @@
-"""Shared code of the CIFAR-10 pre-training comparison: data, models, training loop, checkpoints, logs."""
+"""Shared code of the CIFAR-10 pre-training comparison: data, models, training loop, checkpoints,
+logs."""

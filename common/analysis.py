@@ -1,9 +1,11 @@
-"""From run folders to the answer: settings (model x weights x pretrained / scratch / linear probe x init, seeds
-grouped), a comparability check, test accuracies with intervals, pre-training gains and the difference of the
-gains with intervals that count the seeds as seeds, McNemar's test per seed pair, per-class accuracy and
-calibration. results.md is written from the Comparison by common/results_md.py, the figures by plots.py.
+"""From run folders to the answer: settings (model x weights x pretrained / scratch / linear probe x
+init, seeds grouped), a comparability check, test accuracies with intervals, pre-training gains and
+the difference of the gains with intervals that count the seeds as seeds, McNemar's test per seed
+pair, per-class accuracy and calibration. results.md is written from the Comparison by
+common/results_md.py, the figures by plots.py.
 
-Nothing here depends on the order in which run folders are given: runs are sorted canonically first."""
+Nothing here depends on the order in which run folders are given: runs are sorted canonically
+first."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,20 +23,24 @@ from .specs import MODELS
 MARK = "†"            # a comparison of runs that differ in settings that matter (--allow-mismatch)
 TEST_MARK = "‡"       # best.pt chosen on the test set itself (--val-size 0, --allow-test-selection)
 MODES = ("pretrained", "scratch", "linear probe")
-TRAINING_SET = ("train", "train_subset", "indices_sha256")  # what differs between the sizes of a sweep
+# what differs between the sizes of a sweep
+TRAINING_SET = ("train", "train_subset", "indices_sha256")
 
 
 @dataclass(frozen=True)
 class Kind:
-    """What a run is, read from its record: the architecture, the training mode, the weights and the init."""
+    """What a run is, read from its record: the architecture, the training mode, the weights and the
+    init."""
 
     arch: str
     display: str
     mode: str                     # pretrained | scratch | linear probe
-    weights: str                  # the weights' identity: "timm arch.tag", "file <sha256[:12]>", "random init"
+    weights: str                  # the weights' identity: "timm arch.tag", "file <sha256[:12]>",
+                                  # "random init"
     tag: str | None
     registry_default: bool        # the registry's default weights, or random init
-    init: str                     # "" (the library's init) or "no zero-init-last" / "zero-init-last"
+    init: str                     # "" (the library's init) or "no zero-init-last" /
+                                  # "zero-init-last"
 
     @property
     def sort_key(self) -> tuple:
@@ -52,12 +58,15 @@ def describe(run: Run) -> Kind:
     r = run.record
     spec = MODELS.get(r.model.arch)
     pretrained = r.weights.pretrained
-    mode = "linear probe" if r.config.freeze_backbone else ("pretrained" if pretrained else "scratch")
+    mode = ("linear probe" if r.config.freeze_backbone
+            else ("pretrained" if pretrained else "scratch"))
     tag = r.weights.tag if pretrained and r.weights.init != "file" else None
     default = (not pretrained or spec is None
-               or (r.weights.init == "ImageNet" and r.weights.library == "timm" and tag == spec.default_tag))
+               or (r.weights.init == "ImageNet" and r.weights.library == "timm"
+                   and tag == spec.default_tag))
     init = ""
-    if r.config.zero_init_last is not None and r.config.zero_init_last != (r.model.library == "timm"):
+    if (r.config.zero_init_last is not None
+            and r.config.zero_init_last != (r.model.library == "timm")):
         init = "zero-init-last" if r.config.zero_init_last else "no zero-init-last"
     return Kind(r.model.arch, r.model.display, mode, r.weights.identity, tag, default, init)
 
@@ -100,20 +109,23 @@ class Setting:
         return [r.record.config.seed for r in self.runs]
 
     def test_acc(self, final: bool = False) -> list[float]:
-        return [r.summary.test_acc_final if final else r.summary.test_acc for r in self.runs if r.summary]
+        return [r.summary.test_acc_final if final else r.summary.test_acc for r in self.runs
+                if r.summary]
 
     def final_val_acc(self) -> list[float]:
         return [float(r.metrics["val_acc"].iloc[-1]) for r in self.runs]
 
     def predictions(self) -> list | None:
-        """Each run's test_predictions.csv, rows ordered by test-image index; None when a run has none yet."""
+        """Each run's test_predictions.csv, rows ordered by test-image index; None when a run has
+        none yet."""
         preds = [r.predictions for r in self.runs]
         if any(p is None for p in preds):
             return None
         return [p.sort_values("index", kind="stable").reset_index(drop=True) for p in preds]
 
     def correct(self, which: str = "best") -> tuple[np.ndarray, list[np.ndarray]] | None:
-        """(test-image indices, per seed whether each of those images is right); None without predictions."""
+        """(test-image indices, per seed whether each of those images is right); None without
+        predictions."""
         preds = self.predictions()
         if preds is None:
             return None
@@ -125,14 +137,15 @@ class Setting:
 
 def _same_test_images(a: Run, ia: np.ndarray, b: Run, ib: np.ndarray) -> None:
     if len(ia) != len(ib) or not np.array_equal(ia, ib):
-        raise UserError(f"{a.folder} and {b.folder} were tested on different test images ({len(ia)} and {len(ib)}"
-                        f" images, {len(np.intersect1d(ia, ib))} shared); compare runs of the same --test-subset "
-                        f"and data")
+        raise UserError(f"{a.folder} and {b.folder} were tested on different test images "
+                        f"({len(ia)} and {len(ib)} images, {len(np.intersect1d(ia, ib))} shared); "
+                        "compare runs of the same --test-subset and data")
 
 
-def canonical(runs: Sequence[Run], labels: Sequence[str] | None) -> tuple[list[Run], list[str] | None]:
-    """The runs (and their labels) in one order whatever order they were given in: by setting, seed, folder.
-    The same folder twice, or two folders of one setting with the same seed, are refused."""
+def canonical(runs: Sequence[Run],
+              labels: Sequence[str] | None) -> tuple[list[Run], list[str] | None]:
+    """The runs (and their labels) in one order whatever order they were given in: by setting, seed,
+    folder. The same folder twice, or two folders of one setting with the same seed, are refused."""
     seen: dict[Path, Run] = {}
     for r in runs:
         key = r.folder.resolve()
@@ -140,21 +153,24 @@ def canonical(runs: Sequence[Run], labels: Sequence[str] | None) -> tuple[list[R
             raise UserError(f"{r.folder} is given twice; give each run once")
         seen[key] = r
     items = sorted(zip(runs, labels or [None] * len(runs)),
-                   key=lambda x: (describe(x[0]).sort_key, x[1] or "", x[0].record.config.seed, str(x[0].folder)))
+                   key=lambda x: (describe(x[0]).sort_key, x[1] or "", x[0].record.config.seed,
+                                  str(x[0].folder)))
     by_seed: dict[tuple, Run] = {}
     for r, label in items:
         key = (label or describe(r).label(), r.record.config.seed)
         if key in by_seed:
-            raise UserError(f"{by_seed[key].folder} and {r.folder} are the same setting ({key[0]}) with the same "
-                            f"seed {key[1]}: one run counted twice would shrink the intervals; give each seed once")
+            raise UserError(f"{by_seed[key].folder} and {r.folder} are the same setting ({key[0]}) "
+                            f"with the same seed {key[1]}: one run counted twice would shrink the "
+                            "intervals; give each seed once")
         by_seed[key] = r
     return [r for r, _ in items], ([lbl for _, lbl in items] if labels else None)
 
 
 def group_settings(runs: Sequence[Run], labels: Sequence[str] | None = None) -> list[Setting]:
-    """Settings in a stable order (registry models first; pretrained, scratch, linear probe; main before
-    controls). Runs with the same label (given, or derived from model, weights, mode and init) are seeds of one
-    setting. The main pretrained setting of a model is its registry weights, or a lone weights-file setting."""
+    """Settings in a stable order (registry models first; pretrained, scratch, linear probe; main
+    before controls). Runs with the same label (given, or derived from model, weights, mode and
+    init) are seeds of one setting. The main pretrained setting of a model is its registry weights,
+    or a lone weights-file setting."""
     runs, labels = canonical(runs, labels)
     settings: dict[str, Setting] = {}
     for i, run in enumerate(runs):
@@ -168,21 +184,26 @@ def group_settings(runs: Sequence[Run], labels: Sequence[str] | None = None) -> 
         pre = [s for s in ordered if s.arch == arch and s.mode == "pretrained" and not s.kind.init]
         files = [s for s in pre if s.kind.weights.startswith("file")]
         if not any(s.main for s in pre) and len(files) == 1:
-            files[0].main = True  # offline users: their copy of the weights, named by its hash in the label
+            # offline users: their copy of the weights, named by its hash in the label
+            files[0].main = True
     return ordered
 
 
 def comparable_values(run: Run) -> dict[str, str]:
-    """The settings that must match for a comparison to be fair, as text: the data and its split, the recipe,
-    every flag declared `compare` in common/config.py, the effective batch and the epochs actually run."""
+    """The settings that must match for a comparison to be fair, as text: the data and its split,
+    the recipe, every flag declared `compare` in common/config.py, the effective batch and the
+    epochs actually run."""
     r = run.record
     split = {k: v for k, v in vars(r.data.splits).items() if k not in TRAINING_SET}
     values = {"data": f"{r.data.label()} {r.data.sha256[:12]}", "data.splits": _text(split),
               "training set": _text({k: getattr(r.data.splits, k) for k in TRAINING_SET}),
-              "recipe": _text({k: v for k, v in r.recipe.to_dict().items() if k != "departures_from_preset"})}
+              "recipe": _text({k: v for k, v in r.recipe.to_dict().items()
+                               if k != "departures_from_preset"})}
     values.update({k: _text(getattr(r.config, k)) for k in COMPARE_KEYS})
-    values["effective batch"] = str(r.config.effective_batch)  # 128, or 64 x 2 accumulated: the same experiment
-    values["epochs run"] = str(run.summary.epochs_run if run.summary else int(run.metrics["epoch"].iloc[-1]))
+    # 128, or 64 x 2 accumulated: the same experiment
+    values["effective batch"] = str(r.config.effective_batch)
+    values["epochs run"] = str(run.summary.epochs_run if run.summary
+                               else int(run.metrics["epoch"].iloc[-1]))
     return values
 
 
@@ -212,7 +233,8 @@ class Interval:
     estimate: float
     lo: float
     hi: float
-    method: str                   # "seeds": test images and training seeds; "images": test images only
+    # "seeds": test images and training seeds; "images": test images only
+    method: str
 
     @property
     def covers_seeds(self) -> bool:
@@ -280,31 +302,35 @@ class Comparison:
     settings: list[Setting]
     mismatched: dict[str, dict[str, list[str]]]
     allow_mismatch: bool
-    test_selected: list[str] = field(default_factory=list)   # runs whose best.pt was chosen on the test set
+    # runs whose best.pt was chosen on the test set
+    test_selected: list[str] = field(default_factory=list)
     gains: list[Gain] = field(default_factory=list)
     gain_difference: GainDifference | None = None
 
     def marked(self, setting: Setting | None = None) -> str:
-        """The marks every number carries: † when runs that differ are compared (--allow-mismatch), since each
-        number is read against the others; ‡ when a best.pt was chosen on the test set."""
+        """The marks every number carries: † when runs that differ are compared (--allow-mismatch),
+        since each number is read against the others; ‡ when a best.pt was chosen on the test
+        set."""
         return (MARK if self.mismatched else "") + (TEST_MARK if self.test_selected else "")
 
 
 def compare(runs: Sequence[Run], labels: Sequence[str] | None = None, allow_mismatch: bool = False,
             n_boot: int = 4000, allow_test_selection: bool = False) -> Comparison:
-    """Check the runs are comparable, group them into settings, and compute the gains and their difference."""
+    """Check the runs are comparable, group them into settings, and compute the gains and their
+    difference."""
     if labels and len(labels) != len(runs):
         raise UserError(f"--labels has {len(labels)} names for {len(runs)} runs; give one per run")
     selected = [str(r.folder) for r in runs if r.record.data.splits.val_is_test]
     if selected and not allow_test_selection:
-        raise UserError(f"{', '.join(selected)} chose best.pt on the test set (--val-size 0), so its test accuracy "
-                        f"is not a test result; re-run with a validation split, or pass --allow-test-selection to "
-                        f"show it marked {TEST_MARK} 'selected on the test set'")
+        raise UserError(f"{', '.join(selected)} chose best.pt on the test set (--val-size 0), so "
+                        "its test accuracy is not a test result; re-run with a validation split, "
+                        f"or pass --allow-test-selection to show it marked {TEST_MARK} 'selected "
+                        "on the test set'")
     differ = mismatches(runs)
     if differ and not allow_mismatch:
         what = "; ".join(differences_text(k, vals) for k, vals in differ.items())
-        raise UserError(f"the runs are not comparable: {what}. Re-run them alike, or pass --allow-mismatch to "
-                        f"compare anyway (every number is then marked {MARK})")
+        raise UserError(f"the runs are not comparable: {what}. Re-run them alike, or pass "
+                        f"--allow-mismatch to compare anyway (every number is then marked {MARK})")
     settings = group_settings(runs, labels)
     comparison = Comparison(settings, differ, allow_mismatch, selected)
     comparison.gains = [_gain(pre, scratch, n_boot) for pre, scratch in _gain_pairs(settings)]
@@ -317,13 +343,15 @@ def compare(runs: Sequence[Run], labels: Sequence[str] | None = None, allow_mism
 
 
 def _gain_pairs(settings: list[Setting]) -> list[tuple[Setting, Setting]]:
-    """(pretrained, scratch) of the same architecture: the main weights first, then the controls. A pretrained
-    setting is paired with the main scratch setting (the init variant pairs with its own variant)."""
+    """(pretrained, scratch) of the same architecture: the main weights first, then the controls. A
+    pretrained setting is paired with the main scratch setting (the init variant pairs with its own
+    variant)."""
     pairs = []
     for s in settings:
         if s.mode != "pretrained":
             continue
-        scratch = [t for t in settings if t.arch == s.arch and t.mode == "scratch" and t.kind.init == s.kind.init]
+        scratch = [t for t in settings
+                   if t.arch == s.arch and t.mode == "scratch" and t.kind.init == s.kind.init]
         chosen = next((t for t in scratch if t.main), scratch[0] if scratch else None)
         if chosen is not None:
             pairs.append((s, chosen))
@@ -331,7 +359,8 @@ def _gain_pairs(settings: list[Setting]) -> list[tuple[Setting, Setting]]:
 
 
 def _aligned(settings: Sequence[Setting]) -> dict[str, list[np.ndarray]] | None:
-    """Per setting, its seeds' correctness on the same test images (checked by index); None without predictions."""
+    """Per setting, its seeds' correctness on the same test images (checked by index); None without
+    predictions."""
     out, first = {}, None
     for s in settings:
         got = s.correct()
@@ -347,9 +376,9 @@ def _aligned(settings: Sequence[Setting]) -> dict[str, list[np.ndarray]] | None:
 
 
 def contrast(settings: Sequence[Setting], weights: Sequence[float], n_boot: int) -> Interval | None:
-    """sum_i w_i x accuracy of settings[i], with a 95% interval: over the seeds and the test images when every
-    setting has 2 or more seeds (variance components, stats.seed_interval), else over the test images alone
-    (paired bootstrap), which then says nothing about training noise."""
+    """sum_i w_i x accuracy of settings[i], with a 95% interval: over the seeds and the test images
+    when every setting has 2 or more seeds (variance components, stats.seed_interval), else over the
+    test images alone (paired bootstrap), which then says nothing about training noise."""
     correct = _aligned(settings)
     if correct is None:
         return None
@@ -364,21 +393,26 @@ def contrast(settings: Sequence[Setting], weights: Sequence[float], n_boot: int)
 
 def _gain(pre: Setting, scratch: Setting, n_boot: int) -> Gain:
     acc_pre, acc_scr = pre.test_acc(), scratch.test_acc()
-    gain = Gain(pre, scratch, float(np.mean(acc_pre) - np.mean(acc_scr)) if acc_pre and acc_scr else None)
+    gain = Gain(pre, scratch,
+                float(np.mean(acc_pre) - np.mean(acc_scr)) if acc_pre and acc_scr else None)
     if gain.gain is not None:
-        gain.error_reduction = stats.relative_error_reduction(float(np.mean(acc_pre)), float(np.mean(acc_scr)))
+        gain.error_reduction = stats.relative_error_reduction(float(np.mean(acc_pre)),
+                                                              float(np.mean(acc_scr)))
     interval = contrast([pre, scratch], [1, -1], n_boot)
     if interval is None:
         return gain
     correct = _aligned([pre, scratch])
     a, b = correct[pre.label], correct[scratch.label]
-    gain.interval, gain.gain, gain.correct, gain.n_images = interval, interval.estimate, (a, b), len(a[0])
-    gain.mcnemar = [McNemar(sa, sb, **stats.mcnemar(ca, cb)) for sa, sb, ca, cb in _seed_pairs(pre, scratch, a, b)]
+    gain.interval, gain.gain, gain.correct, gain.n_images = (interval, interval.estimate, (a, b),
+                                                             len(a[0]))
+    gain.mcnemar = [McNemar(sa, sb, **stats.mcnemar(ca, cb))
+                    for sa, sb, ca, cb in _seed_pairs(pre, scratch, a, b)]
     return gain
 
 
 def _seed_pairs(pre: Setting, scratch: Setting, a: list, b: list):
-    """McNemar pairs: runs with the same seed where both settings have it, else the i-th seed of each."""
+    """McNemar pairs: runs with the same seed where both settings have it, else the i-th seed of
+    each."""
     common = [s for s in pre.seeds if s in scratch.seeds]
     if common:
         return [(s, s, a[pre.seeds.index(s)], b[scratch.seeds.index(s)]) for s in common]
@@ -387,15 +421,17 @@ def _seed_pairs(pre: Setting, scratch: Setting, a: list, b: list):
 
 def _difference(vit: Gain, cnn: Gain, n_boot: int) -> GainDifference:
     """TinyViT's gain minus ResNet's, on the shared test images (and over the seeds)."""
-    interval = contrast([vit.pretrained, vit.scratch, cnn.pretrained, cnn.scratch], [1, -1, -1, 1], n_boot)
+    interval = contrast([vit.pretrained, vit.scratch, cnn.pretrained, cnn.scratch], [1, -1, -1, 1],
+                        n_boot)
     return GainDifference(interval, vit, cnn)
 
 
-# ----------------------------------------------------------------------------- across training-set sizes
+# ------------------------------------------------------------------------ across training-set sizes
 
 @dataclass
 class SizeComparison:
-    """A sweep: one Comparison per training-set size (its own comparability check), all other settings equal."""
+    """A sweep: one Comparison per training-set size (its own comparability check), all other
+    settings equal."""
 
     sizes: list[int]
     by_size: dict[int, Comparison]
@@ -412,26 +448,29 @@ def training_images(run: Run) -> int:
 
 def compare_sizes(runs: Sequence[Run], allow_mismatch: bool = False, n_boot: int = 4000,
                   allow_test_selection: bool = False) -> SizeComparison:
-    """Runs of several training-set sizes: everything but the training set must match across sizes."""
+    """Runs of several training-set sizes: everything but the training set must match across
+    sizes."""
     across = {k: v for k, v in mismatches(runs).items() if k != "training set"}
     if across and not allow_mismatch:
         what = "; ".join(differences_text(k, vals) for k, vals in across.items())
-        raise UserError(f"the runs of the sweep are not comparable across sizes: {what}. Re-run them alike, or pass "
-                        f"--allow-mismatch (every number is then marked {MARK})")
+        raise UserError(f"the runs of the sweep are not comparable across sizes: {what}. Re-run "
+                        "them alike, or pass --allow-mismatch (every number is then marked "
+                        f"{MARK})")
     sizes = sorted({training_images(r) for r in runs})
-    by_size = {n: compare([r for r in runs if training_images(r) == n], None, allow_mismatch, n_boot,
-                          allow_test_selection) for n in sizes}
+    by_size = {n: compare([r for r in runs if training_images(r) == n], None, allow_mismatch,
+                          n_boot, allow_test_selection) for n in sizes}
     return SizeComparison(sizes, by_size, across)
 
 
 def setting_interval(setting: Setting, n_boot: int = 2000) -> Interval | None:
-    """A setting's mean test accuracy with its 95% interval (over images and seeds when it has 2 or more),
-    within [0, 1] (an accuracy cannot leave it, even when two seeds make Student's t wide)."""
+    """A setting's mean test accuracy with its 95% interval (over images and seeds when it has 2 or
+    more), within [0, 1] (an accuracy cannot leave it, even when two seeds make Student's t
+    wide)."""
     i = contrast([setting], [1.0], n_boot)
     return None if i is None else Interval(i.estimate, max(0.0, i.lo), min(1.0, i.hi), i.method)
 
 
-# ----------------------------------------------------------------------------- per class, calibration
+# --------------------------------------------------------------------------- per class, calibration
 
 @dataclass
 class PerClass:
@@ -444,9 +483,9 @@ class PerClass:
 
 
 def per_class(setting: Setting) -> PerClass | None:
-    """Each class's test accuracy (the share of its images predicted as it: recall), with a 95% interval: Wilson
-    over the class's images for one seed; over the images and the seeds (as seeds, not as more images) for
-    several. None without predictions."""
+    """Each class's test accuracy (the share of its images predicted as it: recall), with a 95%
+    interval: Wilson over the class's images for one seed; over the images and the seeds (as seeds,
+    not as more images) for several. None without predictions."""
     got = setting.correct()
     if got is None:
         return None
@@ -469,7 +508,8 @@ def per_class(setting: Setting) -> PerClass | None:
         else:
             r = stats.seed_interval({"s": [x[mask] for x in correct]}, {"s": 1.0})
             lo.append(max(0.0, r["lo"])), hi.append(min(1.0, r["hi"]))
-    return PerClass(classes, np.array(acc), np.array(lo), np.array(hi), np.array(counts), len(correct))
+    return PerClass(classes, np.array(acc), np.array(lo), np.array(hi), np.array(counts),
+                    len(correct))
 
 
 @dataclass
@@ -481,7 +521,8 @@ class Calibration:
 
 
 def calibration(setting: Setting) -> Calibration | None:
-    """ECE (15 bins) and the bins of best.pt's predictions, pooled over seeds; None without predictions."""
+    """ECE (15 bins) and the bins of best.pt's predictions, pooled over seeds; None without
+    predictions."""
     preds = setting.predictions()
     if preds is None:
         return None
@@ -492,17 +533,21 @@ def calibration(setting: Setting) -> Calibration | None:
 
 
 def footnote(settings: Sequence[Setting]) -> str:
-    """The provenance line drawn under a figure: what data, how many test images, size, epochs, weights, seeds."""
+    """The provenance line drawn under a figure: what data, how many test images, size, epochs,
+    weights, seeds."""
     runs = [r for s in settings for r in s.runs]
     labels = {r.record.data.label() for r in runs}
     sizes = {str(r.record.config.img_size) for r in runs}
-    epochs = {str(r.summary.epochs_run if r.summary else int(r.metrics["epoch"].iloc[-1])) for r in runs}
+    epochs = {str(r.summary.epochs_run if r.summary else int(r.metrics["epoch"].iloc[-1]))
+              for r in runs}
     n_test = {str(r.summary.test_images if r.summary else r.record.data.splits.test) for r in runs}
     n_train = {str(r.record.data.splits.train) for r in runs}  # several: a data-size sweep
-    named = {s.label: s.record.weights.label() for s in settings if s.mode != "scratch"}  # once per setting
+    # once per setting
+    named = {s.label: s.record.weights.label() for s in settings if s.mode != "scratch"}
     weights = "; ".join(f"{label}: {w}" for label, w in named.items())
     seeds = "/".join(sorted({str(len(s.runs)) for s in settings}, key=int))
     return (f"{' / '.join(sorted(labels))}; {'/'.join(sorted(n_train, key=int))} train and "
             f"{'/'.join(sorted(n_test))} test images; {'/'.join(sorted(sizes))} px; "
-            f"{'/'.join(sorted(epochs, key=float))} epochs; recipe {settings[0].record.recipe.name}; {seeds} seed(s) "
-            f"per setting" + (f"; {weights}" if weights else ""))
+            f"{'/'.join(sorted(epochs, key=float))} epochs; recipe "
+            f"{settings[0].record.recipe.name}; {seeds} "
+            "seed(s) per setting" + (f"; {weights}" if weights else ""))

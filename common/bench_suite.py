@@ -1,5 +1,6 @@
-"""`python check.py --bench-suite EPOCHS`: time real epochs of both models by running the train scripts
-themselves (as subprocesses, on CIFAR-sized synthetic data) and project the four 30-epoch runs from them."""
+"""`python check.py --bench-suite EPOCHS`: time real epochs of both models by running the train
+scripts themselves (as subprocesses, on CIFAR-sized synthetic data) and project the four 30-epoch
+runs from them."""
 from __future__ import annotations
 
 import logging
@@ -21,12 +22,14 @@ log = logging.getLogger(__name__)
 
 
 def check_flags(flags: str) -> list[str]:
-    """The extra training flags, parsed as the train scripts would (one-line errors for bad ones)."""
+    """The extra training flags, parsed as the train scripts would (one-line errors for bad
+    ones)."""
     argv = shlex.split(flags)
     parser = build_parser("bench", "resnet18")
 
     def fail(message: str):
-        raise UserError(f"--bench-suite-flags: {message} (the flags of python train_resnet_cifar.py --help)")
+        raise UserError(f"--bench-suite-flags: {message} (the flags of python "
+                        "train_resnet_cifar.py --help)")
 
     parser.error = fail
     args = parser.parse_args(argv)
@@ -36,10 +39,11 @@ def check_flags(flags: str) -> list[str]:
     return argv
 
 
-def bench_suite(epochs: int, device_name: str, flags: str, output: str | Path | None = None) -> dict:
-    """Projected wall time of the four-run suite, from `epochs` timed epochs per model (set-up, validation
-    and test included). Pretrained and scratch runs do the same compute, so each model runs once, from scratch.
-    The epoch lines of the timed runs go to stderr, as progress."""
+def bench_suite(epochs: int, device_name: str, flags: str,
+                output: str | Path | None = None) -> dict:
+    """Projected wall time of the four-run suite, from `epochs` timed epochs per model (set-up,
+    validation and test included). Pretrained and scratch runs do the same compute, so each model
+    runs once, from scratch. The epoch lines of the timed runs go to stderr, as progress."""
     extra = check_flags(flags)
     full_epochs = TrainConfig().epochs
     results: dict = {"timed_epochs": epochs, "full_epochs": full_epochs, "flags": flags, "runs": {}}
@@ -47,8 +51,8 @@ def bench_suite(epochs: int, device_name: str, flags: str, output: str | Path | 
         for spec in MODELS.values():
             label, script = spec.display, spec.script
             out = Path(tmp) / spec.run_prefix
-            cmd = [sys.executable, str(REPO / script), *extra, "--no-pretrained", "--dummy", "--epochs", str(epochs),
-                   "--device", device_name, "--output-dir", str(out)]
+            cmd = [sys.executable, str(REPO / script), *extra, "--no-pretrained", "--dummy",
+                   "--epochs", str(epochs), "--device", device_name, "--output-dir", str(out)]
             start = time.perf_counter()
             last = _run_showing_progress(cmd)
             wall = time.perf_counter() - start
@@ -61,11 +65,12 @@ def bench_suite(epochs: int, device_name: str, flags: str, output: str | Path | 
             other_s = wall - sum(epoch_s)  # start-up, data, model, test
             results["device"] = record.environment.device_name
             results["runs"][label] = {
-                "first_epoch_s": epoch_s[0], "later_epoch_s": later, "train_img_per_s": float(m["train_img_per_s"].iloc[-1]),
-                "val_img_per_s": float(m["val_img_per_s"].iloc[-1]), "peak_mem_gb": float(m["peak_mem_gb"].max()),
-                "other_s": other_s, "train_images": record.data.splits.train,
-                "batch_size": record.config.batch_size, "img_size": record.config.img_size,
-                "test_images": summary.test_images,
+                "first_epoch_s": epoch_s[0], "later_epoch_s": later,
+                "train_img_per_s": float(m["train_img_per_s"].iloc[-1]),
+                "val_img_per_s": float(m["val_img_per_s"].iloc[-1]),
+                "peak_mem_gb": float(m["peak_mem_gb"].max()), "other_s": other_s,
+                "train_images": record.data.splits.train, "batch_size": record.config.batch_size,
+                "img_size": record.config.img_size, "test_images": summary.test_images,
                 "projected_run_s": other_s + epoch_s[0] + (full_epochs - 1) * later}
     results["projected_suite_s"] = 2 * sum(r["projected_run_s"] for r in results["runs"].values())
     if output:  # run_suite.py --dry-run projects a sweep from these figures
@@ -76,7 +81,8 @@ def bench_suite(epochs: int, device_name: str, flags: str, output: str | Path | 
 
 
 def _run_showing_progress(cmd: list[str]) -> str | None:
-    """Run a train script, passing its log lines on as progress; None on success, else its last line."""
+    """Run a train script, passing its log lines on as progress; None on success, else its last
+    line."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stderr:
@@ -86,13 +92,16 @@ def _run_showing_progress(cmd: list[str]) -> str | None:
 
 
 def format_suite(r: dict) -> str:
-    lines = [f"device: {r['device']}; {r['timed_epochs']} timed epoch(s) per model; extra flags: {r['flags'] or 'none'}",
-             "", "| model | first epoch | later epochs | train img/s | val img/s | peak GB | start-up + test "
-             f"| projected {r['full_epochs']}-epoch run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"device: {r['device']}; {r['timed_epochs']} timed epoch(s) per model; extra flags: "
+             f"{r['flags'] or 'none'}",
+             "", "| model | first epoch | later epochs | train img/s | val img/s | peak GB | "
+             "start-up + test | projected "
+             f"{r['full_epochs']}-epoch run |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, x in r["runs"].items():
-        lines.append(f"| {name} | {x['first_epoch_s']:.1f} s | {x['later_epoch_s']:.1f} s | {x['train_img_per_s']:,.0f} "
-                     f"| {x['val_img_per_s']:,.0f} | {x['peak_mem_gb']:.1f} | {x['other_s']:.1f} s | "
+        lines.append(f"| {name} | {x['first_epoch_s']:.1f} s | {x['later_epoch_s']:.1f} s | "
+                     f"{x['train_img_per_s']:,.0f} | {x['val_img_per_s']:,.0f} | "
+                     f"{x['peak_mem_gb']:.1f} | {x['other_s']:.1f} s | "
                      f"{x['projected_run_s'] / 60:.1f} min |")
-    lines += ["", f"four-run suite (each model pretrained and from scratch, {r['full_epochs']} epochs): "
-              f"{r['projected_suite_s'] / 60:.1f} min projected from these epochs"]
+    lines += ["", f"four-run suite (each model pretrained and from scratch, {r['full_epochs']} "
+              f"epochs): {r['projected_suite_s'] / 60:.1f} min projected from these epochs"]
     return "\n".join(lines)

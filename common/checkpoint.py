@@ -15,7 +15,8 @@ from .files import atomic_write
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Serialise in memory first (its size is then known for the free-space check), then write atomically."""
+    """Serialise in memory first (its size is then known for the free-space check), then write
+    atomically."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write(path, buffer.getbuffer().tobytes())
@@ -25,7 +26,8 @@ def capture_rng() -> dict[str, Any]:
     """Every RNG a training step touches, as tensors and plain values (weights_only-safe)."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "python_pos": random.getstate()[2], "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+             "python_pos": random.getstate()[2],
+             "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": int(np_state[2])}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -35,13 +37,15 @@ def capture_rng() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_error_reason(e: Exception, path: str | Path | None = None) -> str:
-    """What a torch.load failure means, in words: truncated, not a torch file, or pickled code refused."""
+    """What a torch.load failure means, in words: truncated, not a torch file, or pickled code
+    refused."""
     text = str(e)
     if path is not None:
         import zipfile
@@ -49,34 +53,40 @@ def load_error_reason(e: Exception, path: str | Path | None = None) -> str:
         with open(path, "rb") as f:
             head = f.read(4)
         if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
-            return "truncated: the file ends before its zip directory (an interrupted write or copy)"
-        if head[:1] != b"\x80" and head != b"PK\x03\x04":  # neither a zip nor a pickle (protocol 2+) starts so
+            return ("truncated: the file ends before its zip directory (an interrupted write or "
+                    "copy)")
+        # neither a zip nor a pickle (protocol 2+) starts so
+        if head[:1] != b"\x80" and head != b"PK\x03\x04":
             return "not a PyTorch file: its bytes are not a saved state"
     if "Weights only load failed" in text or "WeightsUnpickler error" in text:
         detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        return ("it holds pickled Python objects, which are never unpickled here (that could run code): "
+        return ("it holds pickled Python objects, which are never unpickled here (that could run "
+                "code): "
                 + (detail[0].split(". Please use")[0][:120] if detail else "refused"))
     if "central directory" in text or "failed reading zip archive" in text or "EOF" in text:
         return "truncated or not a complete file: the zip archive's directory is missing"
-    if any(k in text for k in ("invalid load key", "could not find MARK", "not a zip file", "magic number")):
+    if any(k in text for k in ("invalid load key", "could not find MARK", "not a zip file",
+                               "magic number")):
         return "not a PyTorch file: its bytes are not a saved state"
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return first[:200]
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint of this repository, or a LoadError naming the file, what was expected and what was found
-    (the caller adds which flag to change)."""
+    """A checkpoint of this repository, or a LoadError naming the file, what was expected and what
+    was found (the caller adds which flag to change)."""
     path = Path(path)
     if not path.is_file():
         raise LoadError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, random bytes, pickled objects: all unusable the same way
-        raise LoadError(f"checkpoint {path} is unusable ({load_error_reason(e, path)}); use the run's other "
-                        f"checkpoint (best.pt / last.pt) or retrain") from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "record" not in state:
+    except Exception as e:
+        # truncated zip, random bytes, pickled objects: all unusable the same way
+        raise LoadError(f"checkpoint {path} is unusable ({load_error_reason(e, path)}); use the "
+                        "run's other checkpoint (best.pt / last.pt) or retrain") from None
+    if (not isinstance(state, dict) or not isinstance(state.get("model"), dict)
+            or "record" not in state):
         found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
-        raise LoadError(f"{path} is not a checkpoint of this repository (expected 'model' and 'record', found "
-                        f"{found}); for a bare weights file use --weights")
+        raise LoadError(f"{path} is not a checkpoint of this repository (expected 'model' and "
+                        f"'record', found {found}); for a bare weights file use --weights")
     return state

@@ -1,4 +1,5 @@
-"""torchrun support: detected from RANK/WORLD_SIZE; NCCL on CUDA, gloo on CPU; rank 0 alone writes."""
+"""torchrun support: detected from RANK/WORLD_SIZE; NCCL on CUDA, gloo on CPU; rank 0 alone
+writes."""
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,8 @@ def init_distributed(device_kind: str) -> DistInfo:
     """Join the process group torchrun set up (no-op for a plain `python script.py`)."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                    int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
         if backend == "nccl":
@@ -48,7 +50,8 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def max_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Element-wise max over ranks (in place), so every rank takes the same branch; identity alone."""
+    """Element-wise max over ranks (in place), so every rank takes the same branch; identity
+    alone."""
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
@@ -56,11 +59,12 @@ def max_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 @contextlib.contextmanager
 def together(info: DistInfo) -> Iterator[None]:
-    """Run a block that can raise a UserError on some ranks only (rank 0's download or checkpoint write);
-    every rank enters it. If any rank failed, every rank raises: the lowest failed rank its own error, the
-    others quietly. So torchrun shows one clear line, and no rank is left waiting in a later collective
-    for a peer that has exited (gloo: a crash with a traceback; NCCL: blocked until torchrun stops it).
-    The block itself must hold no collective: a rank that failed early would skip it."""
+    """Run a block that can raise a UserError on some ranks only (rank 0's download or checkpoint
+    write); every rank enters it. If any rank failed, every rank raises: the lowest failed rank its
+    own error, the others quietly. So torchrun shows one clear line, and no rank is left waiting in
+    a later collective for a peer that has exited (gloo: a crash with a traceback; NCCL: blocked
+    until torchrun stops it). The block itself must hold no collective: a rank that failed early
+    would skip it."""
     err: UserError | None = None
     try:
         yield
@@ -70,7 +74,8 @@ def together(info: DistInfo) -> Iterator[None]:
         if err is not None:
             raise err
         return
-    device = torch.device("cuda", info.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (torch.device("cuda", info.local_rank) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
     failed = torch.zeros(info.world, device=device)
     failed[info.rank] = float(err is not None)
     dist.all_reduce(failed, op=dist.ReduceOp.SUM)

@@ -1,4 +1,5 @@
-"""Network helpers that fail fast: a reachability probe and a download that gives up on a stalled server."""
+"""Network helpers that fail fast: a reachability probe and a download that gives up on a stalled
+server."""
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,8 @@ def host_reachable(url: str, timeout: float = 4.0) -> bool:
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
         return True
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY")):
         return True
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:

@@ -1,6 +1,6 @@
-"""The pieces of the training loop both scripts share: AdamW (or SGD) with warm-up + cosine, one training step
-and one epoch with on-device metric sums, the Evaluator (validation, test, the demo and the benchmarks all
-evaluate through it), and Ctrl+C handling."""
+"""The pieces of the training loop both scripts share: AdamW (or SGD) with warm-up + cosine, one
+training step and one epoch with on-device metric sums, the Evaluator (validation, test, the demo
+and the benchmarks all evaluate through it), and Ctrl+C handling."""
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +23,8 @@ from .runtime import autocast
 
 log = logging.getLogger(__name__)
 
-CHECK_EVERY = 25  # steps between host reads of the on-device counters (progress, NaN check, DDP stop)
+# steps between host reads of the on-device counters (progress, NaN check, DDP stop)
+CHECK_EVERY = 25
 
 
 class NonFiniteLoss(UserError):
@@ -32,36 +33,42 @@ class NonFiniteLoss(UserError):
 
 # ----------------------------------------------------------------------------- optimisation
 
-def build_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: float, momentum: float,
-                    head_lr_mult: float, device: torch.device, decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
-    """Trainable parameters in groups (backbone, head) x (decayed, not decayed). By default every parameter is
-    decayed, as the experiment's AdamW(model.parameters(), weight_decay=0.05); with decay_norm_and_bias False,
-    biases and normalisation weights (the 1-d tensors) are not."""
+def build_optimizer(model: nn.Module, optimizer: str, lr: float, weight_decay: float,
+                    momentum: float, head_lr_mult: float, device: torch.device,
+                    decay_norm_and_bias: bool = True) -> torch.optim.Optimizer:
+    """Trainable parameters in groups (backbone, head) x (decayed, not decayed). By default every
+    parameter is decayed, as the experiment's AdamW(model.parameters(), weight_decay=0.05); with
+    decay_norm_and_bias False, biases and normalisation weights (the 1-d tensors) are not."""
     head_ids = {id(p) for p in head_module(model).parameters()}
     groups = {(h, d): [] for h in (False, True) for d in (False, True)}
     for p in unwrap_model(model).parameters():
         if p.requires_grad:
             groups[(id(p) in head_ids, decay_norm_and_bias or p.ndim >= 2)].append(p)
-    params = [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0), "weight_decay": weight_decay if decay else 0.0}
+    params = [{"params": ps, "lr": lr * (head_lr_mult if head else 1.0),
+               "weight_decay": weight_decay if decay else 0.0}
               for (head, decay), ps in groups.items() if ps]
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=True)
-    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")  # fused: one kernel for all parameters
+    # fused: one kernel for all parameters
+    return torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
 
 
 class CosineSchedule:
-    """The lr factor at schedule step k (k counts epochs or optimizer steps): linear warm-up from ~0, then a
-    cosine from 1 down to `floor` at k = total. With k counting epochs and no warm-up this is exactly
-    CosineAnnealingLR(T_max=epochs, eta_min=floor x lr) stepped once per epoch, the experiment's schedule (its last
-    epoch trains at a little above the floor). A stateful callable, so LambdaLR saves it: when a resumed run
-    changes --epochs, `retarget` continues the cosine from the current factor down to the floor at the new end."""
+    """The lr factor at schedule step k (k counts epochs or optimizer steps): linear warm-up from
+    ~0, then a cosine from 1 down to `floor` at k = total. With k counting epochs and no warm-up
+    this is exactly CosineAnnealingLR(T_max=epochs, eta_min=floor x lr) stepped once per epoch, the
+    experiment's schedule (its last epoch trains at a little above the floor). A stateful callable,
+    so LambdaLR saves it: when a resumed run changes --epochs, `retarget` continues the cosine from
+    the current factor down to the floor at the new end."""
 
     def __init__(self, total: int, warmup: int, floor: float = 0.0):
         self.total, self.warmup, self.floor = total, warmup, floor
-        self.segments: list[tuple[int, float, int]] = []  # (start step, factor there, new last step)
+        # (start step, factor there, new last step)
+        self.segments: list[tuple[int, float, int]] = []
 
     def _cosine(self, start_factor: float, progress: float) -> float:
-        return self.floor + (start_factor - self.floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return (self.floor + (start_factor - self.floor) * 0.5
+                * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
     def __call__(self, k: int) -> float:
         for start, factor, end in reversed(self.segments):
@@ -80,12 +87,12 @@ def schedule_length(epochs: int, updates_per_epoch: int, per_epoch: bool) -> int
     return epochs if per_epoch else epochs * updates_per_epoch
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: float, updates_per_epoch: int,
-                    per_epoch: bool = False, floor: float = 0.0):
+def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: float,
+                    updates_per_epoch: int, per_epoch: bool = False, floor: float = 0.0):
     """LambdaLR over CosineSchedule, counted in epochs (per_epoch) or in optimizer updates."""
     unit = 1 if per_epoch else updates_per_epoch
-    schedule = CosineSchedule(schedule_length(epochs, updates_per_epoch, per_epoch), int(warmup_epochs * unit),
-                              floor)
+    schedule = CosineSchedule(schedule_length(epochs, updates_per_epoch, per_epoch),
+                              int(warmup_epochs * unit), floor)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -95,18 +102,21 @@ def build_loss_and_mixup(label_smoothing: float, mixup: float, cutmix: float, nu
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
-    return SoftTargetCrossEntropy(), Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
-                                           num_classes=num_classes)  # Mixup applies the smoothing itself
+    # Mixup applies the smoothing itself
+    return SoftTargetCrossEntropy(), Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix,
+                                           label_smoothing=label_smoothing, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------------------- interrupts
 
 class GracefulStop:
-    """First Ctrl+C / SIGTERM sets `requested` (the loop saves and exits after the current step); a second
-    Ctrl+C raises KeyboardInterrupt at once. Under torchrun one Ctrl+C reaches a rank twice (from the
-    terminal, then forwarded by the launcher), so a repeat within `echo_s` counts as the same."""
+    """First Ctrl+C / SIGTERM sets `requested` (the loop saves and exits after the current step); a
+    second Ctrl+C raises KeyboardInterrupt at once. Under torchrun one Ctrl+C reaches a rank twice
+    (from the terminal, then forwarded by the launcher), so a repeat within `echo_s` counts as the
+    same."""
 
-    def __init__(self, announce: bool = True, echo_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, announce: bool = True, echo_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.announce, self.echo_s, self.clock = announce, echo_s, clock
         self.requested, self.signum, self._first = False, 0, 0.0
         self._old: dict[int, object] = {}
@@ -118,8 +128,8 @@ class GracefulStop:
             return
         self.requested, self.signum, self._first = True, signum, self.clock()
         if self.announce:
-            log.info(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl+C again to quit at "
-                     f"once)")
+            log.info(f"\n{signal.Signals(signum).name}: finishing this step, then saving (Ctrl+C "
+                     "again to quit at once)")
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -154,28 +164,33 @@ class EpochSums:
 
     @classmethod
     def from_state(cls, s: dict[str, float], device: torch.device) -> "EpochSums":
-        return cls(*(torch.tensor(float(s[k]), device=device, dtype=torch.float64) for k in cls.KEYS))
+        return cls(*(torch.tensor(float(s[k]), device=device, dtype=torch.float64)
+                     for k in cls.KEYS))
 
 
 class TrainStep:
-    """One batch: autocast forward, (scaled) backward; after every `accum_steps` batches one update: optional
-    clipping, the optimizer step and, when the schedule counts updates, the scheduler step. The loss of each
-    batch is divided by accum_steps, so N batches of B accumulate the gradient of one batch of N x B (BatchNorm
-    statistics come from each batch of B, as in any accumulation). Returns (loss, logits) for the metric sums."""
+    """One batch: autocast forward, (scaled) backward; after every `accum_steps` batches one update:
+    optional clipping, the optimizer step and, when the schedule counts updates, the scheduler step.
+    The loss of each batch is divided by accum_steps, so N batches of B accumulate the gradient of
+    one batch of N x B (BatchNorm statistics come from each batch of B, as in any accumulation).
+    Returns (loss, logits) for the metric sums."""
 
     def __init__(self, model: nn.Module, optimizer, scheduler, scaler, loss_fn, mixup, amp_dtype,
                  grad_clip: float, channels_last: bool, device: torch.device, accum_steps: int = 1,
                  step_scheduler: bool = True, compile: bool = False):
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.model, self.optimizer, self.scheduler, self.scaler = (model, optimizer, scheduler,
+                                                                   scaler)
         self.loss_fn, self.mixup, self.amp_dtype = loss_fn, mixup, amp_dtype
         self.grad_clip, self.channels_last, self.device = grad_clip, channels_last, device
         self.accum_steps, self.step_scheduler = accum_steps, step_scheduler
         self.micro = 0  # batches since the last update
-        # --compile: the forward and the loss, under autocast, as one graph (its backward compiled with it by
-        # AOTAutograd); the fused AdamW is one kernel already, and compiling it would recompile at every lr change
+        # --compile: the forward and the loss, under autocast, as one graph (its backward compiled
+        # with it by AOTAutograd); the fused AdamW is one kernel already, and compiling it would
+        # recompile at every lr change
         self.forward_loss = torch.compile(self._forward_loss) if compile else self._forward_loss
 
-    def _forward_loss(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_loss(self, x: torch.Tensor,
+                      target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with autocast(self.device, self.amp_dtype):
             logits = self.model(x)
             return self.loss_fn(logits, target), logits
@@ -197,7 +212,8 @@ class TrainStep:
         self.micro += 1
         update = self.micro == self.accum_steps
         scaled = loss / self.accum_steps if self.accum_steps > 1 else loss
-        no_sync = getattr(self.model, "no_sync", None)  # DDP: all-reduce the gradients once, at the update
+        # DDP: all-reduce the gradients once, at the update
+        no_sync = getattr(self.model, "no_sync", None)
         with no_sync() if no_sync is not None and not update else contextlib.nullcontext():
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         if update:
@@ -223,9 +239,9 @@ class TrainStep:
 def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop: GracefulStop,
                     dist: D.DistInfo, start_step: int = 0, progress=None,
                     frozen_backbone: bool = False, run_step0: int = 0) -> tuple[int, bool]:
-    """Train over `batches` from `start_step`; returns (steps done in the epoch, stopped early). A stop is
-    taken at an update boundary only (never with half-accumulated gradients). `run_step0`: the run's steps
-    before this epoch (the fault tests count steps over the whole run)."""
+    """Train over `batches` from `start_step`; returns (steps done in the epoch, stopped early). A
+    stop is taken at an update boundary only (never with half-accumulated gradients). `run_step0`:
+    the run's steps before this epoch (the fault tests count steps over the whole run)."""
     set_train_mode(step_fn.model, frozen_backbone)
     step = start_step
     pending = False
@@ -238,29 +254,33 @@ def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop:
             sums.loss += torch.where(finite, loss.double(), 0.0) * n
             sums.correct += (logits.argmax(1) == y).sum()
             sums.count += n
-            # the streak of non-finite losses without a host read: x 0 on a finite loss, + 1 on a bad one
+            # the streak of non-finite losses without a host read: x 0 on a finite loss, + 1 on a
+            # bad one
             sums.bad_streak.mul_(~finite).add_(~finite)
         failpoint(f"step:{run_step0 + step}")
-        pending |= stop.requested and not dist.enabled  # one process: a host bool, checked every step
+        # one process: a host bool, checked every step
+        pending |= stop.requested and not dist.enabled
         if step % CHECK_EVERY == 0:  # the only host syncs of the epoch
             pending |= _check_in(sums, CHECK_EVERY, step_fn.scheduler, stop, dist)
             if progress is not None:
                 count = max(1.0, float(sums.count))
-                progress.set_postfix(loss=f"{float(sums.loss) / count:.3f}", acc=f"{float(sums.correct) / count:.3f}")
+                progress.set_postfix(loss=f"{float(sums.loss) / count:.3f}",
+                                     acc=f"{float(sums.correct) / count:.3f}")
         if progress is not None:
             progress.advance(1)
         if pending and getattr(step_fn, "at_update_boundary", True):
             return step, True
-    # the epoch's last check-in: an epoch shorter than CHECK_EVERY steps never had one, so there half the epoch
-    # non-finite in a row counts as diverged (a single bad batch does not)
+    # the epoch's last check-in: an epoch shorter than CHECK_EVERY steps never had one, so there
+    # half the epoch non-finite in a row counts as diverged (a single bad batch does not)
     stopped = _check_in(sums, min(CHECK_EVERY, max(1, step // 2)), step_fn.scheduler, stop, dist)
     return step, stopped
 
 
-def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist: D.DistInfo) -> bool:
-    """Raise NonFiniteLoss when the last `streak` losses were all NaN/Inf (fp16 steps the scaler skips have
-    finite losses and never count); return whether a stop was asked. Under DDP both are a max over ranks
-    (one collective), so the ranks stop or fail together."""
+def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop,
+              dist: D.DistInfo) -> bool:
+    """Raise NonFiniteLoss when the last `streak` losses were all NaN/Inf (fp16 steps the scaler
+    skips have finite losses and never count); return whether a stop was asked. Under DDP both are a
+    max over ranks (one collective), so the ranks stop or fail together."""
     flags = D.max_over_ranks(torch.stack([sums.bad_streak.double(),
                                           torch.tensor(float(stop.requested), dtype=torch.float64,
                                                        device=sums.bad_streak.device)]), dist)
@@ -268,7 +288,8 @@ def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist:
     if bad_streak >= streak:
         err = NonFiniteLoss(f"the loss was NaN/Inf for {int(bad_streak)} steps in a row "
                             f"(lr {scheduler.get_last_lr()[0]:.3g} too high? try a lower --lr, "
-                            f"--grad-clip 1, or --amp-dtype bf16); the last saved checkpoint, if any, is intact")
+                            f"--grad-clip 1, or --amp-dtype bf16); the last saved checkpoint, if "
+                            f"any, is intact")
         err.quiet = not dist.is_main  # every rank raises it; rank 0 reports
         raise err
     return bool(stop_any)
@@ -276,9 +297,9 @@ def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop, dist:
 
 @dataclass
 class Evaluator:
-    """Evaluation as the run does it: the eval transform on uint8 images, batched, on the run's device, with the
-    run's autocast dtype (None: fp32) and memory format. Validation, the final test, the demo and the benchmarks
-    all call it, so they score identically."""
+    """Evaluation as the run does it: the eval transform on uint8 images, batched, on the run's
+    device, with the run's autocast dtype (None: fp32) and memory format. Validation, the final
+    test, the demo and the benchmarks all call it, so they score identically."""
 
     transform: Callable[[torch.Tensor], torch.Tensor]
     batch_size: int
@@ -293,7 +314,8 @@ class Evaluator:
     def _forward(self, model: nn.Module) -> Callable:
         if not self.compile:
             return model
-        if id(model) not in self._compiled:  # the eval-mode graphs: the full batch and the last partial one
+        # the eval-mode graphs: the full batch and the last partial one
+        if id(model) not in self._compiled:
             self._compiled[id(model)] = torch.compile(model)
         return self._compiled[id(model)]
 
@@ -316,8 +338,9 @@ class Evaluator:
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  dist: D.DistInfo = D.DistInfo(), keep_probs: bool = False,
                  stop: GracefulStop | None = None) -> dict | None:
-        """Loss and accuracy over uint8 images (this rank's shard, summed over ranks); with keep_probs, also the
-        softmax of every image (single process). None when `stop` was requested half-way."""
+        """Loss and accuracy over uint8 images (this rank's shard, summed over ranks); with
+        keep_probs, also the softmax of every image (single process). None when `stop` was requested
+        half-way."""
         model.eval()
         if dist.enabled:
             images, labels = images[dist.rank::dist.world], labels[dist.rank::dist.world]
@@ -335,8 +358,9 @@ class Evaluator:
             correct += (logits.argmax(1) == y).sum()
             if keep_probs:
                 probs.append(torch.softmax(logits, 1).cpu())
-        totals = D.all_reduce_sum(torch.stack([loss_sum, correct, torch.tensor(float(len(images)), device=device,
-                                                                                 dtype=torch.float64)]), dist)
+        totals = D.all_reduce_sum(torch.stack([loss_sum, correct,
+                                               torch.tensor(float(len(images)), device=device,
+                                                              dtype=torch.float64)]), dist)
         n = max(1.0, float(totals[2]))
         out = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "n": int(n),
                "img_per_s": n / max(1e-9, time.perf_counter() - start)}

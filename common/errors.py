@@ -1,5 +1,5 @@
-"""User-facing errors: one clear line, no traceback. Low-level helpers say what went wrong with which file; the
-caller that knows the user's flags adds the fix (`hint`)."""
+"""User-facing errors: one clear line, no traceback. Low-level helpers say what went wrong with
+which file; the caller that knows the user's flags adds the fix (`hint`)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file, no network); printed as one line."""
 
-    quiet = False  # set on a torchrun rank whose error another rank reports: one message, not one per rank
+    # set on a torchrun rank whose error another rank reports: one message, not one per rank
+    quiet = False
 
     def with_hint(self, hint: str) -> "UserError":
         err = type(self)(f"{self}; {hint}")
@@ -21,7 +22,8 @@ class UserError(Exception):
 
 
 class WriteError(UserError):
-    """A file could not be written (full disk, no permission); the previous file, if any, is intact."""
+    """A file could not be written (full disk, no permission); the previous file, if any, is
+    intact."""
 
 
 class LoadError(UserError):
@@ -29,14 +31,16 @@ class LoadError(UserError):
 
 
 class ReportedByAnotherRank(UserError):
-    """Another torchrun process failed and printed why; this one exits with the same code, silently."""
+    """Another torchrun process failed and printed why; this one exits with the same code,
+    silently."""
 
     quiet = True
 
 
 @contextlib.contextmanager
 def hint(kind: type[UserError], text: str) -> Iterator[None]:
-    """Errors of `kind` raised inside get the caller's advice appended (its flags, its next step)."""
+    """Errors of `kind` raised inside get the caller's advice appended (its flags, its next
+    step)."""
     try:
         yield
     except kind as e:
@@ -62,9 +66,12 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int | N
                 raise
             print(f"error: {why}", file=sys.stderr)
             raise SystemExit(2) from None
-        except KeyboardInterrupt:  # a second Ctrl+C: quit at once, files on disk are whole (atomic writes)
-            if os.environ.get("RANK", "0") == "0":  # torchrun: every rank gets the Ctrl+C; rank 0 speaks
-                print("\ninterrupted: quit at once; the last completed checkpoint is intact (--resume)",
+        except KeyboardInterrupt:
+            # a second Ctrl+C: quit at once, files on disk are whole (atomic writes)
+            # torchrun: every rank gets the Ctrl+C; rank 0 speaks
+            if os.environ.get("RANK", "0") == "0":
+                print("\ninterrupted: quit at once; the last completed checkpoint is intact "
+                      "(--resume)",
                       file=sys.stderr)
             raise SystemExit(130) from None
 

@@ -1,12 +1,12 @@
-"""Fault injection for the fault tests: with CIFAR_FAILPOINT=<point>[@<action>] set, the process acts at that
-point of a run, exactly, instead of a test guessing the moment from outside. Unset (always, for users),
-every failpoint() is a dictionary lookup and nothing else.
+"""Fault injection for the fault tests: with CIFAR_FAILPOINT=<point>[@<action>] set, the process
+acts at that point of a run, exactly, instead of a test guessing the moment from outside. Unset
+(always, for users), every failpoint() is a dictionary lookup and nothing else.
 
 Points: decode (half-way through decoding images), step:<n> (after the run's n-th training step),
-epoch:<n> (after epoch n's metrics row, before its checkpoints), write:<file> (half-way through writing
-that file: last.pt, best.pt, summary.json, ...), test (during the final test), summary (before
-summary.json). Actions: kill (SIGKILL, the default), int (SIGINT), term (SIGTERM), enospc (the write
-fails as on a full disk)."""
+epoch:<n> (after epoch n's metrics row, before its checkpoints), write:<file> (half-way through
+writing that file: last.pt, best.pt, summary.json, ...), test (during the final test), summary
+(before summary.json). Actions: kill (SIGKILL, the default), int (SIGINT), term (SIGTERM), enospc
+(the write fails as on a full disk)."""
 from __future__ import annotations
 
 import errno
@@ -15,7 +15,8 @@ import signal
 
 ENV = "CIFAR_FAILPOINT"
 # Windows has no SIGKILL: os.kill with SIGTERM terminates the process there just as abruptly
-_SIGNALS = {"kill": getattr(signal, "SIGKILL", signal.SIGTERM), "int": signal.SIGINT, "term": signal.SIGTERM}
+_SIGNALS = {"kill": getattr(signal, "SIGKILL", signal.SIGTERM), "int": signal.SIGINT,
+            "term": signal.SIGTERM}
 
 
 def failpoint(point: str) -> None:

@@ -1,6 +1,6 @@
-"""Files written so that a crash, a kill or a full disk never leaves a half-written one (temp file, fsync,
-os.replace), and the small helpers around them that several modules need: can this process write a folder,
-is a process still alive, which temp files did a dead writer leave."""
+"""Files written so that a crash, a kill or a full disk never leaves a half-written one (temp file,
+fsync, os.replace), and the small helpers around them that several modules need: can this process
+write a folder, is a process still alive, which temp files did a dead writer leave."""
 from __future__ import annotations
 
 import functools
@@ -17,7 +17,8 @@ from .faults import failpoint
 
 @functools.lru_cache(maxsize=1)
 def _umask() -> int:
-    # the umask can only be read by setting it; set it back at once (once per process, before any thread writes)
+    # the umask can only be read by setting it; set it back at once (once per process, before any
+    # thread writes)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -28,9 +29,10 @@ def _mb(n: float) -> str:
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to `path` through a temp file in the same folder, fsync, then os.replace. Refuses up front
-    when the disk cannot hold it; any failure leaves the previous file intact and no temp file, and is a
-    WriteError naming the file, the space needed and the space free (the caller adds what to do)."""
+    """Write `data` to `path` through a temp file in the same folder, fsync, then os.replace.
+    Refuses up front when the disk cannot hold it; any failure leaves the previous file intact and
+    no temp file, and is a WriteError naming the file, the space needed and the space free (the
+    caller adds what to do)."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
     tmp_name = None
@@ -47,14 +49,15 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
             f.write(payload[half:])
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600; results are shared like any file
+        # mkstemp makes 0600; results are shared like any file
+        os.chmod(tmp_name, 0o666 & ~_umask())
         os.replace(tmp_name, path)
         tmp_name = None
     except OSError as e:
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
         space = f"; it needs {_mb(len(payload))}, {_mb(free)} free" if e.errno == 28 else ""
-        raise WriteError(f"cannot write {path} ({e.strerror or e}{space}); the previous {path.name}, if any, is "
-                         f"intact") from None
+        raise WriteError(f"cannot write {path} ({e.strerror or e}{space}); the previous "
+                         f"{path.name}, if any, is intact") from None
     finally:
         if tmp_name is not None:
             Path(tmp_name).unlink(missing_ok=True)
@@ -65,8 +68,9 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 def writable(folder: Path) -> bool:
-    """Can and may this process write here (creating the folder if needed)? A folder with no write permission
-    bits is read-only by intent, even for root. The probe is named by pid: torchrun ranks probe at once."""
+    """Can and may this process write here (creating the folder if needed)? A folder with no write
+    permission bits is read-only by intent, even for root. The probe is named by pid: torchrun ranks
+    probe at once."""
     folder = Path(folder)
     if folder.is_dir() and not folder.stat().st_mode & 0o222:
         return False
@@ -81,11 +85,13 @@ def writable(folder: Path) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """Is process `pid` of this machine still running? (On Windows os.kill would terminate it: ask instead.)"""
+    """Is process `pid` of this machine still running? (On Windows os.kill would terminate it: ask
+    instead.)"""
     if sys.platform == "win32":
         import ctypes
 
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        # PROCESS_QUERY_LIMITED_INFORMATION
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)
         if not handle:
             return False
         code = ctypes.c_ulong()
@@ -102,8 +108,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temp(folder: Path, pattern: str, owner_pid=None) -> list[str]:
-    """Delete the temp files matching `pattern` in `folder` that no live process is writing. `owner_pid` maps
-    a file name to the pid that writes it (None: the caller holds the folder's lock, so every match is stale)."""
+    """Delete the temp files matching `pattern` in `folder` that no live process is writing.
+    `owner_pid` maps a file name to the pid that writes it (None: the caller holds the folder's
+    lock, so every match is stale)."""
     removed = []
     for tmp in Path(folder).glob(pattern):
         pid = owner_pid(tmp.name) if owner_pid else None

@@ -1,6 +1,7 @@
-"""A trained run loaded back to predict: its model from a checkpoint (or its run folder), its record, the
-Evaluator it was tested with (eval transform, evaluation dtype), its test set, and your own photos turned
-into CIFAR-sized images as training saw them. The prediction demo and the tests use this, not the script."""
+"""A trained run loaded back to predict: its model from a checkpoint (or its run folder), its
+record, the Evaluator it was tested with (eval transform, evaluation dtype), its test set, and your
+own photos turned into CIFAR-sized images as training saw them. The prediction demo and the tests
+use this, not the script."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,8 @@ from .runtime import resolve_amp
 from .specs import resolve_model
 from .state import load_model_state
 
-MAX_PIXELS = 40_000_000  # a 40-megapixel photo decodes to 120 MB; larger files are refused before decoding
+# a 40-megapixel photo decodes to 120 MB; larger files are refused before decoding
+MAX_PIXELS = 40_000_000
 
 
 @dataclass
@@ -56,8 +58,8 @@ class TrainedRun:
                              skip_bad_images=c.skip_bad_images)
         if source.sha256 != self.record.data.sha256:
             raise UserError(f"{path} holds other images than the run was trained on (content hash "
-                            f"{source.sha256[:12]}, the run's {self.record.data.sha256[:12]}); pass --data-dir with "
-                            f"the run's data")
+                            f"{source.sha256[:12]}, the run's {self.record.data.sha256[:12]}); "
+                            "pass --data-dir with the run's data")
         splits = make_splits(source, 0, c.split_seed, 0, c.test_subset)
         return splits.test_x, splits.test_y
 
@@ -67,15 +69,16 @@ def checkpoint_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         if not (path / BEST).is_file():
-            raise UserError(f"{path} is a folder without {BEST}: give a run folder that holds best.pt, or the "
-                            f"checkpoint file itself (best.pt or last.pt)")
+            raise UserError(f"{path} is a folder without {BEST}: give a run folder that holds "
+                            "best.pt, or the checkpoint file itself (best.pt or last.pt)")
         return path / BEST
     return path
 
 
-def load_trained_run(path: str | Path, device: torch.device, config: str | None = None) -> TrainedRun:
-    """The trained model (eval mode) and its record, from a checkpoint or run folder (and optionally the
-    run's config.json, which must agree with the checkpoint on the model and image size)."""
+def load_trained_run(path: str | Path, device: torch.device,
+                     config: str | None = None) -> TrainedRun:
+    """The trained model (eval mode) and its record, from a checkpoint or run folder (and optionally
+    the run's config.json, which must agree with the checkpoint on the model and image size)."""
     checkpoint = checkpoint_path(path)
     with hint(LoadError, "pass the right --checkpoint (a run folder or its best.pt / last.pt)"):
         state = load_checkpoint(checkpoint, map_location="cpu")
@@ -85,15 +88,17 @@ def load_trained_run(path: str | Path, device: torch.device, config: str | None 
         for key in ("model", "img_size"):
             mine, theirs = getattr(record.config, key), getattr(given.config, key)
             if mine != theirs:
-                raise UserError(f"--config {config} has {key} {theirs!r} but --checkpoint {checkpoint} was trained "
-                                f"with {mine!r}; pass the config.json of the run that wrote it")
+                raise UserError(f"--config {config} has {key} {theirs!r} but --checkpoint "
+                                f"{checkpoint} was trained with {mine!r}; pass the config.json of "
+                                "the run that wrote it")
         record = given
     model, _ = build_model(resolve_model(record.config.model, False), record.config.img_size,
                            record.model.num_classes)
     load_model_state(model, state["model"], str(checkpoint))
     from .data.augment import EvalTransform
 
-    amp = None if record.run.eval_dtype == "fp32" else resolve_amp(True, record.run.eval_dtype, device)
+    amp = (None if record.run.eval_dtype == "fp32"
+           else resolve_amp(True, record.run.eval_dtype, device))
     evaluator = Evaluator(EvalTransform(record.recipe, record.config.img_size), 250, device, amp,
                           record.config.channels_last)
     if record.config.channels_last:
@@ -102,13 +107,15 @@ def load_trained_run(path: str | Path, device: torch.device, config: str | None 
 
 
 def load_images(paths: list[str]) -> tuple[torch.Tensor, list]:
-    """Your images, any size and mode -> uint8 (n, 3, 32, 32) resized to CIFAR's size as training saw them,
-    plus the originals for display. Files over MAX_PIXELS are refused before they are decoded."""
+    """Your images, any size and mode -> uint8 (n, 3, 32, 32) resized to CIFAR's size as training
+    saw them, plus the originals for display. Files over MAX_PIXELS are refused before they are
+    decoded."""
     import numpy as np
     from PIL import Image, UnidentifiedImageError
 
     out, originals = [], []
-    Image.MAX_IMAGE_PIXELS = None  # opening reads the header only; the size check below is ours, with a clear message
+    # opening reads the header only; the size check below is ours, with a clear message
+    Image.MAX_IMAGE_PIXELS = None
     for p in paths:
         try:
             with Image.open(p) as im:
@@ -131,8 +138,8 @@ def load_images(paths: list[str]) -> tuple[torch.Tensor, list]:
 def confusion_matrix(labels: torch.Tensor, predicted: torch.Tensor, k: int) -> torch.Tensor:
     """(k, k) counts: row = true class, column = predicted class."""
     matrix = torch.zeros(k, k, dtype=torch.long)
-    matrix.index_put_((labels.long(), predicted.long()), torch.ones_like(predicted, dtype=torch.long),
-                      accumulate=True)
+    matrix.index_put_((labels.long(), predicted.long()),
+                      torch.ones_like(predicted, dtype=torch.long), accumulate=True)
     return matrix
 
 
@@ -142,7 +149,8 @@ def per_class_recall(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def agreement_with_summary(run: TrainedRun, accuracy: float) -> str:
-    """Whether `accuracy` over the test set is summary.json's figure for this checkpoint, in words."""
+    """Whether `accuracy` over the test set is summary.json's figure for this checkpoint, in
+    words."""
     summary = run.summary
     key = "test_acc" if run.checkpoint.name == BEST else "test_acc_final"
     if summary is None:

@@ -1,6 +1,7 @@
-"""One output channel: the standard logging module, configured once by each entry point. Messages go to
-stderr (stdout is left to a script's results: tables, JSON); torchrun ranks other than 0 show warnings only.
-User mistakes are not logged: they end the program as the one `error:` line (common/errors.py)."""
+"""One output channel: the standard logging module, configured once by each entry point. Messages go
+to stderr (stdout is left to a script's results: tables, JSON); torchrun ranks other than 0 show
+warnings only. User mistakes are not logged: they end the program as the one `error:` line
+(common/errors.py)."""
 from __future__ import annotations
 
 import logging
@@ -37,5 +38,6 @@ def setup_logging(rank: int = 0) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    for noisy in ("PIL", "matplotlib", "urllib3", "huggingface_hub", "filelock", "torch", "submitit"):
+    for noisy in ("PIL", "matplotlib", "urllib3", "huggingface_hub", "filelock", "torch",
+                  "submitit"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

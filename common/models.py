@@ -1,6 +1,7 @@
-"""Models with a 10-way head: timm models (ResNet-18, TinyViT-5M, any other) or torchvision ResNets, started
-from random init or from ImageNet weights. Weights come from the library's download path (checked against
-the published hash, then loaded without unpickling code) or from a local --weights file."""
+"""Models with a 10-way head: timm models (ResNet-18, TinyViT-5M, any other) or torchvision ResNets,
+started from random init or from ImageNet weights. Weights come from the library's download path
+(checked against the published hash, then loaded without unpickling code) or from a local --weights
+file."""
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,8 @@ def freeze_backbone(model: nn.Module) -> list[str]:
 
 
 def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
-    """model.train(), except that a frozen backbone stays in eval mode (its BatchNorm statistics too)."""
+    """model.train(), except that a frozen backbone stays in eval mode (its BatchNorm statistics
+    too)."""
     model.train()
     if frozen_backbone:
         target = unwrap_model(model)
@@ -64,8 +66,9 @@ def set_train_mode(model: nn.Module, frozen_backbone: bool) -> None:
 # ----------------------------------------------------------------------------- building
 
 def tiny_vit_window_sizes(arch: str, img_size: int) -> tuple[int, ...] | None:
-    """Window sizes for a timm TinyViT at `img_size`: scaled down below its native size, since its windows
-    pad small feature maps and most compute would go to padding. None for other models or at full size."""
+    """Window sizes for a timm TinyViT at `img_size`: scaled down below its native size, since its
+    windows pad small feature maps and most compute would go to padding. None for other models or at
+    full size."""
     import timm
 
     if not arch.startswith("tiny_vit_"):
@@ -80,8 +83,9 @@ def tiny_vit_window_sizes(arch: str, img_size: int) -> tuple[int, ...] | None:
 
 
 def last_norms(model: nn.Module) -> list[torch.Tensor]:
-    """The scale of the last norm of every residual branch: what zero-init-last sets to 0. timm ResNet blocks
-    (bn2 / bn3), torchvision's BasicBlock / Bottleneck (bn2 / bn3), timm TinyViT's MBConv blocks (conv3.bn)."""
+    """The scale of the last norm of every residual branch: what zero-init-last sets to 0. timm
+    ResNet blocks (bn2 / bn3), torchvision's BasicBlock / Bottleneck (bn2 / bn3), timm TinyViT's
+    MBConv blocks (conv3.bn)."""
     found = []
     for m in unwrap_model(model).modules():
         kind = type(m).__name__
@@ -102,14 +106,15 @@ def starts_at_zero(model: nn.Module) -> bool | None:
 
 def create_model(choice: ModelChoice, img_size: int, num_classes: int,
                  zero_init_last: bool | None = None) -> nn.Module:
-    """The architecture with a fresh `num_classes`-way head and random weights. `zero_init_last` (None: the
-    library's choice, on for timm's ResNets and TinyViT, off for torchvision's) sets whether the last norm of
-    every residual branch starts at zero."""
+    """The architecture with a fresh `num_classes`-way head and random weights. `zero_init_last`
+    (None: the library's choice, on for timm's ResNets and TinyViT, off for torchvision's) sets
+    whether the last norm of every residual branch starts at zero."""
     model = _create(choice, img_size, num_classes, zero_init_last)
     norms = last_norms(model)
     if zero_init_last is not None and not norms:
-        raise UserError(f"--{'' if zero_init_last else 'no-'}zero-init-last: {choice.requested} has no residual "
-                        f"branches ending in a norm (it applies to ResNets and TinyViT)")
+        raise UserError(f"--{'' if zero_init_last else 'no-'}zero-init-last: {choice.requested} "
+                        "has no residual branches ending in a norm (it applies to ResNets and "
+                        "TinyViT)")
     if zero_init_last is not None:
         with torch.no_grad():
             for w in norms:  # BatchNorm's own default scale is 1
@@ -117,23 +122,27 @@ def create_model(choice: ModelChoice, img_size: int, num_classes: int,
     return model
 
 
-def _create(choice: ModelChoice, img_size: int, num_classes: int, zero_init_last: bool | None) -> nn.Module:
+def _create(choice: ModelChoice, img_size: int, num_classes: int,
+            zero_init_last: bool | None) -> nn.Module:
     if choice.library == "torchvision":
         import torchvision
 
         if choice.arch not in torchvision.models.list_models(module=torchvision.models):
-            raise UserError(f"--model {choice.requested}: {choice.arch} is not a torchvision classification model "
-                            f"(e.g. tv/resnet18, tv/resnet50)")
-        model = torchvision.models.get_model(choice.arch, weights=None, zero_init_residual=bool(zero_init_last))
+            raise UserError(f"--model {choice.requested}: {choice.arch} is not a torchvision "
+                            "classification model (e.g. tv/resnet18, tv/resnet50)")
+        model = torchvision.models.get_model(choice.arch, weights=None,
+                                             zero_init_residual=bool(zero_init_last))
         if not isinstance(getattr(model, "fc", None), nn.Linear):
-            raise UserError(f"--model {choice.requested} has no `fc` classifier; use a ResNet-style model")
+            raise UserError(f"--model {choice.requested} has no `fc` classifier; use a "
+                            "ResNet-style model")
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
     import timm
 
     if not timm.is_model(choice.arch):
         raise UserError(f"--model {choice.requested} is not a timm model (e.g. resnet18.a1_in1k, "
-                        f"tiny_vit_5m_224.dist_in22k_ft_in1k, tv/resnet18); list them with timm.list_models()")
+                        f"tiny_vit_5m_224.dist_in22k_ft_in1k, tv/resnet18); list them with "
+                        f"timm.list_models()")
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     windows = tiny_vit_window_sizes(choice.arch, img_size)
     if windows is not None:
@@ -143,15 +152,19 @@ def _create(choice: ModelChoice, img_size: int, num_classes: int, zero_init_last
     return timm.create_model(choice.arch, pretrained=False, **kwargs)
 
 
-def build_model(choice: ModelChoice, img_size: int, num_classes: int, weights_file: str | None = None,
+def build_model(choice: ModelChoice, img_size: int, num_classes: int,
+                weights_file: str | None = None,
                 zero_init_last: bool | None = None) -> tuple[nn.Module, WeightsInfo]:
-    """create_model, then its starting weights: random init, the library's ImageNet weights (downloaded or
-    cached, hash-checked), or a local file; with a record of which."""
-    return apply_weights(create_model(choice, img_size, num_classes, zero_init_last), choice, weights_file)
+    """create_model, then its starting weights: random init, the library's ImageNet weights
+    (downloaded or cached, hash-checked), or a local file; with a record of which."""
+    return apply_weights(create_model(choice, img_size, num_classes, zero_init_last), choice,
+                         weights_file)
 
 
-def apply_weights(model: nn.Module, choice: ModelChoice, weights_file: str | None) -> tuple[nn.Module, WeightsInfo]:
-    """Load the ImageNet weights `choice` names (or a local file) into `model`; random init when scratch."""
+def apply_weights(model: nn.Module, choice: ModelChoice,
+                  weights_file: str | None) -> tuple[nn.Module, WeightsInfo]:
+    """Load the ImageNet weights `choice` names (or a local file) into `model`; random init when
+    scratch."""
     if weights_file:
         state = read_state_dict(weights_file)
         record = WeightsInfo("file", file=str(weights_file), sha256=file_digest(Path(weights_file)))
@@ -160,8 +173,10 @@ def apply_weights(model: nn.Module, choice: ModelChoice, weights_file: str | Non
     else:
         return model, WeightsInfo("random init", library=choice.library, arch=choice.arch)
     report = load_weights(model, state, str(weights_file or record.file))
-    published = None if weights_file else choice.weights_info  # a local file's ImageNet accuracy is not known
-    record.library, record.arch, record.tag = choice.library, choice.arch, None if weights_file else choice.tag
+    # a local file's ImageNet accuracy is not known
+    published = None if weights_file else choice.weights_info
+    record.library, record.arch, record.tag = (choice.library, choice.arch,
+                                               None if weights_file else choice.tag)
     record.loaded_tensors, record.new_head = report["loaded"], report["dropped"]
     if published is not None:
         record.imagenet_top1, record.top1_source = published.imagenet_top1, published.top1_source
@@ -172,19 +187,22 @@ def apply_weights(model: nn.Module, choice: ModelChoice, weights_file: str | Non
 # ----------------------------------------------------------------------------- downloads, checked
 
 def download_weights(choice: ModelChoice) -> tuple[dict[str, torch.Tensor], WeightsInfo]:
-    """The ImageNet state dict of `choice` from the library's download path, verified against the hash the
-    library publishes (torchvision: in the file name; Hugging Face hub: the blob's SHA-256), never unpickled."""
+    """The ImageNet state dict of `choice` from the library's download path, verified against the
+    hash the library publishes (torchvision: in the file name; Hugging Face hub: the blob's
+    SHA-256), never unpickled."""
     if choice.library == "torchvision":
         path, expected = _torchvision_file(choice)
     else:
         path, expected = _timm_file(choice)
     actual = file_digest(path)
     if expected and not actual.startswith(expected):
-        raise UserError(f"{path} does not match its published SHA-256 ({expected[:16]}..., found {actual[:16]}...): "
-                        f"it is damaged or was replaced; delete it to download it again, or {OFFLINE_HINT}")
+        raise UserError(f"{path} does not match its published SHA-256 ({expected[:16]}..., found "
+                        f"{actual[:16]}...): it is damaged or was replaced; delete it to download "
+                        f"it again, or {OFFLINE_HINT}")
     state = read_state_dict(path, flag="pretrained weights")
     source = "torchvision" if choice.library == "torchvision" else "Hugging Face hub (timm)"
-    return state, WeightsInfo("ImageNet", source=source, file=str(path), sha256=actual, hash_checked=bool(expected))
+    return state, WeightsInfo("ImageNet", source=source, file=str(path), sha256=actual,
+                              hash_checked=bool(expected))
 
 
 def _torchvision_file(choice: ModelChoice) -> tuple[Path, str]:
@@ -193,17 +211,18 @@ def _torchvision_file(choice: ModelChoice) -> tuple[Path, str]:
     try:
         weights = torchvision.models.get_model_weights(choice.arch)[choice.tag]
     except (KeyError, ValueError):
-        raise UserError(f"--model {choice.requested}: torchvision has no {choice.tag} weights for {choice.arch}; "
-                        f"{OFFLINE_HINT}") from None
+        raise UserError(f"--model {choice.requested}: torchvision has no {choice.tag} weights for "
+                        f"{choice.arch}; {OFFLINE_HINT}") from None
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
     prefix = re.search(r"-([a-f0-9]{6,})\.", path.name)
     if not path.is_file():
         if not host_reachable(weights.url):
-            raise UserError(f"cannot download the ImageNet weights of {choice.arch} from {weights.url} "
-                            f"(no network?): {OFFLINE_HINT}")
+            raise UserError(f"cannot download the ImageNet weights of {choice.arch} from "
+                            f"{weights.url} (no network?): {OFFLINE_HINT}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=prefix.group(1) if prefix else None,
+            torch.hub.download_url_to_file(weights.url, str(path),
+                                           hash_prefix=prefix.group(1) if prefix else None,
                                            progress=log.isEnabledFor(logging.INFO))
         except (OSError, RuntimeError) as e:
             raise UserError(f"downloading {weights.url} failed ({e}): {OFFLINE_HINT}") from None
@@ -226,27 +245,29 @@ def _timm_file(choice: ModelChoice) -> tuple[Path, str]:
             return Path(cached), _hub_blob_hash(Path(cached))
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not host_reachable(endpoint):
-        raise UserError(f"cannot download the pretrained weights of {name} from the Hugging Face hub "
-                        f"(no network, not cached): {OFFLINE_HINT}")
+        raise UserError(f"cannot download the pretrained weights of {name} from the Hugging Face "
+                        f"hub (no network, not cached): {OFFLINE_HINT}")
     try:
         path = Path(hf_hub_download(repo, "model.safetensors"))
     except Exception as e:  # hub errors: network, missing file, auth; one message
-        raise UserError(f"downloading the weights of {name} from the hub failed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:150]}): {OFFLINE_HINT}") from None
+        raise UserError(f"downloading the weights of {name} from the hub failed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:150]}): "
+                        f"{OFFLINE_HINT}") from None
     return path, _hub_blob_hash(path)
 
 
 def _hub_blob_hash(path: Path) -> str:
     """The hub stores a large file as blobs/<its SHA-256>; the snapshot file links there."""
     real = path.resolve()
-    return real.name if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name) else ""
+    return (real.name if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name)
+            else "")
 
 
 # ----------------------------------------------------------------------------- weights files
 
 def read_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torch.Tensor]:
-    """Tensors of a weights file (.safetensors, or .pth/.pt/.bin read with weights_only=True): a state dict,
-    or a checkpoint holding one under `model` / `state_dict`."""
+    """Tensors of a weights file (.safetensors, or .pth/.pt/.bin read with weights_only=True): a
+    state dict, or a checkpoint holding one under `model` / `state_dict`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{flag} {path}: no such file")
@@ -258,15 +279,16 @@ def read_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torc
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, pickled code objects: one message
-        raise UserError(f"{flag} {path} is not a readable weights file ({load_error_reason(e, path)}); "
-                        f"download it again or pass another file") from None
+        raise UserError(f"{flag} {path} is not a readable weights file "
+                        f"({load_error_reason(e, path)}); download it again or pass "
+                        "another file") from None
     for key in ("model", "state_dict", "model_state", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{flag} {path} holds no state dict (expected tensors, or a dict with 'model' "
-                        f"or 'state_dict')")
+        raise UserError(f"{flag} {path} holds no state dict (expected tensors, or a dict with "
+                        "'model' or 'state_dict')")
     clean = {}
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
@@ -277,24 +299,26 @@ def read_state_dict(path: str | Path, flag: str = "--weights") -> dict[str, torc
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str) -> dict:
-    """Load `state` into `model`: the timm checkpoint filter of the model is applied (it resizes TinyViT
-    attention biases), tensors of another shape (the 1000-class head) are dropped and reported. Refuses a
-    file that fits less than half the model."""
+    """Load `state` into `model`: the timm checkpoint filter of the model is applied (it resizes
+    TinyViT attention biases), tensors of another shape (the 1000-class head) are dropped and
+    reported. Refuses a file that fits less than half the model."""
     target = unwrap_model(model)
     filter_fn = getattr(sys.modules.get(type(target).__module__), "checkpoint_filter_fn", None)
     if filter_fn is not None and type(target).__module__.startswith("timm."):
         try:
             state = filter_fn(state, target)
         except Exception as e:  # foreign layouts make the filter fail: that is a wrong file
-            raise UserError(f"{label} does not fit {type(target).__name__} ({type(e).__name__}: {e})") from None
+            raise UserError(f"{label} does not fit {type(target).__name__} "
+                            f"({type(e).__name__}: {e})") from None
     own = target.state_dict()
     dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in dropped}
     result = target.load_state_dict(state, strict=False)
     loaded = len(state) - len(result.unexpected_keys)
     if loaded == 0 or loaded < 0.5 * len(own):
-        raise UserError(f"{label} does not match {type(target).__name__}: only {loaded} of {len(own)} tensors "
-                        f"fit; is it a file for another model? (pass the matching --model)")
+        raise UserError(f"{label} does not match {type(target).__name__}: only {loaded} of "
+                        f"{len(own)} tensors fit; is it a file for another model? (pass the "
+                        "matching --model)")
     report = {"loaded": loaded, "missing": [k for k in result.missing_keys if k not in dropped],
               "unexpected": list(result.unexpected_keys), "dropped": dropped}
     log.info(f"loaded {loaded}/{len(own)} tensors from {label}")

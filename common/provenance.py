@@ -14,10 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def git_state(folder: Path = REPO) -> dict[str, Any]:
-    """{commit, dirty}: dirty when tracked files differ from the commit; None outside a git checkout."""
+    """{commit, dirty}: dirty when tracked files differ from the commit; None outside a git
+    checkout."""
     def run(*cmd: str) -> str | None:
         try:
-            out = subprocess.run(["git", *cmd], cwd=folder, capture_output=True, text=True, timeout=5)
+            out = subprocess.run(["git", *cmd], cwd=folder, capture_output=True, text=True,
+                                 timeout=5)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() if out.returncode == 0 else None
@@ -38,7 +40,9 @@ def environment(device) -> Environment:
             else f"CPU ({platform.processor() or platform.machine()})")
     return Environment(python=platform.python_version(), torch=str(torch.__version__),
                        torchvision=str(torchvision.__version__), timm=str(timm.__version__),
-                       cuda=torch.version.cuda, platform=platform.platform(), device=str(device), device_name=name,
-                       cpu_threads=torch.get_num_threads(), git_commit=git["commit"], git_dirty=git["dirty"],
+                       cuda=torch.version.cuda, platform=platform.platform(), device=str(device),
+                       device_name=name, cpu_threads=torch.get_num_threads(),
+                       git_commit=git["commit"], git_dirty=git["dirty"],
                        command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-                       start_time=datetime.datetime.now().astimezone().isoformat(timespec="seconds"))
+                       start_time=datetime.datetime.now().astimezone().isoformat(
+                           timespec="seconds"))

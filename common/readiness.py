@@ -1,5 +1,6 @@
-"""`python check.py`: is this machine ready for the four runs? Versions, the PyTorch build and GPU, the data
-(--data-dir: what kind it is and how many images each split holds) and the pretrained weights."""
+"""`python check.py`: is this machine ready for the four runs? Versions, the PyTorch build and GPU,
+the data (--data-dir: what kind it is and how many images each split holds) and the pretrained
+weights."""
 from __future__ import annotations
 
 import platform
@@ -13,13 +14,15 @@ def data_report(data_dir: str) -> tuple[list[str], list[str]]:
 
     path = Path(data_dir)
     if not path.exists() and path.name.lower().endswith(folders.ARCHIVE_SUFFIXES):
-        return [f"CIFAR-10     {path}: no such file"], [f"--data-dir {path}: no such file; give the archive's path"]
+        return [f"CIFAR-10     {path}: no such file"], [f"--data-dir {path}: no such file; give "
+                                                        "the archive's path"]
     path = lone_archive(path) or path
     kind = describe_kind(path)
     if kind == "missing":
         return ([f"CIFAR-10     not found in {path}"],
-                [f"no CIFAR-10 in {path}: the train scripts download it there, or pass --data-dir an image folder "
-                 f"(train/<class>/, test/<class>/), an archive of one, or a folder holding {BATCHES}/"])
+                [f"no CIFAR-10 in {path}: the train scripts download it there, or pass --data-dir "
+                 "an image folder (train/<class>/, test/<class>/), an archive of one, or a "
+                 f"folder holding {BATCHES}/"])
     if kind == "cifar-batches":
         train_x, _, test_x, _ = read_batches(batches_folder(path))
         counts = f"{len(train_x)} train / {len(test_x)} test images"
@@ -27,13 +30,16 @@ def data_report(data_dir: str) -> tuple[list[str], list[str]]:
         cached_at = cache.cache_file(path, cache.source_fingerprint(path), None, False)
         hit = cache.load_cache(cached_at)
         if hit is not None:
-            counts = (f"{hit[1]['counts']['train']} train / {hit[1]['counts']['test']} test images (decoded, cached "
-                      f"in {cached_at})")
+            counts = (f"{hit[1]['counts']['train']} train / {hit[1]['counts']['test']} test images "
+                      f"(decoded, cached in {cached_at})")
         else:
-            entries = folders.list_archive(path) if kind in ("tar", "zip") else folders.list_folder(path)
+            entries = (folders.list_archive(path) if kind in ("tar", "zip")
+                       else folders.list_folder(path))
             n = {s: sum(e.split == s for e in entries) for s in folders.SPLITS}
-            counts = f"{n['train']} train / {n['test']} test image files, {len({e.cls for e in entries})} classes (not decoded yet)"
-    names = {"cifar-batches": "official cifar-10-batches-py", "image-folder": "image folder", "tar": "tar archive of an "
+            counts = (f"{n['train']} train / {n['test']} test image files, "
+                      f"{len({e.cls for e in entries})} classes (not decoded yet)")
+    names = {"cifar-batches": "official cifar-10-batches-py", "image-folder": "image folder",
+             "tar": "tar archive of an "
              "image folder", "zip": "zip archive of an image folder"}
     return [f"CIFAR-10     {names[kind]}: {path}, {counts}"], []
 
@@ -51,17 +57,20 @@ def readiness(data_dir: str) -> tuple[list[str], list[str]]:
     missing = []
     if torch.version.cuda is None:
         lines.append("GPU          none: this PyTorch is a CPU-only build")
-        missing.append("no GPU for the experiment (four 30-epoch runs at 224 px: hours on a GPU, weeks on a CPU): "
-                       "on a machine with an NVIDIA GPU, install PyTorch's CUDA build (env_setup.md)")
+        missing.append("no GPU for the experiment (four 30-epoch runs at 224 px: hours on a GPU, "
+                       "weeks on a CPU): on a machine with an NVIDIA GPU, install PyTorch's CUDA "
+                       "build (env_setup.md)")
     elif not torch.cuda.is_available():
-        lines.append(f"GPU          none visible (PyTorch built for CUDA {torch.version.cuda}, but no GPU or driver found)")
-        missing.append("no GPU visible for the experiment: if this machine has an NVIDIA GPU, check its driver "
-                       "(nvidia-smi) and CUDA_VISIBLE_DEVICES; if it has none, the experiment needs another machine")
+        lines.append(f"GPU          none visible (PyTorch built for CUDA {torch.version.cuda}, "
+                     "but no GPU or driver found)")
+        missing.append("no GPU visible for the experiment: if this machine has an NVIDIA GPU, "
+                       "check its driver (nvidia-smi) and CUDA_VISIBLE_DEVICES; if it has none, "
+                       "the experiment needs another machine")
     else:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            lines.append(f"GPU {i}        {p.name}, {p.total_memory / 2**30:.1f} GiB, compute {p.major}.{p.minor}, "
-                         f"CUDA {torch.version.cuda}")
+            lines.append(f"GPU {i}        {p.name}, {p.total_memory / 2**30:.1f} GiB, compute "
+                         f"{p.major}.{p.minor}, CUDA {torch.version.cuda}")
         lines.append(f"cuDNN        {torch.backends.cudnn.version()}")
         lines.append(f"bf16         {'supported' if torch.cuda.is_bf16_supported() else 'not supported: fp16 + GradScaler'}")
     data_lines, data_missing = data_report(data_dir)
@@ -72,12 +81,13 @@ def readiness(data_dir: str) -> tuple[list[str], list[str]]:
         lines.append(f"{spec.display + ' weights':<12} {'cached' if cached else 'not cached'} "
                      f"({spec.arch}.{spec.default_tag}, Hugging Face cache)")
         if not cached:
-            missing.append(f"{spec.display} ImageNet weights not cached: downloaded on the first --pretrained run, or "
-                           f"pass --weights PATH")
+            missing.append(f"{spec.display} ImageNet weights not cached: downloaded on the first "
+                           "--pretrained run, or pass --weights PATH")
     return lines, missing
 
 
 def _hub_cached(repo: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+    return any(isinstance(try_to_load_from_cache(repo, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin"))

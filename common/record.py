@@ -1,7 +1,8 @@
-"""The run record: what config.json holds and every checkpoint carries. A small versioned dataclass (the
-resolved flags, the model and its weights, the augmentation recipe, the data and its split, how the run ran,
-the environment), written by the trainer and read back through `read_record` alone, which refuses a record
-of another format in one line. summary.json is read the same way (`Summary`)."""
+"""The run record: what config.json holds and every checkpoint carries. A small versioned dataclass
+(the resolved flags, the model and its weights, the augmentation recipe, the data and its split, how
+the run ran, the environment), written by the trainer and read back through `read_record` alone,
+which refuses a record of another format in one line. summary.json is read the same way
+(`Summary`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +20,16 @@ FORMAT = 2  # bump when a field changes meaning; older records are refused, not 
 
 @dataclass
 class ModelInfo:
-    name: str                    # the weights actually used: resnet18.a1_in1k, tv/resnet18, tiny_vit_5m_224
+    name: str                    # the weights actually used: resnet18.a1_in1k, tv/resnet18,
+                                 # tiny_vit_5m_224
     display: str                 # ResNet-18, TinyViT-5M (the registry's name) or the architecture
     arch: str
     library: str                 # timm | torchvision
     params: int
     flops_per_image: int
     num_classes: int
-    zero_init_last: bool | None  # did the last norm of each residual branch start at zero (None: no such norm)
+    # did the last norm of each residual branch start at zero (None: no such norm)
+    zero_init_last: bool | None
 
 
 @dataclass
@@ -59,7 +62,8 @@ class WeightsInfo:
         return f"{self.library} {self.arch}.{self.tag}"
 
     def label(self) -> str:
-        """'ImageNet: timm resnet18.a1_in1k (ImageNet top-1 73.2%)', 'weights file x.pth' or 'random init'."""
+        """'ImageNet: timm resnet18.a1_in1k (ImageNet top-1 73.2%)', 'weights file x.pth' or 'random
+        init'."""
         if self.init == "random init":
             return "random init"
         if self.init == "file":
@@ -79,7 +83,8 @@ class SplitInfo:
     val: int
     test: int
     val_is_test: bool
-    indices_sha256: str          # which images train / val / test hold: equal for runs that share the split
+    # which images train / val / test hold: equal for runs that share the split
+    indices_sha256: str
 
 
 @dataclass
@@ -87,7 +92,8 @@ class DataInfo:
     kind: str                    # cifar-batches | image-folder | tar | zip | synthetic
     path: str | None
     name: str
-    sha256: str                  # of the decoded images, labels and class names: the same in any format
+    # of the decoded images, labels and class names: the same in any format
+    sha256: str
     counts: dict[str, int]
     classes: list[str]
     skipped_images: int
@@ -131,7 +137,8 @@ class Environment:
     start_time: str
 
     def label(self) -> str:
-        git = f", git {self.git_commit[:8]}{' (dirty)' if self.git_dirty else ''}" if self.git_commit else ""
+        git = (f", git {self.git_commit[:8]}{' (dirty)' if self.git_dirty else ''}"
+               if self.git_commit else "")
         return f"{self.device_name}, torch {self.torch}, timm {self.timm}{git}"
 
 
@@ -146,7 +153,8 @@ class RunRecord:
     data: DataInfo
     run: RunInfo
     environment: Environment
-    environment_now: Environment | None = None   # the machine of the latest --resume, when it differs
+    # the machine of the latest --resume, when it differs
+    environment_now: Environment | None = None
     format: int = FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,46 +164,57 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> "RunRecord":
-        """The record in a config.json or a checkpoint; a UserError naming `where` for another format."""
+        """The record in a config.json or a checkpoint; a UserError naming `where` for another
+        format."""
         if not isinstance(d, dict):
             raise UserError(f"{where} does not hold a run record")
         if d.get("format") != FORMAT:
-            found = f"format {d['format']}" if "format" in d else "an older layout without a format number"
-            raise UserError(f"{where} holds a run record of {found}; this version reads format {FORMAT}: re-run "
-                            f"it with this version, or read it with the version that wrote it")
+            found = (f"format {d['format']}" if "format" in d
+                     else "an older layout without a format number")
+            raise UserError(f"{where} holds a run record of {found}; this version reads format "
+                            f"{FORMAT}: re-run it with this version, or read it with the version "
+                            "that wrote it")
         try:
             return cls(config=_build(TrainConfig, d["config"], where, "config"),
                        model=_build(ModelInfo, d["model"], where, "model"),
                        weights=_build(WeightsInfo, d["weights"], where, "weights"),
                        recipe=recipe_from_dict(d["recipe"]),
-                       data=_build(DataInfo, {**d["data"], "splits": _build(SplitInfo, d["data"]["splits"], where,
-                                                                          "data.splits")}, where, "data"),
+                       data=_build(DataInfo,
+                                   {**d["data"], "splits": _build(SplitInfo, d["data"]["splits"],
+                                                                  where, "data.splits")},
+                                   where, "data"),
                        run=_build(RunInfo, d["run"], where, "run"),
                        environment=_build(Environment, d["environment"], where, "environment"),
-                       environment_now=(_build(Environment, d["environment_now"], where, "environment_now")
+                       environment_now=(_build(Environment, d["environment_now"], where,
+                                               "environment_now")
                                         if d.get("environment_now") else None))
         except (KeyError, TypeError) as e:
-            raise UserError(f"{where} is not a complete run record ({type(e).__name__}: {e}); it is damaged or "
-                            f"was edited by hand") from None
+            raise UserError(f"{where} is not a complete run record ({type(e).__name__}: {e}); it "
+                            "is damaged or was edited by hand") from None
 
     def resolved_identity(self) -> dict[str, Any]:
-        """What the flags resolved to and a --resume must not change: the recipe, the data's content, the AMP
-        dtype, the data pipeline and the weights file."""
+        """What the flags resolved to and a --resume must not change: the recipe, the data's
+        content, the AMP dtype, the data pipeline and the weights file."""
         recipe = {k: v for k, v in self.recipe.to_dict().items() if k != "departures_from_preset"}
-        return {"recipe": recipe, "data.sha256": self.data.sha256, "run.amp_dtype": self.run.amp_dtype,
-                "run.data_pipeline": self.run.data_pipeline, "weights.sha256": self.weights.sha256}
+        return {"recipe": recipe, "data.sha256": self.data.sha256,
+                "run.amp_dtype": self.run.amp_dtype, "run.data_pipeline": self.run.data_pipeline,
+                "weights.sha256": self.weights.sha256}
 
     def line(self, summary: "Summary | None" = None) -> str:
-        """One line of provenance: data, images, size, epochs run/planned, recipe, weights, seeds."""
+        """One line of provenance: data, images, size, epochs run/planned, recipe, weights,
+        seeds."""
         c, s = self.config, self.data.splits
-        epochs = f"{summary.epochs_run}/{c.epochs} epochs" if summary else f"{c.epochs} epochs planned"
+        epochs = (f"{summary.epochs_run}/{c.epochs} epochs" if summary
+                  else f"{c.epochs} epochs planned")
         n_test = summary.test_images if summary else s.test
-        return (f"{self.data.label()}, {s.train} train / {n_test} test images, {c.img_size} px, {epochs}, recipe "
-                f"{self.recipe.name}, {self.weights.label()}, seed {c.seed}/split {c.split_seed}")
+        return (f"{self.data.label()}, {s.train} train / {n_test} test images, {c.img_size} px, "
+                f"{epochs}, recipe {self.recipe.name}, {self.weights.label()}, seed "
+                f"{c.seed}/split {c.split_seed}")
 
 
 def _build(cls, values: Any, where: str, section: str):
-    """A dataclass from exactly its fields: a key it does not know, or one it lacks, is a damaged record."""
+    """A dataclass from exactly its fields: a key it does not know, or one it lacks, is a damaged
+    record."""
     if not isinstance(values, dict):
         raise UserError(f"{where}: section '{section}' is not an object")
     names = {f.name for f in dataclasses.fields(cls)}
@@ -205,7 +224,8 @@ def _build(cls, values: Any, where: str, section: str):
     if unknown or missing:
         what = "; ".join(p for p in (f"unknown keys {', '.join(unknown)}" if unknown else "",
                                      f"missing {', '.join(missing)}" if missing else "") if p)
-        raise UserError(f"{where}: section '{section}' does not match this version's run record ({what})")
+        raise UserError(f"{where}: section '{section}' does not match this version's run record "
+                        f"({what})")
     return cls(**values)
 
 
@@ -244,8 +264,8 @@ def read_summary(path: str | Path) -> Summary | None:
         return None
     d = read_json(path)
     if d.get("format") != FORMAT:
-        raise UserError(f"{path} is a summary of another format ({d.get('format', 'none')}); this version reads "
-                        f"format {FORMAT}")
+        raise UserError(f"{path} is a summary of another format ({d.get('format', 'none')}); this "
+                        f"version reads format {FORMAT}")
     return _build(Summary, d, str(path), "summary")
 
 
@@ -258,7 +278,8 @@ def read_json(path: str | Path, required: bool = False) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); delete it and --resume the run to write it again") from None
+        raise UserError(f"{path} is not valid JSON ({e}); delete it and --resume the "
+                        "run to write it again") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} does not hold a JSON object")
     return data

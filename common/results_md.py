@@ -1,13 +1,14 @@
-"""results.md: the answer first (the difference of the gains with its interval and what the interval covers),
-then every test accuracy beside the experiment's published figure of the same kind, each gain with its
-interval, relative error reduction and McNemar's test per seed pair, the confounds, per-class accuracy and
-what produced every run."""
+"""results.md: the answer first (the difference of the gains with its interval and what the interval
+covers), then every test accuracy beside the experiment's published figure of the same kind, each
+gain with its interval, relative error reduction and McNemar's test per seed pair, the confounds,
+per-class accuracy and what produced every run."""
 from __future__ import annotations
 
 import numpy as np
 
 from . import stats
-from .analysis import MARK, TEST_MARK, Comparison, Gain, Interval, Setting, calibration, differences_text, per_class
+from .analysis import (MARK, TEST_MARK, Comparison, Gain, Interval, Setting, calibration,
+                       differences_text, per_class)
 from .specs import MODELS, RESNET18, TINYVIT_5M
 
 SEEDS_FOR_A_CLAIM = 5
@@ -38,30 +39,32 @@ def accuracy_cell(setting: Setting, final: bool = False) -> str:
         n = setting.runs[0].summary.test_images
         lo, hi = stats.wilson(round(accs[0] * n), n)
         return f"{_pct(accs[0], 2)} [{_pct(lo)}, {_pct(hi)}]"
-    return (f"{_pct(np.mean(accs), 2)} ± {100 * np.std(accs, ddof=1):.2f} ({_pct(min(accs))}–{_pct(max(accs))}, "
-            f"{len(accs)} seeds)")
+    return (f"{_pct(np.mean(accs), 2)} ± {100 * np.std(accs, ddof=1):.2f} "
+            f"({_pct(min(accs))}–{_pct(max(accs))}, {len(accs)} seeds)")
 
 
 def interval_note(i: Interval, n_images: int, seeds: tuple[int, ...]) -> str:
     if i.covers_seeds:
-        return (f"95% CI over the {n_images:,} test images and the seeds ({'/'.join(map(str, seeds))} per "
-                f"setting; Student's t on variance components)")
-    return (f"95% CI from a paired bootstrap over the {n_images:,} test images; with one seed per setting it "
-            f"covers test-set noise only, not training noise: run {SEEDS_FOR_A_CLAIM} seeds for a claim")
+        return (f"95% CI over the {n_images:,} test images and the seeds "
+                f"({'/'.join(map(str, seeds))} per setting; Student's t on variance components)")
+    return (f"95% CI from a paired bootstrap over the {n_images:,} test images; with one seed per "
+            f"setting it covers test-set noise only, not training noise: run {SEEDS_FOR_A_CLAIM} "
+            "seeds for a claim")
 
 
 def headline(c: Comparison) -> str:
     """The first line of results.md: the number the question asks for."""
     d = c.gain_difference
     if d is None:
-        return ("**Not answered yet:** the difference of the gains needs four runs with test predictions "
-                "(ResNet-18 and TinyViT-5M, each pretrained and from scratch).")
+        return ("**Not answered yet:** the difference of the gains needs four runs with test "
+                "predictions (ResNet-18 and TinyViT-5M, each pretrained and from scratch).")
     v, r = d.vit, d.cnn
     mark = c.marked()
     seeds = (*v.seeds, *r.seeds)
-    return (f"**ImageNet pre-training helps TinyViT-5M by {_points(v.gain)} points (relative error reduction "
-            f"{_pct(v.error_reduction, 0)}) and ResNet-18 by {_points(r.gain)} points ({_pct(r.error_reduction, 0)}) "
-            f"of test accuracy; the difference of the gains is {_points(d.estimate)}{mark} points{_ci(d.interval)}: "
+    return (f"**ImageNet pre-training helps TinyViT-5M by {_points(v.gain)} points (relative error "
+            f"reduction {_pct(v.error_reduction, 0)}) and ResNet-18 by {_points(r.gain)} points "
+            f"({_pct(r.error_reduction, 0)}) of test accuracy; the difference of the gains is "
+            f"{_points(d.estimate)}{mark} points{_ci(d.interval)}: "
             f"{interval_note(d.interval, v.n_images, seeds)}.**")
 
 
@@ -69,11 +72,12 @@ def results_markdown(c: Comparison) -> str:
     lines = ["# Results", "", headline(c), ""]
     lines += [f"Data and budget: {data_and_budget(c)}", ""]
     if c.test_selected:
-        lines += [f"**{TEST_MARK} Selected on the test set:** {', '.join(c.test_selected)} chose best.pt on the test "
-                  f"set (--val-size 0); their test accuracies are not test results (shown because of "
-                  f"--allow-test-selection).", ""]
+        lines += [f"**{TEST_MARK} Selected on the test set:** {', '.join(c.test_selected)} chose "
+                  "best.pt on the test set (--val-size 0); their test accuracies are not test "
+                  "results (shown because of --allow-test-selection).", ""]
     if c.mismatched:
-        lines += [f"**{MARK} The runs differ in settings that matter** (compared because of --allow-mismatch):", ""]
+        lines += [f"**{MARK} The runs differ in settings that matter** (compared because of "
+                  "--allow-mismatch):", ""]
         lines += [f"- {differences_text(k, vals)}" for k, vals in c.mismatched.items()]
         lines.append("")
     lines += _accuracy_table(c) + _gain_table(c) + [confound_note(), ""]
@@ -84,14 +88,16 @@ def results_markdown(c: Comparison) -> str:
 
 
 def data_and_budget(c: Comparison) -> str:
-    """What all settings share, then what each one is (weights, seeds); best.pt's selection in words."""
+    """What all settings share, then what each one is (weights, seeds); best.pt's selection in
+    words."""
     first = c.settings[0].runs[0]
     s = first.record.data.splits
     shared = (f"{first.record.data.label()}, {s.train} training / {s.val} validation / "
               f"{first.summary.test_images if first.summary else s.test} test images, "
               f"{first.record.config.img_size} px, {first.record.config.epochs} epochs, recipe "
               f"{first.record.recipe.name}, split seed {first.record.config.split_seed}")
-    each = "; ".join(f"{st.label}: {st.record.weights.label()}, seed{'s' if len(st.runs) > 1 else ''} "
+    each = "; ".join(f"{st.label}: {st.record.weights.label()}, "
+                     f"seed{'s' if len(st.runs) > 1 else ''} "
                      f"{', '.join(map(str, st.seeds))}" for st in c.settings)
     chosen = ("chosen on the test set itself (marked ‡)" if c.test_selected else
               "chosen on validation; the test set was used for nothing else")
@@ -99,8 +105,8 @@ def data_and_budget(c: Comparison) -> str:
 
 
 def published(setting: Setting) -> str:
-    """The experiment's published figure for this setting, when ours is the same kind of number: a final-epoch
-    validation accuracy of the main setting, on the full data at 224 px."""
+    """The experiment's published figure for this setting, when ours is the same kind of number: a
+    final-epoch validation accuracy of the main setting, on the full data at 224 px."""
     spec = MODELS.get(setting.arch)
     if spec is None or not setting.main or setting.mode not in spec.published:
         return "–"
@@ -112,24 +118,29 @@ def published(setting: Setting) -> str:
 
 
 def _accuracy_table(c: Comparison) -> list[str]:
-    lines = ["## Test accuracy, and our final-epoch validation accuracy beside the experiment's", "",
-             "| setting | test acc, best.pt [95% CI] | test acc, final epoch | final-epoch val acc | the experiment's "
-             "final-epoch val acc | best val acc (epoch) | weights (ImageNet top-1) | ECE | train time |",
+    lines = ["## Test accuracy, and our final-epoch validation accuracy beside the experiment's",
+             "", "| setting | test acc, best.pt [95% CI] | test acc, final epoch | final-epoch val "
+             "acc | the experiment's final-epoch val acc | best val acc (epoch) | weights "
+             "(ImageNet top-1) | ECE | train time |",
              "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for s in c.settings:
         best_val = [float(r.metrics["val_acc"].max()) for r in s.runs]
-        best_epoch = "/".join(str(int(r.metrics.loc[r.metrics["val_acc"].idxmax(), "epoch"])) for r in s.runs)
+        best_epoch = "/".join(str(int(r.metrics.loc[r.metrics["val_acc"].idxmax(), "epoch"]))
+                              for r in s.runs)
         final_val = s.final_val_acc()
         final_txt = (_pct(final_val[0], 2) if len(final_val) == 1 else
                      f"{_pct(np.mean(final_val), 2)} ± {100 * np.std(final_val, ddof=1):.2f}")
         cal = calibration(s)
-        minutes = np.mean([r.summary.train_time_s if r.summary else float(r.metrics["epoch_time_s"].sum())
+        minutes = np.mean([r.summary.train_time_s if r.summary
+                           else float(r.metrics["epoch_time_s"].sum())
                            for r in s.runs]) / 60
-        lines.append(f"| {s.label}{c.marked(s)} | {accuracy_cell(s)} | {accuracy_cell(s, final=True)} | "
-                     f"{final_txt} | {published(s)} | {_pct(np.mean(best_val))} ({best_epoch}) | "
-                     f"{s.record.weights.label()} | {'–' if cal is None else _pct(cal.ece)} | {minutes:.1f} min |")
-    return lines + ["", "The experiment published final-epoch validation accuracies only (its TinyViT-5M fine-tune "
-                    "ran 21 epochs); they stand beside ours of the same kind, and our test accuracy is separate.", ""]
+        lines.append(f"| {s.label}{c.marked(s)} | {accuracy_cell(s)} | "
+                     f"{accuracy_cell(s, final=True)} | {final_txt} | {published(s)} | "
+                     f"{_pct(np.mean(best_val))} ({best_epoch}) | {s.record.weights.label()} | "
+                     f"{'–' if cal is None else _pct(cal.ece)} | {minutes:.1f} min |")
+    return lines + ["", "The experiment published final-epoch validation accuracies only (its "
+                    "TinyViT-5M fine-tune ran 21 epochs); they stand beside ours of the same "
+                    "kind, and our test accuracy is separate.", ""]
 
 
 def _mcnemar_text(g: Gain) -> str:
@@ -145,44 +156,55 @@ def _mcnemar_text(g: Gain) -> str:
 
 def _gain_table(c: Comparison) -> list[str]:
     lines = ["## Gain from ImageNet pre-training", "",
-             "| model | weights | pretrained − scratch, points [95% CI] | relative error reduction | McNemar (only "
-             "pretrained right / only scratch right, p) | linear probe (frozen features) | source's ImageNet top-1 |",
+             "| model | weights | pretrained − scratch, points [95% CI] | relative error reduction "
+             "| McNemar (only pretrained right / only scratch right, p) | linear probe (frozen "
+             "features) | source's ImageNet top-1 |",
              "|---|---|---:|---:|---|---:|---:|"]
     for g in c.gains:
         probe = next((s for s in c.settings if s.arch == g.arch and s.mode == "linear probe"), None)
         ci = _ci(g.interval) if g.interval else " (no per-image predictions)"
-        covers = "" if g.interval is None else (" (images and seeds)" if g.interval.covers_seeds else " (images)")
-        name = g.pretrained.label.split(" pretrained")[-1].strip(" ()") or g.pretrained.tag or "file"
-        lines.append(f"| {g.display} | {name}{'' if g.default else ' (control)'} | {_points(g.gain)}{c.marked()}{ci}"
-                     f"{covers} | {_pct(g.error_reduction, 0)} | {_mcnemar_text(g)} | "
-                     f"{accuracy_cell(probe) if probe else '– (run with --freeze-backbone)'} | {_top1(g.top1)} |")
+        covers = "" if g.interval is None else (" (images and seeds)" if g.interval.covers_seeds
+                                                else " (images)")
+        name = (g.pretrained.label.split(" pretrained")[-1].strip(" ()") or g.pretrained.tag
+                or "file")
+        lines.append(f"| {g.display} | {name}{'' if g.default else ' (control)'} | "
+                     f"{_points(g.gain)}{c.marked()}{ci}{covers} | {_pct(g.error_reduction, 0)} | "
+                     f"{_mcnemar_text(g)} | "
+                     f"{accuracy_cell(probe) if probe else '– (run with --freeze-backbone)'} | "
+                     f"{_top1(g.top1)} |")
     if not c.gains:
-        lines.append("| – | – | needs a pretrained and a scratch run of the same model | – | – | – | – |")
+        lines.append("| – | – | needs a pretrained and a scratch run of the same model | – | – | "
+                     "– | – |")
     return lines + [""]
 
 
 def confound_note() -> str:
-    """The unequal pre-training of the two models' weights, with the published figures from specs.py."""
+    """The unequal pre-training of the two models' weights, with the published figures from
+    specs.py."""
     vit, cnn = TINYVIT_5M.default_weights, RESNET18.default_weights
-    vit_1k, swsl = TINYVIT_5M.weights_for("timm", "in1k"), RESNET18.weights_for("timm", "fb_swsl_ig1b_ft_in1k")
+    vit_1k, swsl = (TINYVIT_5M.weights_for("timm", "in1k"),
+                    RESNET18.weights_for("timm", "fb_swsl_ig1b_ft_in1k"))
     tv = RESNET18.weights_for("torchvision", "IMAGENET1K_V1")
-    return ("**The confound.** The two models' ImageNet weights are not equally good: TinyViT-5M's default weights "
-            f"saw {vit.pretrain_data} ({vit.imagenet_top1:.1f}% top-1), ResNet-18's saw {cnn.pretrain_data} only "
-            f"(timm resnet18.{cnn.tag} {cnn.imagenet_top1:.1f}% in {cnn.top1_source}; torchvision V1 "
-            f"{tv.imagenet_top1:.1f}%). So part of \"the ViT gains more from pre-training\" may be \"its pre-trained "
-            f"weights are better\". Controls: `python train_tinyvit_cifar.py --model tiny_vit_5m_224.in1k` "
-            f"(ImageNet-1k only, {vit_1k.imagenet_top1:.1f}%) and `python train_resnet_cifar.py --model "
-            f"resnet18.fb_swsl_ig1b_ft_in1k` (a billion extra images, {swsl.imagenet_top1:.1f}%) or `--model "
-            f"tv/resnet18` ({tv.imagenet_top1:.1f}%); give their folders to this script and they appear as control "
-            f"rows above.")
+    return ("**The confound.** The two models' ImageNet weights are not equally good: "
+            f"TinyViT-5M's default weights saw {vit.pretrain_data} ({vit.imagenet_top1:.1f}% "
+            f"top-1), ResNet-18's saw {cnn.pretrain_data} only (timm resnet18.{cnn.tag} "
+            f"{cnn.imagenet_top1:.1f}% in {cnn.top1_source}; torchvision V1 "
+            f"{tv.imagenet_top1:.1f}%). So part of \"the ViT gains more from pre-training\" may be "
+            "\"its pre-trained weights are better\". Controls: `python train_tinyvit_cifar.py "
+            f"--model tiny_vit_5m_224.in1k` (ImageNet-1k only, {vit_1k.imagenet_top1:.1f}%) and "
+            "`python train_resnet_cifar.py --model resnet18.fb_swsl_ig1b_ft_in1k` (a billion "
+            f"extra images, {swsl.imagenet_top1:.1f}%) or `--model tv/resnet18` "
+            f"({tv.imagenet_top1:.1f}%); give their folders to this script and they appear as "
+            "control rows above.")
 
 
-INIT_NOTE = ("**The scratch ResNet-18's init.** timm's ResNet-18 starts the last BatchNorm of every residual block at "
-             "zero (zero-init-last, as the experiment's runs had it); under AdamW such a scale moves by about one lr "
-             "a step, so the residual branches open slowly and a short scratch run is handicapped. Part of "
-             "\"pre-training helps ResNet-18\" is then \"this init starts slowly\" (measured in design.md). Control: "
-             "`python train_resnet_cifar.py --no-pretrained --no-zero-init-last` (its folder appears as a control "
-             "row).")
+INIT_NOTE = ("**The scratch ResNet-18's init.** timm's ResNet-18 starts the last BatchNorm of "
+             "every residual block at zero (zero-init-last, as the experiment's runs had it); "
+             "under AdamW such a scale moves by about one lr a step, so the residual branches open "
+             "slowly and a short scratch run is handicapped. Part of \"pre-training helps "
+             "ResNet-18\" is then \"this init starts slowly\" (measured in design.md). Control: "
+             "`python train_resnet_cifar.py --no-pretrained --no-zero-init-last` (its folder "
+             "appears as a control row).")
 
 
 def _per_class_table(c: Comparison) -> list[str]:
@@ -190,7 +212,8 @@ def _per_class_table(c: Comparison) -> list[str]:
     if not rows:
         return []
     classes = rows[0][1].classes
-    lines = ["## Per-class test accuracy (best.pt; recall: the share of each class's images predicted as it)", "",
+    lines = ["## Per-class test accuracy (best.pt; recall: the share of each class's images "
+             "predicted as it)", "",
              "| setting | " + " | ".join(classes) + " |", "|---|" + "---:|" * len(classes)]
     for s, pc in rows:
         lines.append(f"| {s.label} | " + " | ".join(f"{100 * a:.1f}" for a in pc.acc) + " |")
@@ -201,49 +224,54 @@ def _runs_table(c: Comparison) -> list[str]:
     lines = ["## The runs", "", "| run | what produced it |", "|---|---|"]
     for s in c.settings:
         for r in s.runs:
-            lines.append(f"| {r.folder} | {r.record.line(r.summary)}; {r.record.environment.label()} |")
+            lines.append(f"| {r.folder} | {r.record.line(r.summary)}; "
+                         f"{r.record.environment.label()} |")
     return lines
 
 
 # ----------------------------------------------------------------------------- a data-size sweep
 
 def sizes_headline(sc) -> str:
-    """The first line of a sweep's results.md: the difference of the gains at the largest size, and how it moves
-    with the number of training images."""
+    """The first line of a sweep's results.md: the difference of the gains at the largest size, and
+    how it moves with the number of training images."""
     diffs = [(n, sc.by_size[n].gain_difference) for n in sc.sizes]
     have = [(n, d) for n, d in diffs if d is not None]
     if not have:
-        return ("**Not answered yet:** each size needs the four settings (ResNet-18 and TinyViT-5M, pretrained and "
-                "from scratch) with test predictions.")
+        return ("**Not answered yet:** each size needs the four settings (ResNet-18 and "
+                "TinyViT-5M, pretrained and from scratch) with test predictions.")
     n, d = have[-1]
     trend = "; ".join(f"{m:,}: {_points(x.estimate)}{_ci(x.interval)}" for m, x in have)
     if len(have) > 1:
         moves = (f" By training images: {trend} (it changes from {_points(have[0][1].estimate)} at "
-                 f"{have[0][0]:,} to {_points(have[-1][1].estimate)} at {have[-1][0]:,}; the intervals say how "
-                 f"much of that change is noise).")
+                 f"{have[0][0]:,} to {_points(have[-1][1].estimate)} at {have[-1][0]:,}; the "
+                 "intervals say how much of that change is noise).")
     else:
         moves = ""
     covers = interval_note(d.interval, d.vit.n_images, (*d.vit.seeds, *d.cnn.seeds))
-    return (f"**With {n:,} training images the difference of the gains (TinyViT-5M's minus ResNet-18's) is "
-            f"{_points(d.estimate)} points{_ci(d.interval)}: {covers}.{moves}**")
+    return (f"**With {n:,} training images the difference of the gains (TinyViT-5M's minus "
+            f"ResNet-18's) is {_points(d.estimate)} points{_ci(d.interval)}: {covers}.{moves}**")
 
 
 def sizes_markdown(sc) -> str:
-    """results.md of a sweep: the answer against size, a table per size, then each size's full tables."""
+    """results.md of a sweep: the answer against size, a table per size, then each size's full
+    tables."""
     from .analysis import setting_interval
 
     lines = ["# Results across training-set sizes", "", sizes_headline(sc), ""]
     if sc.mismatched:
-        lines += [f"**{MARK} The runs differ in settings that matter** (compared because of --allow-mismatch):", ""]
+        lines += [f"**{MARK} The runs differ in settings that matter** (compared because of "
+                  "--allow-mismatch):", ""]
         lines += [f"- {differences_text(k, vals)}" for k, vals in sc.mismatched.items()] + [""]
     labels = []
     for n in sc.sizes:
         labels += [s.label for s in sc.by_size[n].settings if s.label not in labels]
     archs = []
     for n in sc.sizes:
-        archs += [(g.arch, g.display) for g in sc.by_size[n].gains if g.default and (g.arch, g.display) not in archs]
+        archs += [(g.arch, g.display) for g in sc.by_size[n].gains
+                  if g.default and (g.arch, g.display) not in archs]
     lines += ["## Test accuracy and gains by training-set size", "",
-              "| training images | " + " | ".join(labels) + " | " + " | ".join(f"{d} gain" for _, d in archs)
+              "| training images | " + " | ".join(labels) + " | "
+              + " | ".join(f"{d} gain" for _, d in archs)
               + " | difference of the gains |", "|---:|" + "---:|" * (len(labels) + len(archs) + 1)]
     for n in sc.sizes:
         c = sc.by_size[n]
@@ -254,13 +282,16 @@ def sizes_markdown(sc) -> str:
             cells.append("–" if s is None else f"{_pct(np.mean(s.test_acc()), 1)}" + (
                 f" [{_pct(i.lo)}, {_pct(i.hi)}]" if i else ""))
         gains = {g.arch: g for g in c.gains if g.default}
-        gain_cells = [f"{_points(gains[a].gain)}{_ci(gains[a].interval)}" if a in gains else "–" for a, _ in archs]
+        gain_cells = [f"{_points(gains[a].gain)}{_ci(gains[a].interval)}" if a in gains else "–"
+                      for a, _ in archs]
         d = c.gain_difference
         lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {' | '.join(gain_cells)} | "
                      f"{_points(d.estimate) + _ci(d.interval) if d else '–'} |")
-    lines += ["", "Intervals: 95%, over the test images and the seeds where a setting has 2 or more seeds, over the "
-              "test images alone with one seed (which then says nothing about training noise).", ""]
+    lines += ["", "Intervals: 95%, over the test images and the seeds where a setting has 2 or "
+              "more seeds, over the test images alone with one seed (which then says nothing "
+              "about training noise).", ""]
     for n in sc.sizes:
-        body = results_markdown(sc.by_size[n]).split("\n", 2)[2]  # without its own "# Results" title
+        # without its own "# Results" title
+        body = results_markdown(sc.by_size[n]).split("\n", 2)[2]
         lines += [f"## {n:,} training images", "", body.replace("\n## ", "\n### ")]
     return "\n".join(lines) + "\n"

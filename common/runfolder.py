@@ -1,6 +1,6 @@
-"""The run folder, owned here: its file names, the metrics schema, the writer, the validating readers, the
-lock that keeps a second process out, and the clean-up of temp files a kill left behind. The trainer, the
-analysis scripts and the demo all go through this module."""
+"""The run folder, owned here: its file names, the metrics schema, the writer, the validating
+readers, the lock that keeps a second process out, and the clean-up of temp files a kill left
+behind. The trainer, the analysis scripts and the demo all go through this module."""
 from __future__ import annotations
 
 import csv
@@ -17,7 +17,8 @@ from .errors import UserError, WriteError
 from .files import atomic_write, pid_alive, remove_stale_temp
 from .record import RunRecord, Summary, read_record, read_summary
 
-CONFIG, METRICS, SUMMARY, PREDICTIONS = "config.json", "metrics.csv", "summary.json", "test_predictions.csv"
+CONFIG, METRICS, SUMMARY, PREDICTIONS = ("config.json", "metrics.csv", "summary.json",
+                                         "test_predictions.csv")
 LAST, BEST, LOCK, HOLDER = "last.pt", "best.pt", ".lock", ".lock.holder"
 RUN_FILES = (LAST, BEST, METRICS, SUMMARY, PREDICTIONS, CONFIG)
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s",
@@ -34,11 +35,12 @@ class FolderInUse(UserError):
 
 
 class RunLock:
-    """An exclusive lock on a run folder: `filelock` (flock on Linux and macOS, msvcrt on Windows, a lock file
-    where neither exists) on .lock, with the holder's pid, host and start time in .lock.holder. Never blocks.
-    A lock left by a dead process (kill -9, reboot) is taken over, with a message: an OS lock is released by the
-    kernel when its holder dies; a bare lock file (no OS locking) is removed when its recorded holder, on this
-    host, no longer runs. A live holder on another host can only be reported, not checked."""
+    """An exclusive lock on a run folder: `filelock` (flock on Linux and macOS, msvcrt on Windows, a
+    lock file where neither exists) on .lock, with the holder's pid, host and start time in
+    .lock.holder. Never blocks. A lock left by a dead process (kill -9, reboot) is taken over, with
+    a message: an OS lock is released by the kernel when its holder dies; a bare lock file (no OS
+    locking) is removed when its recorded holder, on this host, no longer runs. A live holder on
+    another host can only be reported, not checked."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK
@@ -47,10 +49,12 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> str | None:
-        """Take the lock, or raise FolderInUse naming the holder; returns a message when a stale one was taken."""
+        """Take the lock, or raise FolderInUse naming the holder; returns a message when a stale one
+        was taken."""
         import warnings
 
-        with warnings.catch_warnings():  # "only soft file lock is available": handled below, no need to shout
+        # "only soft file lock is available": handled below, no need to shout
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from filelock import FileLock, Timeout
 
@@ -61,15 +65,19 @@ class RunLock:
                 lock.acquire()
                 break
             except Timeout:
-                stale_file = attempt == 1 and previous and not _holder_alive(previous) and not _os_locking(lock)
+                stale_file = (attempt == 1 and previous and not _holder_alive(previous)
+                              and not _os_locking(lock))
                 if not stale_file:
                     raise FolderInUse(f"{self.path.parent} is in use by another training process "
-                                      f"({previous or 'unknown'}); wait for it to finish or stop it") from None
+                                      f"({previous or 'unknown'}); wait for it to "
+                                      "finish or stop it") from None
                 self.path.unlink(missing_ok=True)  # a bare lock file of a process that is gone
-            except OSError:  # this file system cannot lock (some network mounts): the recorded holder decides
+            except OSError:
+                # this file system cannot lock (some network mounts): the recorded holder decides
                 if previous and _holder_alive(previous):
-                    raise FolderInUse(f"{self.path.parent} is in use by {previous} (this file system cannot lock; "
-                                      f"if that process is gone, delete {self.path})") from None
+                    raise FolderInUse(f"{self.path.parent} is in use by {previous} (this file "
+                                      "system cannot lock; if that process is gone, "
+                                      f"delete {self.path})") from None
                 lock = None
                 break
         self.lock, self.held = lock, True
@@ -80,7 +88,8 @@ class RunLock:
         return None
 
     def release(self) -> None:
-        """Give the lock up (only if this process took it: a refused process leaves the holder's files alone)."""
+        """Give the lock up (only if this process took it: a refused process leaves the holder's
+        files alone)."""
         if not self.held:
             return
         self.holder_path.unlink(missing_ok=True)
@@ -98,7 +107,8 @@ class RunLock:
 
 
 def _os_locking(lock) -> bool:
-    """Does this lock rely on the OS (released when its holder dies), rather than on a file's existence?"""
+    """Does this lock rely on the OS (released when its holder dies), rather than on a file's
+    existence?"""
     return "Soft" not in type(lock).__name__
 
 
@@ -110,8 +120,8 @@ def _holder_alive(holder: str) -> bool:
 
 
 def remove_stale_writes(folder: Path) -> list[str]:
-    """Delete the temp files of interrupted atomic writes (.last.pt.xxxx.tmp); call with the lock held (no other
-    process writes this folder, so every one is stale)."""
+    """Delete the temp files of interrupted atomic writes (.last.pt.xxxx.tmp); call with the lock
+    held (no other process writes this folder, so every one is stale)."""
     return remove_stale_temp(folder, ".*.tmp")
 
 
@@ -129,8 +139,9 @@ class MetricsLog:
             self.writer = SummaryWriter(log_dir=str(folder))
 
     def reconcile(self, epochs_done: int) -> list[str]:
-        """Before a resume: keep one whole row per epoch up to the checkpoint's epoch; drop a truncated last
-        line, rows past the checkpoint and duplicates (the last one wins). Returns what was repaired."""
+        """Before a resume: keep one whole row per epoch up to the checkpoint's epoch; drop a
+        truncated last line, rows past the checkpoint and duplicates (the last one wins). Returns
+        what was repaired."""
         if not self.path.is_file():
             return []
         header, rows, problems = _parse_rows(self.path, strict_end=True)
@@ -140,14 +151,17 @@ class MetricsLog:
             if not epoch.isdigit():
                 problems.append(f"line {line_no}: no epoch number")
             elif int(epoch) > epochs_done:
-                problems.append(f"line {line_no}: epoch {epoch} is past the checkpoint (epoch {epochs_done})")
+                problems.append(f"line {line_no}: epoch {epoch} is past the checkpoint (epoch "
+                                f"{epochs_done})")
             else:
                 if int(epoch) in by_epoch:
-                    problems.append(f"line {line_no}: epoch {epoch} appears twice (kept the later row)")
+                    problems.append(f"line {line_no}: epoch {epoch} appears twice (kept the later "
+                                    "row)")
                 by_epoch[int(epoch)] = values
         if problems:
             buffer = io.StringIO()
-            w = csv.DictWriter(buffer, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore", lineterminator="\n")
+            w = csv.DictWriter(buffer, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore",
+                               lineterminator="\n")
             w.writeheader()
             w.writerows(by_epoch[e] for e in sorted(by_epoch))
             atomic_write(self.path, buffer.getvalue())
@@ -157,15 +171,16 @@ class MetricsLog:
         new = not self.path.is_file() or self.path.stat().st_size == 0
         try:
             with open(self.path, "a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore", lineterminator="\n")
+                w = csv.DictWriter(f, fieldnames=list(METRIC_COLUMNS), extrasaction="ignore",
+                                   lineterminator="\n")
                 if new:
                     w.writeheader()
                 w.writerow({k: (f"{v:.7g}" if isinstance(v, float) else v) for k, v in row.items()})
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise WriteError(f"cannot append to {self.path} ({e.strerror or e}); the checkpoint of the previous "
-                             f"epoch is intact") from None
+            raise WriteError(f"cannot append to {self.path} ({e.strerror or e}); the checkpoint of "
+                             "the previous epoch is intact") from None
         if self.writer is not None:
             for k, v in row.items():
                 if k != "epoch" and v is not None:
@@ -177,9 +192,12 @@ class MetricsLog:
             self.writer.close()
 
 
-def _parse_rows(path: Path, strict_end: bool = False) -> tuple[list[str], list[tuple[int, dict[str, str]]], list[str]]:
-    """(header, [(line number, row)], problems) of a metrics.csv; malformed lines become problems. With
-    strict_end, a last line without its newline counts as cut off (the writer always ends rows with one)."""
+def _parse_rows(path: Path,
+                strict_end: bool = False) -> tuple[list[str], list[tuple[int, dict[str, str]]],
+                                                   list[str]]:
+    """(header, [(line number, row)], problems) of a metrics.csv; malformed lines become problems.
+    With strict_end, a last line without its newline counts as cut off (the writer always ends rows
+    with one)."""
     text = path.read_text(errors="replace")
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -200,8 +218,9 @@ def _parse_rows(path: Path, strict_end: bool = False) -> tuple[list[str], list[t
 
 
 def read_metrics(path: str | Path):
-    """A validated metrics.csv as a DataFrame sorted by epoch; a UserError names the file, the line and the
-    problem (missing columns, a truncated row, a value that is not a number, an epoch twice or out of order)."""
+    """A validated metrics.csv as a DataFrame sorted by epoch; a UserError names the file, the line
+    and the problem (missing columns, a truncated row, a value that is not a number, an epoch twice
+    or out of order)."""
     import pandas as pd
 
     path = Path(path)
@@ -212,9 +231,11 @@ def read_metrics(path: str | Path):
     header, rows, problems = _parse_rows(path)
     missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; expected a metrics.csv of the train scripts")
+        raise UserError(f"{path} lacks the column(s) {', '.join(missing)}; expected a metrics.csv "
+                        "of the train scripts")
     if problems:
-        raise UserError(f"{path} {problems[0]}; delete that line (or --resume the run, which repairs it)")
+        raise UserError(f"{path} {problems[0]}; delete that line (or --resume the run, which "
+                        "repairs it)")
     if not rows:
         raise UserError(f"{path} has a header but no rows: the run has not finished an epoch yet")
     records, previous = [], 0
@@ -225,15 +246,17 @@ def read_metrics(path: str | Path):
                 record[col] = float(values[col])
             except ValueError:
                 if col in REQUIRED:
-                    raise UserError(f"{path} line {line_no}: column {col} holds {values[col]!r}, not a number") from None
+                    raise UserError(f"{path} line {line_no}: column {col} holds "
+                                    f"{values[col]!r}, not a number") from None
                 record[col] = math.nan
             if col in REQUIRED and not math.isfinite(record[col]):
-                raise UserError(f"{path} line {line_no}: column {col} is {values[col]!r}; the run diverged or the "
-                                f"file is damaged")
+                raise UserError(f"{path} line {line_no}: column {col} is {values[col]!r}; the run "
+                                "diverged or the file is damaged")
         epoch = record["epoch"]
         if epoch != int(epoch) or epoch <= previous:
             what = "appears twice" if epoch == previous else "is out of order"
-            raise UserError(f"{path} line {line_no}: epoch {values['epoch']} {what}; delete the wrong row")
+            raise UserError(f"{path} line {line_no}: epoch {values['epoch']} {what}; delete the "
+                            "wrong row")
         previous = int(epoch)
         records.append(record)
     frame = pd.DataFrame.from_records(records, columns=header)
@@ -244,8 +267,8 @@ def read_metrics(path: str | Path):
 # ----------------------------------------------------------------------------- predictions
 
 def prediction_rows(index, labels, best_probs, final_probs) -> str:
-    """test_predictions.csv: per test image its label and, for best.pt and the final epoch, the top-1 class,
-    its probability, the probability of the true class and the top-5 classes."""
+    """test_predictions.csv: per test image its label and, for best.pt and the final epoch, the
+    top-1 class, its probability, the probability of the true class and the top-5 classes."""
     buffer = io.StringIO()
     w = csv.writer(buffer, lineterminator="\n")
     w.writerow(PREDICTION_COLUMNS)
@@ -253,11 +276,13 @@ def prediction_rows(index, labels, best_probs, final_probs) -> str:
     for probs in (best_probs, final_probs):
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         parts.append((top.indices[:, 0].tolist(), top.values[:, 0].tolist(),
-                      probs.gather(1, labels.view(-1, 1)).squeeze(1).tolist(), top.indices.tolist()))
+                      probs.gather(1, labels.view(-1, 1)).squeeze(1).tolist(),
+                      top.indices.tolist()))
     (bp, bc, bt, b5), (fp, fc, ft, f5) = parts
     for i, idx in enumerate(index.tolist()):
-        w.writerow([idx, int(labels[i]), bp[i], f"{bc[i]:.5f}", f"{bt[i]:.5f}", " ".join(map(str, b5[i])),
-                    fp[i], f"{fc[i]:.5f}", f"{ft[i]:.5f}", " ".join(map(str, f5[i]))])
+        w.writerow([idx, int(labels[i]), bp[i], f"{bc[i]:.5f}", f"{bt[i]:.5f}",
+                    " ".join(map(str, b5[i])), fp[i], f"{fc[i]:.5f}", f"{ft[i]:.5f}",
+                    " ".join(map(str, f5[i]))])
     return buffer.getvalue()
 
 
@@ -278,7 +303,8 @@ def read_predictions(path: str | Path):
         raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]})") from None
     missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
     if missing or frame[["label", "best_pred", "final_pred"]].isna().any().any():
-        raise UserError(f"{path} is damaged (missing {', '.join(missing) or 'values'}); re-run the test with --resume")
+        raise UserError(f"{path} is damaged (missing {', '.join(missing) or 'values'}); re-run "
+                        "the test with --resume")
     return frame
 
 

@@ -1,5 +1,5 @@
-"""What a run's settings mean on this machine, resolved once: the device, the AMP dtype, the data pipeline, the
-worker count, the evaluation batch. The validated config itself is never changed."""
+"""What a run's settings mean on this machine, resolved once: the device, the AMP dtype, the data
+pipeline, the worker count, the evaluation batch. The validated config itself is never changed."""
 from __future__ import annotations
 
 import contextlib
@@ -19,15 +19,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda but PyTorch sees no CUDA GPU (CPU-only build or no driver); "
-                            "run python check.py, or use --device cpu")
+            raise UserError("--device cuda but PyTorch sees no CUDA GPU (CPU-only build or no "
+                            "driver); run python check.py, or use --device cpu")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 
 
 def resolve_amp(amp: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. AMP is a CUDA default; on the CPU only an explicit --amp-dtype
-    turns it on (CPU autocast is slower than fp32 on most CPUs)."""
+    """The autocast dtype, or None for fp32. AMP is a CUDA default; on the CPU only an explicit
+    --amp-dtype turns it on (CPU autocast is slower than fp32 on most CPUs)."""
     if not amp or (device.type == "cpu" and amp_dtype == "auto"):
         return None
     if amp_dtype == "fp16":
@@ -53,12 +53,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def default_workers() -> int:
-    """DataLoader workers when --num-workers is -1: one per core, at most 8 (more only add start-up time)."""
+    """DataLoader workers when --num-workers is -1: one per core, at most 8 (more only add start-up
+    time)."""
     return min(8, os.cpu_count() or 1)
 
 
 def configure_backends(device: torch.device) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA (the fixed input shape makes autotuning pay off)."""
+    """cuDNN autotuning and TF32 matmuls on CUDA (the fixed input shape makes autotuning pay
+    off)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -87,9 +89,11 @@ class Runtime:
 
 
 def resolve_runtime(cfg, dist: DistInfo) -> Runtime:
-    """Device, AMP dtype, pipeline (auto: device on CUDA), workers (-1: default_workers()), evaluation batch."""
+    """Device, AMP dtype, pipeline (auto: device on CUDA), workers (-1: default_workers()),
+    evaluation batch."""
     device = resolve_device(cfg.device, dist.local_rank)
-    pipeline = cfg.data_pipeline if cfg.data_pipeline != "auto" else ("device" if device.type == "cuda" else "cpu")
+    pipeline = (cfg.data_pipeline if cfg.data_pipeline != "auto"
+                else ("device" if device.type == "cuda" else "cpu"))
     workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers()
     return Runtime(dist, device, resolve_amp(cfg.amp, cfg.amp_dtype, device), pipeline, workers,
                    max(256, cfg.batch_size // dist.world * 2))

@@ -1,8 +1,9 @@
-"""The models this repository compares, in one registry that every script reads: what each is called, where
-its ImageNet weights come from, and how good those weights are on ImageNet according to their source.
+"""The models this repository compares, in one registry that every script reads: what each is
+called, where its ImageNet weights come from, and how good those weights are on ImageNet according
+to their source.
 
-A `--model` name is `arch` (the registry's default weights when pretrained), `arch.tag` (timm weights with
-that tag, e.g. resnet18.a1_in1k) or `tv/arch` (torchvision, IMAGENET1K_V1 weights)."""
+A `--model` name is `arch` (the registry's default weights when pretrained), `arch.tag` (timm
+weights with that tag, e.g. resnet18.a1_in1k) or `tv/arch` (torchvision, IMAGENET1K_V1 weights)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -63,9 +64,10 @@ RESNET18 = ModelSpec(
     weights=(
         Weights("timm", "a1_in1k", "ImageNet-1k", 73.16, f"{TIMM_TABLE} (evaluated at 288 px)"),
         Weights("timm", "tv_in1k", "ImageNet-1k", 69.76, TIMM_TABLE),
-        Weights("timm", "fb_swsl_ig1b_ft_in1k", "Instagram-1B (semi-weakly supervised), then ImageNet-1k", 73.28,
-                TIMM_TABLE),
-        Weights("torchvision", "IMAGENET1K_V1", "ImageNet-1k", 69.758, "torchvision ResNet18_Weights.IMAGENET1K_V1"),
+        Weights("timm", "fb_swsl_ig1b_ft_in1k",
+                "Instagram-1B (semi-weakly supervised), then ImageNet-1k", 73.28, TIMM_TABLE),
+        Weights("torchvision", "IMAGENET1K_V1", "ImageNet-1k", 69.758,
+                "torchvision ResNet18_Weights.IMAGENET1K_V1"),
     ),
     published={"pretrained": Published(95.86, 30), "scratch": Published(83.16, 30)})
 TINYVIT_5M = ModelSpec(
@@ -73,8 +75,9 @@ TINYVIT_5M = ModelSpec(
     "Wu et al., TinyViT: Fast Pretraining Distillation for Small Vision Transformers, ECCV 2022",
     default_tag="dist_in22k_ft_in1k",
     weights=(
-        Weights("timm", "dist_in22k_ft_in1k", "ImageNet-22k (distilled from a large teacher), then ImageNet-1k",
-                80.7, "microsoft/Cream TinyViT model zoo"),
+        Weights("timm", "dist_in22k_ft_in1k",
+                "ImageNet-22k (distilled from a large teacher), then ImageNet-1k", 80.7,
+                "microsoft/Cream TinyViT model zoo"),
         Weights("timm", "in1k", "ImageNet-1k (distilled from a large teacher)", 79.1,
                 "microsoft/Cream TinyViT model zoo"),
     ),
@@ -89,7 +92,8 @@ def default_run_folders() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """What a --model name means once resolved: which library builds it, and which weights (if pretrained)."""
+    """What a --model name means once resolved: which library builds it, and which weights (if
+    pretrained)."""
 
     library: str                 # timm | torchvision
     arch: str
@@ -112,13 +116,15 @@ class ModelChoice:
 
     @property
     def name(self) -> str:
-        """A name that says the weights actually used: resnet18.a1_in1k, tv/resnet18, tiny_vit_5m_224 (scratch)."""
+        """A name that says the weights actually used: resnet18.a1_in1k, tv/resnet18,
+        tiny_vit_5m_224 (scratch)."""
         base = f"tv/{self.arch}" if self.library == "torchvision" else self.arch
         return base if self.tag is None or self.library == "torchvision" else f"{base}.{self.tag}"
 
 
 def resolve_model(name: str, pretrained: bool) -> ModelChoice:
-    """Parse a --model value. Scratch runs drop any tag: the name then says "no pretrained weights"."""
+    """Parse a --model value. Scratch runs drop any tag: the name then says "no pretrained
+    weights"."""
     library, rest = ("torchvision", name[3:]) if name.startswith("tv/") else ("timm", name)
     arch, _, tag = rest.partition(".")
     if library == "torchvision":

@@ -1,9 +1,9 @@
-"""The experiment as a grid of ordinary train commands (models x pretrained / scratch x training-set sizes x
-seeds), each with a deterministic folder, handed to submitit (the launcher of DeiT / MAE / ConvNeXt-style
-research code): `debug` runs them in this process, `local` on this machine (one run per GPU, pinned with
-CUDA_VISIBLE_DEVICES; one at a time on a CPU), `slurm` as a job array that requeues preempted and timed-out
-runs, which continue with --resume. Nothing in the train scripts knows it is part of a sweep; the analysis
-reads the folders back."""
+"""The experiment as a grid of ordinary train commands (models x pretrained / scratch x training-set
+sizes x seeds), each with a deterministic folder, handed to submitit (the launcher of DeiT / MAE /
+ConvNeXt-style research code): `debug` runs them in this process, `local` on this machine (one run
+per GPU, pinned with CUDA_VISIBLE_DEVICES; one at a time on a CPU), `slurm` as a job array that
+requeues preempted and timed-out runs, which continue with --resume. Nothing in the train scripts
+knows it is part of a sweep; the analysis reads the folders back."""
 from __future__ import annotations
 
 import contextlib
@@ -50,35 +50,41 @@ class Run:
         return [sys.executable, str(REPO / self.script), *self.argv]
 
     def config(self) -> TrainConfig:
-        """The config the train script will resolve from this command (bad flags: a one-line UserError)."""
+        """The config the train script will resolve from this command (bad flags: a one-line
+        UserError)."""
         spec = MODELS.get(self.arch)
         default = spec.default_model if spec else self.arch
         parser = build_parser("", default)
 
         def refuse(message: str):
-            raise UserError(f"the train flags after --: {message} (see python {self.script} --help)")
+            raise UserError(f"the train flags after --: {message} (see python {self.script} "
+                            "--help)")
 
         parser.error = refuse
-        return config_from_args(parser.parse_args(list(self.argv)), spec.run_prefix if spec else "run", default)
+        return config_from_args(parser.parse_args(list(self.argv)),
+                                spec.run_prefix if spec else "run", default)
 
 
-def plan_grid(models: Sequence[str], modes: Sequence[str], sizes: Sequence[int], seeds: Sequence[int],
-              root: Path, train_flags: Sequence[str], weights: dict[str, str]) -> list[Run]:
-    """Every run of the grid, in a fixed order (size, model, mode, seed): small runs first, so the first
-    answers come early."""
-    for what, values in (("--train-sizes", sizes), ("--seeds", seeds), ("--models", models), ("--modes", modes)):
+def plan_grid(models: Sequence[str], modes: Sequence[str], sizes: Sequence[int],
+              seeds: Sequence[int], root: Path, train_flags: Sequence[str],
+              weights: dict[str, str]) -> list[Run]:
+    """Every run of the grid, in a fixed order (size, model, mode, seed): small runs first, so the
+    first answers come early."""
+    for what, values in (("--train-sizes", sizes), ("--seeds", seeds), ("--models", models),
+                         ("--modes", modes)):
         dupes = sorted({str(v) for v in values if list(values).count(v) > 1})
         if dupes:
             raise UserError(f"{what} lists {', '.join(dupes)} twice; give each once")
     for m in modes:
         if m not in MODES:
             raise UserError(f"--modes {m}: choose from {', '.join(MODES)}")
-    controlled = {"--model", "--pretrained", "--no-pretrained", "--train-subset", "--seed", "--output-dir",
-                  "--resume", "--overwrite", "--weights"}
+    controlled = {"--model", "--pretrained", "--no-pretrained", "--train-subset", "--seed",
+                  "--output-dir", "--resume", "--overwrite", "--weights"}
     clash = sorted({f.split("=")[0] for f in train_flags if f.split("=")[0] in controlled})
     if clash:
-        raise UserError(f"the train flags after -- set {', '.join(clash)}, which the suite sets per run; use "
-                        f"--models, --modes, --train-sizes, --seeds, --root and --weights ARCH=PATH instead")
+        raise UserError(f"the train flags after -- set {', '.join(clash)}, which the suite sets "
+                        "per run; use --models, --modes, --train-sizes, --seeds, --root and "
+                        "--weights ARCH=PATH instead")
     runs = []
     for size in sizes:
         for arch in models:
@@ -87,30 +93,34 @@ def plan_grid(models: Sequence[str], modes: Sequence[str], sizes: Sequence[int],
                 for seed in seeds:
                     pretrained = mode == "pretrained"
                     model = (spec.default_model if spec else arch) if pretrained else arch
-                    folder = root / f"{arch}_{'ft' if pretrained else 'scratch'}" / f"n{size or 'all'}" / f"seed{seed}"
+                    folder = (root / f"{arch}_{'ft' if pretrained else 'scratch'}"
+                              / f"n{size or 'all'}" / f"seed{seed}")
                     argv = ["--model", model, "--pretrained" if pretrained else "--no-pretrained",
-                            "--train-subset", str(size), "--seed", str(seed), "--output-dir", str(folder), "--resume",
-                            *train_flags]
+                            "--train-subset", str(size), "--seed", str(seed), "--output-dir",
+                            str(folder), "--resume", *train_flags]
                     if pretrained and arch in weights:
                         argv += ["--weights", weights[arch]]
-                    runs.append(Run(arch, mode, size, seed, folder, spec.script if spec else "train_resnet_cifar.py",
-                                    tuple(argv)))
+                    runs.append(Run(arch, mode, size, seed, folder,
+                                    spec.script if spec else "train_resnet_cifar.py", tuple(argv)))
     return runs
 
 
 def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
-    """Refuse, before anything starts, what cannot run: an unknown model, a size larger than the training split,
-    flags the train scripts reject, a folder under --root that holds a run of another recipe."""
+    """Refuse, before anything starts, what cannot run: an unknown model, a size larger than the
+    training split, flags the train scripts reject, a folder under --root that holds a run of
+    another recipe."""
     import timm
 
     for arch in sorted({r.arch for r in runs}):
         if arch not in MODELS and not timm.is_model(arch):
-            raise UserError(f"--models {arch}: not a model of this repository ({', '.join(MODELS)}) nor of timm")
+            raise UserError(f"--models {arch}: not a model of this repository "
+                            f"({', '.join(MODELS)}) nor of timm")
     if n_train is not None:
         too_big = sorted({r.size for r in runs if r.size > n_train})
         if too_big:
-            raise UserError(f"--train-sizes {', '.join(map(str, too_big))}: larger than the {n_train} training "
-                            f"images left after the validation split (0 = all of them)")
+            raise UserError(f"--train-sizes {', '.join(map(str, too_big))}: larger than the "
+                            f"{n_train} training images left after the validation split (0 = all "
+                            "of them)")
     for r in runs:
         planned = r.config()
         existing = r.folder / "config.json"
@@ -120,11 +130,12 @@ def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
             saved = read_record(existing).config
             diffs = identity_differences(saved.to_dict(), planned.to_dict())
             if saved.effective_batch != planned.effective_batch or saved.epochs != planned.epochs:
-                diffs.append(f"batch per update / epochs: {saved.effective_batch} / {saved.epochs} there, "
-                             f"{planned.effective_batch} / {planned.epochs} now")
+                diffs.append(f"batch per update / epochs: {saved.effective_batch} / {saved.epochs} "
+                             f"there, {planned.effective_batch} / {planned.epochs} now")
             if diffs:
-                raise UserError(f"{r.folder} holds a run of another recipe ({'; '.join(diffs)[:300]}); use another "
-                                f"--root, or the flags it was run with")
+                raise UserError(f"{r.folder} holds a run of another recipe "
+                                f"({'; '.join(diffs)[:300]}); use another --root, or the flags it "
+                                "was run with")
 
 
 def status_of(run: Run) -> str:
@@ -139,10 +150,10 @@ def status_of(run: Run) -> str:
 # ----------------------------------------------------------------------------- what a job runs
 
 class TrainJob:
-    """What submitit runs for one cell: the train script, with --resume (a requeued or restarted job continues
-    where its run stopped). In a child process (local, slurm), so that a preemption can ask it to save first:
-    checkpoint() sends it SIGTERM, waits for its last.pt, and requeues this same job. In this process for the
-    debug launcher. Returns (exit code, last error line)."""
+    """What submitit runs for one cell: the train script, with --resume (a requeued or restarted job
+    continues where its run stopped). In a child process (local, slurm), so that a preemption can
+    ask it to save first: checkpoint() sends it SIGTERM, waits for its last.pt, and requeues this
+    same job. In this process for the debug launcher. Returns (exit code, last error line)."""
 
     def __init__(self, run: Run, in_process: bool = False):
         self.run = run
@@ -154,13 +165,14 @@ class TrainJob:
         if self.in_process:
             return _run_in_process(self.run)
         with open(self.run.folder / "train.log", "a") as logfile:
-            self.child = subprocess.Popen(self.run.command, stdout=logfile, stderr=subprocess.STDOUT, cwd=REPO)
+            self.child = subprocess.Popen(self.run.command, stdout=logfile,
+                                          stderr=subprocess.STDOUT, cwd=REPO)
             code = self.child.wait()
         return code, _last_error(self.run.folder / "train.log")
 
     def checkpoint(self):
-        """Preempted or timed out (Slurm's signal, some time before the kill): the run saves at its next step
-        boundary, then the same job is requeued and continues with --resume."""
+        """Preempted or timed out (Slurm's signal, some time before the kill): the run saves at its
+        next step boundary, then the same job is requeued and continues with --resume."""
         import submitit
 
         if self.child is not None and self.child.poll() is None:
@@ -230,7 +242,8 @@ class Progress:
     """The suite's state, as the status board shows it."""
 
     runs: list[Run]
-    state: dict[Path, str] = field(default_factory=dict)   # queued | running | done | failed | skipped
+    # queued | running | done | failed | skipped
+    state: dict[Path, str] = field(default_factory=dict)
     errors: dict[Path, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     projected_s: float | None = None
@@ -248,9 +261,11 @@ def visible_gpus() -> list[int]:
     return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
-def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board, poll_s: float = 2.0) -> None:
-    """One run per visible GPU, each pinned with CUDA_VISIBLE_DEVICES; one at a time on a CPU. submitit's
-    LocalExecutor starts each job as its own process (and would start them all at once: the slots queue them)."""
+def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board,
+              poll_s: float = 2.0) -> None:
+    """One run per visible GPU, each pinned with CUDA_VISIBLE_DEVICES; one at a time on a CPU.
+    submitit's LocalExecutor starts each job as its own process (and would start them all at once:
+    the slots queue them)."""
     import submitit
 
     gpus = visible_gpus()
@@ -264,7 +279,8 @@ def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board, poll_s
             if slot.job is None and queue:
                 run = queue.pop(0)
                 executor = submitit.LocalExecutor(folder=str(logs))
-                executor.update_parameters(timeout_min=60 * 24 * 30, gpus_per_node=1 if slot.gpu is not None else 0,
+                executor.update_parameters(timeout_min=60 * 24 * 30,
+                                           gpus_per_node=1 if slot.gpu is not None else 0,
                                            visible_gpus=() if slot.gpu is None else (slot.gpu,))
                 slot.job, slot.run = executor.submit(TrainJob(run)), run
                 progress.state[run.folder] = "running"
@@ -287,33 +303,36 @@ def run_debug(runs: Sequence[Run], logs: Path, progress: Progress, board) -> Non
     board.update(progress)
 
 
-def slurm_executor(logs: Path, partition: str | None, gpus_per_run: int, time_min: int, max_parallel: int):
-    """A Slurm job array: each task one run, --signal USR2 some time before the limit (submitit's preemption and
-    timeout signal), requeued by TrainJob.checkpoint."""
+def slurm_executor(logs: Path, partition: str | None, gpus_per_run: int, time_min: int,
+                   max_parallel: int):
+    """A Slurm job array: each task one run, --signal USR2 some time before the limit (submitit's
+    preemption and timeout signal), requeued by TrainJob.checkpoint."""
     import shutil
 
     import submitit
 
     if shutil.which("sbatch") is None or shutil.which("srun") is None:
-        raise UserError("--launcher slurm: no sbatch/srun on this machine's PATH; run run_suite.py on the "
-                        "cluster's login node, or use --launcher local here")
+        raise UserError("--launcher slurm: no sbatch/srun on this machine's PATH; run run_suite.py "
+                        "on the cluster's login node, or use --launcher local here")
     executor = submitit.SlurmExecutor(folder=str(logs), max_num_timeout=30)
     params: dict[str, Any] = dict(time=time_min, gpus_per_node=gpus_per_run, ntasks_per_node=1,
-                                  cpus_per_task=max(2, 8 * gpus_per_run), array_parallelism=max_parallel,
-                                  signal_delay_s=120, job_name="cifar-suite")
+                                  cpus_per_task=max(2, 8 * gpus_per_run),
+                                  array_parallelism=max_parallel, signal_delay_s=120,
+                                  job_name="cifar-suite")
     if partition:
         params["partition"] = partition
     executor.update_parameters(**params)
     return executor
 
 
-def run_slurm(runs: Sequence[Run], logs: Path, progress: Progress, board, executor, poll_s: float = 30.0,
-              wait: bool = True) -> list:
+def run_slurm(runs: Sequence[Run], logs: Path, progress: Progress, board, executor,
+              poll_s: float = 30.0, wait: bool = True) -> list:
     queued = [r for r in runs if progress.state[r.folder] == "queued"]
     if not queued:
         return []
     jobs = executor.submit_array([TrainJob(r) for r in queued])
-    log.info(f"submitted {len(jobs)} runs to Slurm as job array {str(jobs[0].job_id).split('_')[0]}")
+    log.info(f"submitted {len(jobs)} runs to Slurm as job array "
+             f"{str(jobs[0].job_id).split('_')[0]}")
     for r in queued:
         progress.state[r.folder] = "running"
     if not wait:
@@ -342,11 +361,12 @@ def _finish(job, run: Run, progress: Progress) -> None:
         log.warning(f"{run.name} failed ({run.folder}): {progress.errors[run.folder]}")
 
 
-# ----------------------------------------------------------------------------- projections and the board
+# ------------------------------------------------------------------------ projections and the board
 
-def projected_seconds(runs: Sequence[Run], bench: dict | None, epochs: int) -> dict[Path, float] | None:
-    """Each run's time from check.py --bench-suite figures (runs/bench_suite.json), its epoch time scaled by its
-    training-set size; None without them."""
+def projected_seconds(runs: Sequence[Run], bench: dict | None,
+                      epochs: int) -> dict[Path, float] | None:
+    """Each run's time from check.py --bench-suite figures (runs/bench_suite.json), its epoch time
+    scaled by its training-set size; None without them."""
     if not bench:
         return None
     out = {}
@@ -369,7 +389,8 @@ def _fmt(seconds: float | None) -> str:
 
 
 class StatusBoard:
-    """The suite's progress: a table redrawn in place on a terminal; on a log file, a line when it changes."""
+    """The suite's progress: a table redrawn in place on a terminal; on a log file, a line when it
+    changes."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -381,25 +402,29 @@ class StatusBoard:
     def lines(self, p: Progress) -> list[str]:
         c = p.counts()
         elapsed = time.monotonic() - p.started
-        head = (f"suite: {c['done'] + c['skipped']} done ({c['skipped']} from before), {c['running']} running, "
-                f"{c['queued']} queued, {c['failed']} failed; elapsed {_fmt(elapsed)}, projected {_fmt(p.projected_s)}")
+        head = (f"suite: {c['done'] + c['skipped']} done ({c['skipped']} from before), "
+                f"{c['running']} running, {c['queued']} queued, {c['failed']} failed; elapsed "
+                f"{_fmt(elapsed)}, projected {_fmt(p.projected_s)}")
         if not self.tty:
             return [head]
         rows = []
         for r in p.runs:
             state = p.state[r.folder]
-            rows.append(f"  {state:8s} {r.name}" + (f"  ({p.errors[r.folder][:80]})" if r.folder in p.errors else ""))
+            rows.append(f"  {state:8s} {r.name}"
+                        + (f"  ({p.errors[r.folder][:80]})" if r.folder in p.errors else ""))
         return [head, *rows[-30:]]
 
     def update(self, p: Progress) -> None:
-        if not self.tty:  # a log: a line per run that changed state, then the counts (not every poll)
+        # a log: a line per run that changed state, then the counts (not every poll)
+        if not self.tty:
             changed = [r for r in p.runs if self.seen.get(r.folder) != p.state[r.folder]]
             self.seen.update({r.folder: p.state[r.folder] for r in p.runs})
             if changed:
                 if len(changed) < len(p.runs):
                     for r in changed:
-                        log.info(f"suite: {r.name} {p.state[r.folder]}" + (f" ({p.errors[r.folder]})" if
-                                                                          r.folder in p.errors else ""))
+                        log.info(f"suite: {r.name} {p.state[r.folder]}"
+                                 + (f" ({p.errors[r.folder]})" if
+                                   r.folder in p.errors else ""))
                 log.info(self.lines(p)[0])
             return
         lines = self.lines(p)

@@ -1,6 +1,6 @@
-"""One training run from a TrainConfig, top to bottom: open the run folder and decide what a --resume does;
-prepare data, model, state and the run record once; then for each epoch train, validate, log and save; then
-test the checkpoint chosen on validation, once."""
+"""One training run from a TrainConfig, top to bottom: open the run folder and decide what a
+--resume does; prepare data, model, state and the run record once; then for each epoch train,
+validate, log and save; then test the checkpoint chosen on validation, once."""
 from __future__ import annotations
 
 import contextlib
@@ -23,17 +23,18 @@ from .data.augment import EvalTransform, Recipe, resolve_recipe
 from .data.sources import DataSource, open_source
 from .data.splits import Splits, make_splits
 from .data.streams import TrainStream, make_train_stream
-from .engine import (EpochSums, Evaluator, GracefulStop, TrainStep, build_loss_and_mixup, build_optimizer,
-                     build_scheduler, schedule_length, train_one_epoch)
+from .engine import (EpochSums, Evaluator, GracefulStop, TrainStep, build_loss_and_mixup,
+                     build_optimizer, build_scheduler, schedule_length, train_one_epoch)
 from .errors import LoadError, UserError, WriteError, hint
 from .faults import failpoint
 from .files import write_json
-from .models import (apply_weights, count_parameters, create_model, flops_per_image, freeze_backbone,
-                     starts_at_zero, unwrap_model)
+from .models import (apply_weights, count_parameters, create_model, flops_per_image,
+                     freeze_backbone, starts_at_zero, unwrap_model)
 from .progress import Progress
 from .provenance import environment
 from .record import DataInfo, ModelInfo, RunInfo, RunRecord, SplitInfo, Summary, WeightsInfo
-from .runtime import Runtime, configure_backends, dtype_name, make_scaler, resolve_runtime, seed_everything
+from .runtime import (Runtime, configure_backends, dtype_name, make_scaler, resolve_runtime,
+                      seed_everything)
 from .specs import ModelChoice, resolve_model
 from .state import RunState, load_model_state
 
@@ -60,7 +61,8 @@ class Context:
 
 def run_training(cfg: TrainConfig) -> int:
     """Train, validate, checkpoint and test one model; returns the process exit code."""
-    dist = D.init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    dist = D.init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available()
+                              else "cpu")
     lock = RF.RunLock(Path(cfg.output_dir))
     created = not Path(cfg.output_dir).exists()
     failed = True
@@ -68,11 +70,12 @@ def run_training(cfg: TrainConfig) -> int:
         with D.together(dist):
             rt = resolve_runtime(cfg, dist)
             if cfg.batch_size % dist.world:
-                raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must divide by the "
-                                f"{dist.world} processes")
+                raise UserError(f"--batch-size {cfg.batch_size} is the global batch: it must "
+                                f"divide by the {dist.world} processes")
             if not cfg.drop_last and dist.enabled:
-                raise UserError("--no-drop-last works in one process only (under torchrun every rank must take the "
-                                "same number of steps): drop it, or run without torchrun")
+                raise UserError("--no-drop-last works in one process only (under torchrun every "
+                                "rank must take the same number of steps): drop it, or run "
+                                "without torchrun")
             ckpt = open_run_folder(cfg, lock, dist.is_main)
             done = ckpt is not None and check_resume(cfg, ckpt, is_main=dist.is_main)
         if done:
@@ -89,7 +92,8 @@ def run_training(cfg: TrainConfig) -> int:
 
 
 def _remove_if_empty(out: Path) -> None:
-    """A run that failed before writing anything leaves no empty folder behind (it created the folder)."""
+    """A run that failed before writing anything leaves no empty folder behind (it created the
+    folder)."""
     try:
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
@@ -100,24 +104,29 @@ def _remove_if_empty(out: Path) -> None:
 def train_and_test(ctx: Context) -> int:
     cfg, state = ctx.cfg, ctx.state
     try:
-        with GracefulStop(announce=ctx.rt.is_main, echo_s=2.0 if ctx.rt.dist.enabled else 0.0) as stop:
+        with GracefulStop(announce=ctx.rt.is_main,
+                          echo_s=2.0 if ctx.rt.dist.enabled else 0.0) as stop:
             for epoch in range(state.epoch, 0 if ctx.test_only else cfg.epochs):
                 result = train_epoch(ctx, epoch, stop)
                 if result.stopped:
                     return save_interrupted(ctx, epoch, result, stop)
                 with out_of_memory_hint(ctx, f"validating epoch {epoch + 1}"):
-                    val = ctx.evaluator(state.model, ctx.splits.val_x, ctx.splits.val_y, ctx.rt.dist)
+                    val = ctx.evaluator(state.model, ctx.splits.val_x, ctx.splits.val_y,
+                                        ctx.rt.dist)
                 row = epoch_row(ctx, epoch, result, val)
                 improved, early = close_epoch(ctx, epoch, val["acc"])
-                if cfg.sched_step == "epoch":  # CosineAnnealingLR as the experiment stepped it: after validation
+                # CosineAnnealingLR as the experiment stepped it: after validation
+                if cfg.sched_step == "epoch":
                     state.scheduler.step()
                 write_epoch(ctx, row, improved)
                 if ctx.rt.is_main:
                     log_epoch(cfg, row, improved, early, state)
-                if cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch and not state.finished:
+                if (cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch
+                        and not state.finished):
                     if ctx.rt.is_main:
-                        resume_hint(ctx.out, ctx.rt.dist.world, f"stopped after epoch {epoch + 1} as "
-                                                                f"--stop-after-epoch asked")
+                        resume_hint(ctx.out, ctx.rt.dist.world,
+                                    f"stopped after epoch {epoch + 1} as "
+                                    f"--stop-after-epoch asked")
                     return 0
                 if early:
                     break
@@ -127,11 +136,12 @@ def train_and_test(ctx: Context) -> int:
             ctx.log.close()
 
 
-# ----------------------------------------------------------------------------- the run folder and --resume
+# ---------------------------------------------------------------------- the run folder and --resume
 
 def open_run_folder(cfg: TrainConfig, lock: RF.RunLock, is_main: bool) -> dict | None:
-    """Check the folder (writable, not in use, nothing clobbered) and return the checkpoint to resume, if any.
-    The main process takes the lock and removes temp files that an interrupted write left behind."""
+    """Check the folder (writable, not in use, nothing clobbered) and return the checkpoint to
+    resume, if any. The main process takes the lock and removes temp files that an interrupted write
+    left behind."""
     from .files import writable
 
     out = Path(cfg.output_dir)
@@ -144,22 +154,26 @@ def open_run_folder(cfg: TrainConfig, lock: RF.RunLock, is_main: bool) -> dict |
             log.info(f"{out}: {took_over}")
         removed = RF.remove_stale_writes(out)
         if removed:
-            log.info(f"{out}: removed {len(removed)} temp file(s) of an interrupted write ({', '.join(removed)})")
+            log.info(f"{out}: removed {len(removed)} temp file(s) of an interrupted write "
+                     f"({', '.join(removed)})")
     existing = [n for n in RF.RUN_FILES if (out / n).exists()]
     last = out / RF.LAST
-    if cfg.resume:  # job scripts pass --resume every time: a folder with nothing to continue starts the run
+    # job scripts pass --resume every time: a folder with nothing to continue starts the run
+    if cfg.resume:
         if last.is_file():
             with hint(LoadError, "or start it again with --overwrite"):
                 return load_checkpoint(last)
-        if is_main and existing:  # killed before the first checkpoint: nothing to continue, so start over
-            log.info(f"{out} has no checkpoint yet (it stopped before epoch 1 was saved): starting it from epoch 1")
+        # killed before the first checkpoint: nothing to continue, so start over
+        if is_main and existing:
+            log.info(f"{out} has no checkpoint yet (it stopped before epoch 1 was saved): "
+                     "starting it from epoch 1")
             _clear(out)
         elif is_main:
             log.info(f"--resume: nothing to resume in {out}; starting a new run")
         return None
     if existing and not cfg.overwrite:
-        raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
-                        f"--output-dir for a new run, or --overwrite to replace it")
+        raise UserError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to "
+                        "continue it, --output-dir for a new run, or --overwrite to replace it")
     if existing and is_main:
         _clear(out)
     return None
@@ -172,41 +186,47 @@ def _clear(out: Path) -> None:
         f.unlink()
 
 
-def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None, is_main: bool = True) -> bool:
-    """Refuse a --resume with other settings (the flags; with `record`, also what they resolved to: recipe,
-    data, AMP dtype, pipeline, weights file), or with --epochs that cannot continue the schedule. True when
-    the run is finished and tested: nothing to do."""
+def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None,
+                 is_main: bool = True) -> bool:
+    """Refuse a --resume with other settings (the flags; with `record`, also what they resolved to:
+    recipe, data, AMP dtype, pipeline, weights file), or with --epochs that cannot continue the
+    schedule. True when the run is finished and tested: nothing to do."""
     out = Path(cfg.output_dir)
     saved = RunRecord.from_dict(ckpt["record"], str(out / RF.LAST))
     diffs = identity_differences(saved.config.to_dict(), cfg.to_dict())
     old, new = saved.config, cfg
     if old.effective_batch != new.effective_batch:
         diffs.append(f"batch_size x grad_accum_steps (the batch per update): {old.batch_size} x "
-                     f"{old.grad_accum_steps} in the checkpoint, {new.batch_size} x {new.grad_accum_steps} now")
-    elif (old.batch_size, old.grad_accum_steps) != (new.batch_size, new.grad_accum_steps) and ckpt["step"]:
-        diffs.append(f"--batch-size / --grad-accum-steps changed in the middle of an epoch (step {ckpt['step']}): "
-                     f"the same batch per update may be split differently only from an epoch's start")
+                     f"{old.grad_accum_steps} in the checkpoint, {new.batch_size} x "
+                     f"{new.grad_accum_steps} now")
+    elif ((old.batch_size, old.grad_accum_steps) != (new.batch_size, new.grad_accum_steps)
+          and ckpt["step"]):
+        diffs.append("--batch-size / --grad-accum-steps changed in the middle of an epoch (step "
+                     f"{ckpt['step']}): the same batch per update may be split differently only "
+                     "from an epoch's start")
     if record is not None:
         now = record.resolved_identity()
         diffs += [f"{k} differs ({_short(v)} in the checkpoint, {_short(now[k])} now)"
                   for k, v in saved.resolved_identity().items() if v != now[k]]
     if diffs:
-        raise UserError(f"--resume refused, {out / RF.LAST} was trained with other settings: " + "; ".join(diffs)
+        raise UserError(f"--resume refused, {out / RF.LAST} was trained with other settings: "
+                        + "; ".join(diffs)
                         + ". Use the original flags, or a new --output-dir")
     if record is not None:
         return False
     done, planned = ckpt["epoch"], saved.config.epochs
     if cfg.epochs < done or (cfg.epochs == done and ckpt["step"]):
-        raise UserError(f"--epochs {cfg.epochs} is below the {done} epochs {out / RF.LAST} has trained; resume "
-                        f"with --epochs {done} to end the run there (it then runs the test), or more to continue")
+        raise UserError(f"--epochs {cfg.epochs} is below the {done} epochs {out / RF.LAST} has "
+                        f"trained; resume with --epochs {done} to end the run there (it then runs "
+                        "the test), or more to continue")
     if ckpt.get("finished") and cfg.epochs > planned:
-        raise UserError(f"{out} finished its {planned}-epoch cosine schedule (the lr came down to its floor): more "
-                        f"epochs would be another experiment. Start a new run with --epochs {cfg.epochs} in another "
-                        f"--output-dir")
+        raise UserError(f"{out} finished its {planned}-epoch cosine schedule (the lr came down to "
+                        "its floor): more epochs would be another experiment. Start a new run "
+                        f"with --epochs {cfg.epochs} in another --output-dir")
     if ckpt.get("finished") and (out / RF.SUMMARY).is_file():
         if is_main:
-            log.info(f"{out} is finished ({done}/{planned} epochs, best val acc {ckpt['best']['acc']:.4f}, test "
-                     f"result in {RF.SUMMARY}); nothing to resume")
+            log.info(f"{out} is finished ({done}/{planned} epochs, best val acc "
+                     f"{ckpt['best']['acc']:.4f}, test result in {RF.SUMMARY}); nothing to resume")
         return True
     return False
 
@@ -223,26 +243,28 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
     """Data, model, optimiser, the state to start from, and the run record (config.json)."""
     out = Path(cfg.output_dir)
     configure_backends(rt.device)
-    recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude, cfg.re_prob,
-                            cfg.eval_crop, cfg.re_mode)
+    recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude,
+                            cfg.re_prob, cfg.eval_crop, cfg.re_mode)
     source, splits = rank0_first(rt.dist, lambda downloader: load_data(cfg, downloader))
     choice = resolve_model(cfg.model, cfg.pretrained)
-    model, weights, zero_init = rank0_first(rt.dist, lambda downloader: load_model(cfg, choice, len(source.classes),
-                                                                                  ckpt))
+    model, weights, zero_init = rank0_first(
+        rt.dist, lambda downloader: load_model(cfg, choice, len(source.classes), ckpt))
     model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stream = make_train_stream(rt.pipeline, splits.train_x, splits.train_y, recipe, cfg.img_size, cfg.batch_size,
-                               cfg.seed, rt.num_workers, rt.device, rt.dist.rank, rt.dist.world, cfg.drop_last,
-                               cfg.grad_accum_steps)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum, cfg.head_lr_mult,
-                                rt.device, cfg.decay_norm_and_bias)
-    scheduler = build_scheduler(optimizer, cfg.epochs, cfg.warmup_epochs, len(stream) // cfg.grad_accum_steps,
-                                cfg.sched_step == "epoch", cfg.min_lr_ratio)
+    stream = make_train_stream(rt.pipeline, splits.train_x, splits.train_y, recipe, cfg.img_size,
+                               cfg.batch_size, cfg.seed, rt.num_workers, rt.device, rt.dist.rank,
+                               rt.dist.world, cfg.drop_last, cfg.grad_accum_steps)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
+                                cfg.head_lr_mult, rt.device, cfg.decay_norm_and_bias)
+    scheduler = build_scheduler(optimizer, cfg.epochs, cfg.warmup_epochs,
+                                len(stream) // cfg.grad_accum_steps, cfg.sched_step == "epoch",
+                                cfg.min_lr_ratio)
     state = RunState(model, optimizer, scheduler, make_scaler(rt.amp_dtype, rt.device))
     evaluator = Evaluator(EvalTransform(recipe, cfg.img_size), rt.eval_batch, rt.device,
                           rt.amp_dtype if cfg.amp_eval else None, cfg.channels_last, cfg.compile)
-    record = make_record(cfg, rt, choice, weights, zero_init, source, splits, recipe, evaluator, model, stream, ckpt)
+    record = make_record(cfg, rt, choice, weights, zero_init, source, splits, recipe, evaluator,
+                         model, stream, ckpt)
     if ckpt is not None:
         check_resume(cfg, ckpt, record)
         state.restore(ckpt, str(out / RF.LAST))
@@ -251,19 +273,22 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
     step_fn = make_step(cfg, rt, model, state, len(source.classes))
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    if ckpt is not None and state.step:  # mid-epoch: continue the interrupted random streams, last of all
+    # mid-epoch: continue the interrupted random streams, last of all
+    if ckpt is not None and state.step:
         restore_rng(ckpt["rng"])
     test_only = ckpt is not None and (state.finished or state.epoch >= cfg.epochs)
-    if test_only and not state.finished and rt.is_main:  # --epochs lowered to the epochs done: end the run here
+    # --epochs lowered to the epochs done: end the run here
+    if test_only and not state.finished and rt.is_main:
         state.finished = True
         with hint(WriteError, WRITE_HINT):
             save_checkpoint(out / RF.LAST, state.full_checkpoint(record.to_dict()))
-    return Context(cfg, rt, out, splits, stream, evaluator, state, step_fn, record, metrics, test_only)
+    return Context(cfg, rt, out, splits, stream, evaluator, state, step_fn, record, metrics,
+                   test_only)
 
 
 def rank0_first(dist: D.DistInfo, fn: Callable[[bool], Any]) -> Any:
-    """fn(True) on rank 0 first (it downloads), then fn(False) on the others (they find rank 0's copies); inside
-    D.together, so a failure on any rank stops every rank."""
+    """fn(True) on rank 0 first (it downloads), then fn(False) on the others (they find rank 0's
+    copies); inside D.together, so a failure on any rank stops every rank."""
     result = None
     for downloader in (True, False):
         with D.together(dist):
@@ -275,18 +300,19 @@ def rank0_first(dist: D.DistInfo, fn: Callable[[bool], Any]) -> Any:
 def load_data(cfg: TrainConfig, downloader: bool) -> tuple[DataSource, Splits]:
     source = open_source(cfg.data_dir, dummy=cfg.dummy, download=cfg.download and downloader,
                          cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images)
-    splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset, cfg.val_split)
+    splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset,
+                         cfg.val_split)
     if len(splits.train_x) < cfg.batch_size:
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} training images; "
-                        f"lower it or raise --train-subset")
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} "
+                        "training images; lower it or raise --train-subset")
     return source, splits
 
 
 def load_model(cfg: TrainConfig, choice: ModelChoice, num_classes: int,
                ckpt: dict | None) -> tuple[nn.Module, WeightsInfo, bool | None]:
-    """The model with its initial weights (random, ImageNet or a file) and whether its residual branches'
-    last norms started at zero; on --resume the architecture alone, since the weights come from last.pt.
-    Seeded, so every rank builds the same initial model."""
+    """The model with its initial weights (random, ImageNet or a file) and whether its residual
+    branches' last norms started at zero; on --resume the architecture alone, since the weights come
+    from last.pt. Seeded, so every rank builds the same initial model."""
     seed_everything(cfg.seed)
     model = create_model(choice, cfg.img_size, num_classes, cfg.zero_init_last)
     zero_init = starts_at_zero(model)
@@ -299,40 +325,44 @@ def load_model(cfg: TrainConfig, choice: ModelChoice, num_classes: int,
     return model, weights, zero_init
 
 
-def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: WeightsInfo, zero_init: bool | None,
-                source: DataSource, splits: Splits, recipe: Recipe, evaluator: Evaluator, model: nn.Module,
-                stream: TrainStream, ckpt: dict | None) -> RunRecord:
+def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: WeightsInfo,
+                zero_init: bool | None, source: DataSource, splits: Splits, recipe: Recipe,
+                evaluator: Evaluator, model: nn.Module, stream: TrainStream,
+                ckpt: dict | None) -> RunRecord:
     """config.json: the resolved flags and everything needed to judge the run."""
     previous = RunRecord.from_dict(ckpt["record"], "last.pt") if ckpt else None
     resumed = previous.run.resumed if previous else []
     if ckpt:
-        split = (previous.config.batch_size, previous.config.grad_accum_steps) != (cfg.batch_size,
-                                                                                 cfg.grad_accum_steps)
+        split = ((previous.config.batch_size, previous.config.grad_accum_steps)
+                 != (cfg.batch_size, cfg.grad_accum_steps))
         resumed = resumed + [f"epoch {ckpt['epoch'] + 1} step {ckpt['step']}" + (
-            f" with --batch-size {cfg.batch_size} x {cfg.grad_accum_steps} accumulated" if split else "")]
+            f" with --batch-size {cfg.batch_size} x {cfg.grad_accum_steps} accumulated" if split
+            else "")]
     data = source.provenance()
     env = environment(rt.device)
     return RunRecord(
         config=cfg,
-        model=ModelInfo(choice.name, choice.display, choice.arch, choice.library, count_parameters(model),
-                        flops_per_image(model, cfg.img_size), len(source.classes), zero_init),
+        model=ModelInfo(choice.name, choice.display, choice.arch, choice.library,
+                        count_parameters(model), flops_per_image(model, cfg.img_size),
+                        len(source.classes), zero_init),
         weights=weights, recipe=recipe,
         data=DataInfo(**data, splits=SplitInfo(**splits.provenance())),
-        run=RunInfo(dtype_name(rt.amp_dtype), dtype_name(evaluator.amp_dtype), stream.name, rt.dist.world,
-                    len(stream), evaluator.transform.describe(), resumed),
+        run=RunInfo(dtype_name(rt.amp_dtype), dtype_name(evaluator.amp_dtype), stream.name,
+                    rt.dist.world, len(stream), evaluator.transform.describe(), resumed),
         environment=previous.environment if previous else env,
         environment_now=env if previous else None)
 
 
-def make_step(cfg: TrainConfig, rt: Runtime, model: nn.Module, state: RunState, num_classes: int) -> TrainStep:
+def make_step(cfg: TrainConfig, rt: Runtime, model: nn.Module, state: RunState,
+              num_classes: int) -> TrainStep:
     loss_fn, mixup = build_loss_and_mixup(cfg.label_smoothing, cfg.mixup, cfg.cutmix, num_classes)
     train_model = model
     if rt.dist.enabled:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    return TrainStep(train_model, state.optimizer, state.scheduler, state.scaler, loss_fn, mixup, rt.amp_dtype,
-                     cfg.grad_clip, cfg.channels_last, rt.device, cfg.grad_accum_steps, cfg.sched_step == "step",
-                     cfg.compile)
+    return TrainStep(train_model, state.optimizer, state.scheduler, state.scaler, loss_fn, mixup,
+                     rt.amp_dtype, cfg.grad_clip, cfg.channels_last, rt.device,
+                     cfg.grad_accum_steps, cfg.sched_step == "step", cfg.compile)
 
 
 def schedule_position(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> int:
@@ -343,7 +373,8 @@ def schedule_position(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: 
 
 
 def _retarget_schedule(cfg: TrainConfig, ckpt: dict, state: RunState, steps_per_epoch: int) -> None:
-    """A resumed run with another --epochs: the cosine goes on from where it stands to its floor at the new end."""
+    """A resumed run with another --epochs: the cosine goes on from where it stands to its floor at
+    the new end."""
     planned = RunRecord.from_dict(ckpt["record"], "last.pt").config.epochs
     if planned != cfg.epochs:
         k = schedule_position(cfg, state.epoch, state.step, steps_per_epoch)
@@ -351,12 +382,14 @@ def _retarget_schedule(cfg: TrainConfig, ckpt: dict, state: RunState, steps_per_
         schedule.retarget(k, schedule_length(cfg.epochs, steps_per_epoch // cfg.grad_accum_steps,
                                              cfg.sched_step == "epoch"))
         log.info(f"--epochs {cfg.epochs} (was {planned}): the cosine schedule continues from lr "
-                 f"{cfg.lr * schedule(k):.3g} at epoch {state.epoch + 1} down to its floor at epoch {cfg.epochs}")
+                 f"{cfg.lr * schedule(k):.3g} at epoch {state.epoch + 1} down to its floor at "
+                 f"epoch {cfg.epochs}")
 
 
 def open_log(out: Path, record: RunRecord, state: RunState, ckpt: dict | None, rt: Runtime,
              steps: int) -> RF.MetricsLog | None:
-    """Write config.json (before the first step) and open metrics.csv, repairing what a kill left behind."""
+    """Write config.json (before the first step) and open metrics.csv, repairing what a kill left
+    behind."""
     with D.together(rt.dist):  # every rank passes through; rank 0 writes
         if rt.is_main:
             with hint(WriteError, WRITE_HINT):
@@ -367,10 +400,11 @@ def open_log(out: Path, record: RunRecord, state: RunState, ckpt: dict | None, r
     for problem in metrics.reconcile(state.epoch):
         log.info(f"{out / RF.METRICS}: {problem} (repaired)")
     m, data, s = record.model, record.data, record.data.splits
-    log.info(f"{m.name} ({record.weights.init}): {m.params / 1e6:.2f}M params, {m.flops_per_image / 1e9:.2f} "
-             f"GFLOPs/img at {record.config.img_size}px; {s.train} train / {s.val} val images of {data.name}; "
-             f"recipe {record.recipe.name}; {steps} steps/epoch on {rt.device} {record.run.amp_dtype}, "
-             f"{record.run.data_pipeline} pipeline -> {out}")
+    log.info(f"{m.name} ({record.weights.init}): {m.params / 1e6:.2f}M params, "
+             f"{m.flops_per_image / 1e9:.2f} GFLOPs/img at {record.config.img_size}px; {s.train} "
+             f"train / {s.val} val images of {data.name}; recipe {record.recipe.name}; {steps} "
+             f"steps/epoch on {rt.device} {record.run.amp_dtype}, {record.run.data_pipeline} "
+             f"pipeline -> {out}")
     if ckpt is not None:
         log.info(f"resuming {out} at epoch {state.epoch + 1} step {state.step}/{steps}")
     return metrics
@@ -383,37 +417,44 @@ class EpochResult:
     sums: EpochSums
     stopped: bool
     train_time: float
-    images_run: int              # in this process's session (a resumed epoch counts from its resume point)
-    lr: float                    # the learning rate the epoch trained at (in --sched-step step: its first update's)
+    images_run: int              # in this process's session (a resumed epoch counts from its resume
+                                 # point)
+    lr: float                    # the learning rate the epoch trained at (in --sched-step step: its
+                                 # first update's)
 
 
 def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
     start_step = ctx.state.step
     if start_step == 0:
-        seed_everything(ctx.cfg.seed * 1000 + epoch)  # augmentation and dropout: a function of the epoch
+        # augmentation and dropout: a function of the epoch
+        seed_everything(ctx.cfg.seed * 1000 + epoch)
     # saved partial sums are already summed over ranks: one rank carries them, the others add to 0
-    sums = (EpochSums.from_state(ctx.state.partial, ctx.rt.device) if ctx.state.partial and ctx.rt.is_main
+    sums = (EpochSums.from_state(ctx.state.partial, ctx.rt.device)
+            if ctx.state.partial and ctx.rt.is_main
             else EpochSums.zeros(ctx.rt.device))
     progress = Progress(len(ctx.stream), f"epoch {epoch + 1}/{ctx.cfg.epochs}", start_step,
                         every_s=ctx.cfg.progress_every or float("inf"), enabled=ctx.rt.is_main)
-    lr = ctx.cfg.lr * ctx.state.scheduler.lr_lambdas[0](schedule_position(ctx.cfg, epoch, start_step,
-                                                                           len(ctx.stream)))
+    lr = ctx.cfg.lr * ctx.state.scheduler.lr_lambdas[0](
+        schedule_position(ctx.cfg, epoch, start_step, len(ctx.stream)))
     counted = float(sums.count) if start_step else 0.0
     t0 = time.perf_counter()
     with out_of_memory_hint(ctx, f"training epoch {epoch + 1}"):
-        step, stopped = train_one_epoch(ctx.step_fn, ctx.stream.epoch(epoch, start_step), sums, stop, ctx.rt.dist,
-                                        start_step, progress, ctx.cfg.freeze_backbone, epoch * len(ctx.stream))
+        step, stopped = train_one_epoch(ctx.step_fn, ctx.stream.epoch(epoch, start_step), sums,
+                                        stop, ctx.rt.dist, start_step, progress,
+                                        ctx.cfg.freeze_backbone, epoch * len(ctx.stream))
     progress.close()
     for total in (sums.loss, sums.correct, sums.count):
         D.all_reduce_sum(total, ctx.rt.dist)
     ctx.state.step = step
-    return EpochResult(sums, stopped, time.perf_counter() - t0, int(float(sums.count) - counted), lr)
+    return EpochResult(sums, stopped, time.perf_counter() - t0, int(float(sums.count) - counted),
+                       lr)
 
 
 @contextlib.contextmanager
 def out_of_memory_hint(ctx: Context, doing: str):
-    """A GPU out-of-memory error becomes one line: what ran out, and the same experiment in smaller batches.
-    Nothing is written at that point: the checkpoint of the last finished epoch stays as it was."""
+    """A GPU out-of-memory error becomes one line: what ran out, and the same experiment in smaller
+    batches. Nothing is written at that point: the checkpoint of the last finished epoch stays as it
+    was."""
     try:
         yield
     except torch.OutOfMemoryError:
@@ -421,12 +462,16 @@ def out_of_memory_hint(ctx: Context, doing: str):
         if ctx.rt.device.type == "cuda":
             torch.cuda.empty_cache()
         half = max(1, cfg.batch_size // 2)
-        saved = f"{ctx.out / RF.LAST} (epoch {ctx.state.epoch}) is intact" if ctx.state.epoch else "nothing is lost"
-        raise UserError(f"out of GPU memory {doing} of {ctx.record.model.display} at {cfg.img_size} px with "
+        saved = (f"{ctx.out / RF.LAST} (epoch {ctx.state.epoch}) is intact" if ctx.state.epoch
+                 else "nothing is lost")
+        raise UserError(f"out of GPU memory {doing} of {ctx.record.model.display} at "
+                        f"{cfg.img_size} px with "
                         f"--batch-size {cfg.batch_size}" + (f" x {cfg.grad_accum_steps} accumulated"
                                                              if cfg.grad_accum_steps > 1 else "")
-                        + f"; the same experiment in smaller batches: --batch-size {half} --grad-accum-steps "
-                          f"{cfg.grad_accum_steps * cfg.batch_size // half} (then --resume); {saved}") from None
+                        + f"; the same experiment in smaller batches: --batch-size {half} "
+                          "--grad-accum-steps "
+                          f"{cfg.grad_accum_steps * cfg.batch_size // half} (then "
+                          f"--resume); {saved}") from None
 
 
 def save_interrupted(ctx: Context, epoch: int, result: EpochResult, stop: GracefulStop) -> int:
@@ -436,8 +481,9 @@ def save_interrupted(ctx: Context, epoch: int, result: EpochResult, stop: Gracef
         if ctx.rt.is_main:
             with hint(WriteError, WRITE_HINT):
                 save_checkpoint(ctx.out / RF.LAST, ctx.state.full_checkpoint(ctx.record.to_dict()))
-            resume_hint(ctx.out, ctx.rt.dist.world, f"stopped in epoch {epoch + 1} at step {ctx.state.step}/"
-                                                    f"{len(ctx.stream)}")
+            resume_hint(ctx.out, ctx.rt.dist.world,
+                        f"stopped in epoch {epoch + 1} at step {ctx.state.step}/"
+                        f"{len(ctx.stream)}")
     return 128 + (stop.signum or 2)
 
 
@@ -446,17 +492,18 @@ def epoch_row(ctx: Context, epoch: int, result: EpochResult, val: dict) -> dict[
     count = max(1.0, float(result.sums.count))
     device = ctx.rt.device
     return {"epoch": epoch + 1, "lr": result.lr,
-            "train_loss": float(result.sums.loss) / count, "train_acc": float(result.sums.correct) / count,
-            "val_loss": val["loss"], "val_acc": val["acc"],
+            "train_loss": float(result.sums.loss) / count, "train_acc": float(result.sums.correct)
+            / count, "val_loss": val["loss"], "val_acc": val["acc"],
             "epoch_time_s": result.train_time + val["n"] / val["img_per_s"],
             "train_img_per_s": result.images_run / max(1e-9, result.train_time),
             "val_img_per_s": val["img_per_s"],
-            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0}
+            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+            else 0.0}
 
 
 def close_epoch(ctx: Context, epoch: int, val_acc: float) -> tuple[bool, bool]:
-    """The decision after an epoch: is it the best so far, does --patience stop the run; the state moves to
-    the start of the next epoch. Returns (improved, early stop)."""
+    """The decision after an epoch: is it the best so far, does --patience stop the run; the state
+    moves to the start of the next epoch. Returns (improved, early stop)."""
     state, cfg = ctx.state, ctx.cfg
     improved = state.best.update(val_acc, epoch + 1)
     early = bool(cfg.patience and state.best.since >= cfg.patience)
@@ -466,56 +513,63 @@ def close_epoch(ctx: Context, epoch: int, val_acc: float) -> tuple[bool, bool]:
 
 
 def write_epoch(ctx: Context, row: dict[str, float], improved: bool) -> None:
-    """The epoch's writes, in the order that a kill between any two leaves repairable (design.md): the row,
-    best.pt (if better), last.pt."""
+    """The epoch's writes, in the order that a kill between any two leaves repairable (design.md):
+    the row, best.pt (if better), last.pt."""
     with D.together(ctx.rt.dist), hint(WriteError, WRITE_HINT):
         if ctx.rt.is_main:
             ctx.log.append(row)
             failpoint(f"epoch:{row['epoch']}")
             if improved:
-                save_checkpoint(ctx.out / RF.BEST, ctx.state.weights_checkpoint(ctx.record.to_dict()))
+                save_checkpoint(ctx.out / RF.BEST,
+                                ctx.state.weights_checkpoint(ctx.record.to_dict()))
             save_checkpoint(ctx.out / RF.LAST, ctx.state.full_checkpoint(ctx.record.to_dict()))
 
 
-def log_epoch(cfg: TrainConfig, row: dict[str, float], improved: bool, early: bool, state: RunState) -> None:
-    log.info(f"epoch {row['epoch']:3d}/{cfg.epochs}  lr {row['lr']:.2e}  train loss {row['train_loss']:.4f} "
-             f"acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}"
-             f"{' *' if improved else '  '}  {row['epoch_time_s']:.1f}s  {row['train_img_per_s']:.0f} img/s")
+def log_epoch(cfg: TrainConfig, row: dict[str, float], improved: bool, early: bool,
+              state: RunState) -> None:
+    log.info(f"epoch {row['epoch']:3d}/{cfg.epochs}  lr {row['lr']:.2e}  train loss "
+             f"{row['train_loss']:.4f} acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} "
+             f"acc {row['val_acc']:.4f}{' *' if improved else '  '}  {row['epoch_time_s']:.1f}s  "
+             f"{row['train_img_per_s']:.0f} img/s")
     if early:
-        log.info(f"early stop: no better val acc for {cfg.patience} epochs (best {state.best.acc:.4f} at epoch "
-                 f"{state.best.epoch})")
+        log.info(f"early stop: no better val acc for {cfg.patience} epochs (best "
+                 f"{state.best.acc:.4f} at epoch {state.best.epoch})")
 
 
 # ----------------------------------------------------------------------------- the test
 
 def test_and_summarise(ctx: Context, stop: GracefulStop) -> int:
-    """Test best.pt (chosen on validation) and the final epoch's weights on the test set, once; write the
-    per-image predictions and summary.json. An interrupt here loses nothing: --resume runs the test only."""
+    """Test best.pt (chosen on validation) and the final epoch's weights on the test set, once;
+    write the per-image predictions and summary.json. An interrupt here loses nothing: --resume runs
+    the test only."""
     out, model, splits = ctx.out, ctx.state.model, ctx.splits
     if ctx.rt.is_main:
         failpoint("test")
         final = ctx.evaluator(model, splits.test_x, splits.test_y, keep_probs=True, stop=stop)
-        with hint(LoadError, "--resume runs the test again once best.pt is restored (or start over with "
-                             "--overwrite)"):
+        with hint(LoadError, "--resume runs the test again once best.pt is restored (or start over "
+                             "with --overwrite)"):
             best_ckpt = load_checkpoint(out / RF.BEST, map_location=ctx.rt.device)
         final_weights = {k: v.clone() for k, v in unwrap_model(model).state_dict().items()}
         load_model_state(model, best_ckpt["model"], str(out / RF.BEST))
-        best = None if final is None else ctx.evaluator(model, splits.test_x, splits.test_y, keep_probs=True,
-                                                        stop=stop)
+        best = None if final is None else ctx.evaluator(model, splits.test_x, splits.test_y,
+                                                        keep_probs=True, stop=stop)
         unwrap_model(model).load_state_dict(final_weights)
     with D.together(ctx.rt.dist):
         if ctx.rt.is_main:
             if best is None:
-                resume_hint(out, ctx.rt.dist.world, "stopped during the final test (training is complete and saved)")
+                resume_hint(out, ctx.rt.dist.world,
+                            "stopped during the final test (training is complete and saved)")
                 return 128 + (stop.signum or 2)
             failpoint("summary")
             with hint(WriteError, WRITE_HINT):
-                RF.write_predictions(out / RF.PREDICTIONS, torch.from_numpy(splits.test_idx), splits.test_y,
-                                     best["probs"], final["probs"])
+                RF.write_predictions(out / RF.PREDICTIONS, torch.from_numpy(splits.test_idx),
+                                     splits.test_y, best["probs"], final["probs"])
                 write_json(out / RF.SUMMARY, asdict(summarise(ctx, best, final)))
-            chosen = "chosen on the test set (--val-size 0)" if splits.val_is_test else "chosen on validation"
-            log.info(f"test acc of best.pt (epoch {ctx.state.best.epoch}, {chosen}): {best['acc']:.4f}; of the "
-                     f"final epoch: {final['acc']:.4f} -> {out / RF.SUMMARY}")
+            chosen = ("chosen on the test set (--val-size 0)" if splits.val_is_test
+                      else "chosen on validation")
+            log.info(f"test acc of best.pt (epoch {ctx.state.best.epoch}, {chosen}): "
+                     f"{best['acc']:.4f}; of the final epoch: {final['acc']:.4f} -> "
+                     f"{out / RF.SUMMARY}")
     return 0
 
 
@@ -523,20 +577,24 @@ def summarise(ctx: Context, best: dict, final: dict) -> Summary:
     metrics = RF.read_metrics(ctx.out / RF.METRICS)
     device = ctx.rt.device
     tested = ("best.pt (chosen on the test set itself: --val-size 0) and the final epoch's weights"
-              if ctx.splits.val_is_test else "best.pt (chosen on validation) and the final epoch's weights")
+              if ctx.splits.val_is_test
+              else "best.pt (chosen on validation) and the final epoch's weights")
     return Summary(test_acc=best["acc"], test_loss=best["loss"], test_acc_final=final["acc"],
                    test_loss_final=final["loss"], test_images=best["n"], tested=tested,
                    best_epoch=ctx.state.best.epoch, best_val_acc=ctx.state.best.acc,
-                   final_val_acc=float(metrics["val_acc"].iloc[-1]), epochs_run=int(metrics["epoch"].iloc[-1]),
-                   epochs_planned=ctx.cfg.epochs, train_time_s=float(metrics["epoch_time_s"].sum()),
+                   final_val_acc=float(metrics["val_acc"].iloc[-1]),
+                   epochs_run=int(metrics["epoch"].iloc[-1]), epochs_planned=ctx.cfg.epochs,
+                   train_time_s=float(metrics["epoch_time_s"].sum()),
                    params=ctx.record.model.params, flops_per_image=ctx.record.model.flops_per_image,
-                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                   peak_gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30
+                   if device.type == "cuda"
                    else None, val_is_test=ctx.splits.val_is_test)
 
 
 def resume_hint(out: Path, world: int, why: str) -> None:
-    """Say how to continue: this command without --resume / --stop-after-epoch (in any form), plus --resume."""
+    """Say how to continue: this command without --resume / --stop-after-epoch (in any form), plus
+    --resume."""
     flags = strip_flags(sys.argv[1:], {"resume", "stop_after_epoch"})
     launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-    log.info(f"{why}; saved in {out}.\ncontinue with: {launcher} {Path(sys.argv[0]).name} {shlex.join(flags)} "
-                f"--resume")
+    log.info(f"{why}; saved in {out}.\ncontinue with: {launcher} {Path(sys.argv[0]).name} "
+                f"{shlex.join(flags)} --resume")

@@ -1,11 +1,12 @@
-"""Plant realistic bugs, one at a time, and report which ones the tests catch. Not part of the test run:
+"""Plant realistic bugs, one at a time, and report which ones the tests catch. Not part of the test
+run:
 
     python tests/mutation_audit.py            # all mutations (about 15 minutes on 2 cores)
     python tests/mutation_audit.py lr adamw   # only those whose name contains a word
 
-Each mutation replaces one snippet of one file (it must occur exactly once), runs the tests that should catch
-it, and restores the file (also on Ctrl+C). A mutation that survives is a hole in the tests: add a test that
-fails on it (design.md, "How we test")."""
+Each mutation replaces one snippet of one file (it must occur exactly once), runs the tests that
+should catch it, and restores the file (also on Ctrl+C). A mutation that survives is a hole in the
+tests: add a test that fails on it (design.md, "How we test")."""
 from __future__ import annotations
 
 import subprocess
@@ -51,11 +52,14 @@ MUTATIONS = [
      'tests/test_splits.py'),
     ('CPU augmentation off', 'common/data/streams.py',
      '_SeededImages(images, labels, cpu_train_transform(recipe, img_size))',
-     "_SeededImages(images, labels, lambda im: __import__('common.data.augment', fromlist=['x']).EvalTransform(recipe, img_size)(im[None])[0])",
+     "_SeededImages(images, labels, lambda im: __import__('common.data.augment', "
+     "fromlist=['x']).EvalTransform(recipe, img_size)(im[None])[0])",
      'tests/test_augment.py -k augmented'),
     ('device augmentation off', 'common/data/device_ops.py',
-     '        x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation, flips=p["flips"])\n',
-     '        x = resize_crops(images, p["crops"] * 0 + torch.tensor([0, 0, 32, 32]), self.size, self.recipe.interpolation)\n        return normalize(x, self.recipe.mean, self.recipe.std)\n',
+     '        x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation, '
+     'flips=p["flips"])\n',
+     '        x = resize_crops(images, p["crops"] * 0 + torch.tensor([0, 0, 32, 32]), self.size, '
+     'self.recipe.interpolation)\n        return normalize(x, self.recipe.mean, self.recipe.std)\n',
      'tests/test_augment.py -k augmented'),
     ('device RandAugment off', 'common/data/device_ops.py',
      '        for name, sel, magnitude, sign in p["plan"]:',
@@ -71,15 +75,18 @@ MUTATIONS = [
      'tests/test_augment.py -k aligned'),
     ('CPU stream seeded by worker, not by sample', 'common/data/streams.py',
      '        random.seed(seed)  ',
-     '        random.seed(torch.utils.data.get_worker_info().id if torch.utils.data.get_worker_info() else 0)  ',
+     '        random.seed(torch.utils.data.get_worker_info().id if '
+     'torch.utils.data.get_worker_info() else 0)  ',
      'tests/test_augment.py -k workers'),
     ('per-sample seeding clobbers the training RNGs', 'common/data/streams.py',
-     '        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main else None',
+     '        saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if '
+     'in_main else None',
      '        saved = None',
      'tests/test_resilience.py -k ctrl_c'),
     ('an import cycle (augment <-> device_ops)', 'common/data/augment.py',
      '    def __call__(self, images: torch.Tensor) -> torch.Tensor:\n        x = resize',
-     '    def __call__(self, images: torch.Tensor) -> torch.Tensor:\n        from .device_ops import erase  # noqa\n        x = resize',
+     '    def __call__(self, images: torch.Tensor) -> torch.Tensor:\n        from .device_ops '
+     'import erase  # noqa\n        x = resize',
      'tests/test_layout.py'),
     ('no centre crop at evaluation', 'common/data/resample.py',
      '    offset = int(round((resize_to - crop) / 2.0))',
@@ -170,7 +177,8 @@ MUTATIONS = [
      '        if False:',
      'tests/test_augment.py -k pixel_erasing'),
     ('the device crop resamples bilinear', 'common/data/device_ops.py',
-     '        x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation, flips=p["flips"])\n',
+     '        x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation, '
+     'flips=p["flips"])\n',
      '        x = resize_crops(images, p["crops"], self.size, "bilinear", flips=p["flips"])\n',
      'tests/test_behaviours.py -k bicubic'),
     ('the same augmentation every epoch', 'common/data/streams.py',
@@ -205,7 +213,8 @@ def run(name, file, old, new, tests) -> tuple[str, float]:
     start = time.monotonic()
     try:
         path.write_text(original.replace(old, new))
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "", *tests.split()]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "",
+               *tests.split()]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
         verdict = "caught" if r.returncode != 0 else "SURVIVED"
     except subprocess.TimeoutExpired:

@@ -1,6 +1,7 @@
-"""The behaviours a planted-bug audit found unguarded, each tested as what a user depends on (and its
-neighbours: the other ops, the other flags, the boundaries): the device pipeline's resampling, ops and epochs;
-the split seed end to end; the loss, mixup and patience; per-class recall and seed groups; rank 0 alone writes."""
+"""The behaviours a planted-bug audit found unguarded, each tested as what a user depends on (and
+its neighbours: the other ops, the other flags, the boundaries): the device pipeline's resampling,
+ops and epochs; the split seed end to end; the loss, mixup and patience; per-class recall and seed
+groups; rank 0 alone writes."""
 from __future__ import annotations
 
 import json
@@ -29,15 +30,17 @@ def photos():
 # ----------------------------------------------------------------------------- the device pipeline
 
 def test_the_device_crop_resamples_with_the_recipes_bicubic_filter(photos):
-    """The reference recipe's crop is Pillow's bicubic: each crop (and flip) against Pillow's crop + resize of that
-    box, off by one grey level on a few pixels at most; a bilinear resample of the same boxes is far off."""
+    """The reference recipe's crop is Pillow's bicubic: each crop (and flip) against Pillow's crop +
+    resize of that box, off by one grey level on a few pixels at most; a bilinear resample of the
+    same boxes is far off."""
     from common.data.resample import resize_crops
 
     x, _ = photos
     recipe = resolve_recipe("reference", ra_ops=0, re_prob=0.0)
     aug = D.make_device_augment(recipe, 96)
     plan = aug.sample(64, torch.Generator().manual_seed(1))
-    mean, std = torch.tensor(recipe.mean).view(1, 3, 1, 1), torch.tensor(recipe.std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(recipe.mean).view(1, 3, 1, 1),
+                 torch.tensor(recipe.std).view(1, 3, 1, 1))
     ours = (aug.finish(aug.apply(x[:64], plan)) * std + mean) * 255
     ref = []
     for img, (top, left, h, w), flip in zip(x[:64], plan["crops"].tolist(), plan["flips"].tolist()):
@@ -56,8 +59,8 @@ def test_the_device_crop_resamples_with_the_recipes_bicubic_filter(photos):
 
 @pytest.mark.parametrize("name", D.TIMM_OPS)
 def test_each_reference_op_changes_exactly_the_images_that_drew_it(photos, name):
-    """Force op `name` on every other image of a batch through the plan sample() makes: those images change, the
-    others stay as the plain crop left them."""
+    """Force op `name` on every other image of a batch through the plan sample() makes: those images
+    change, the others stay as the plain crop left them."""
     x, _ = photos
     recipe = resolve_recipe("reference", ra_ops=1, re_prob=0.0)
     aug = D.ReferenceAugment(recipe, 48)
@@ -90,7 +93,8 @@ def _replan(aug, plan, ops, apply, magnitude):
             m, s = magnitude[layer][sel], plan["signs"][layer][sel]
             if name in D.GEOMETRIC_SCALE:
                 geo_idx.append(sel)
-                geo_mats.append(D._affine_matrix(name, m.double() / 10 * D.GEOMETRIC_SCALE[name] * s.double(), aug.size))
+                geo_mats.append(D._affine_matrix(name, m.double() / 10 * D.GEOMETRIC_SCALE[name]
+                                                 * s.double(), aug.size))
             else:
                 entries.append((name, sel, m, s))
         if geo_idx:
@@ -100,17 +104,19 @@ def _replan(aug, plan, ops, apply, magnitude):
 
 
 def test_the_plan_applies_every_op_that_was_drawn(photos):
-    """sample()'s plan holds every drawn op once (the geometric ones merged into one affine entry per layer):
-    no op is skipped, none applied twice."""
+    """sample()'s plan holds every drawn op once (the geometric ones merged into one affine entry
+    per layer): no op is skipped, none applied twice."""
     aug = D.ReferenceAugment(resolve_recipe("reference"), 32)
     plan = aug.sample(2000, torch.Generator().manual_seed(0))
     assert {e[0] for e in plan["plan"]} == (set(D.TIMM_OPS) - set(D.GEOMETRIC_SCALE)) | {"affine"}
-    assert sum(len(e[1]) for e in plan["plan"]) == int(plan["apply"].sum()), "every drawn op is in the plan once"
+    assert (sum(len(e[1]) for e in plan["plan"])
+            == int(plan["apply"].sum())), "every drawn op is in the plan once"
 
 
 def test_the_device_stream_draws_anew_every_epoch(photos):
-    """The per-chunk generator depends on the epoch: the same chunk of two epochs is seeded differently, and a
-    photo is augmented differently even where it sits at the same place in both epochs."""
+    """The per-chunk generator depends on the epoch: the same chunk of two epochs is seeded
+    differently, and a photo is augmented differently even where it sits at the same place in both
+    epochs."""
     x, y = photos
     stream = DeviceTrainStream(x, y, resolve_recipe("reference"), 32, 50, 0, CPU)
     seeds = {}
@@ -126,19 +132,22 @@ def test_the_device_stream_draws_anew_every_epoch(photos):
     assert not set(seeds[0]) & set(seeds[1]) and len(seeds[0]) == len(set(seeds[0]))
 
 
-# ----------------------------------------------------------------------------- the split, end to end
+# ---------------------------------------------------------------------------- the split, end to end
 
 def test_two_seeds_with_one_split_seed_share_their_validation_set_exactly(cifar_dir, tmp_path):
     flags = [*TINY, str(cifar_dir), "--epochs", "1", *SMALL]
     runs = {}
-    for name, extra in (("a", ["--seed", "0"]), ("b", ["--seed", "5"]), ("c", ["--split-seed", "1"])):
-        assert train("train_resnet_cifar", *flags, *extra, "--output-dir", str(tmp_path / name)) == 0
-        runs[name] = json.loads((tmp_path / name / "config.json").read_text())["data"]["splits"]["indices_sha256"]
+    for name, extra in (("a", ["--seed", "0"]), ("b", ["--seed", "5"]),
+                        ("c", ["--split-seed", "1"])):
+        assert train("train_resnet_cifar", *flags, *extra, "--output-dir",
+                     str(tmp_path / name)) == 0
+        runs[name] = json.loads(
+            (tmp_path / name / "config.json").read_text())["data"]["splits"]["indices_sha256"]
     assert runs["a"] == runs["b"], "--seed must not move the split"
     assert runs["a"] != runs["c"], "--split-seed must"
 
 
-# ----------------------------------------------------------------------------- the loss, mixup, patience
+# ------------------------------------------------------------------------ the loss, mixup, patience
 
 def test_the_default_loss_is_plain_cross_entropy_without_mixup():
     from common.config import TrainConfig
@@ -151,32 +160,34 @@ def test_the_default_loss_is_plain_cross_entropy_without_mixup():
     logits, y = torch.randn(8, 10), torch.arange(8)
     assert torch.allclose(loss(logits, y), torch.nn.functional.cross_entropy(logits, y))
     smoothed, _ = build_loss_and_mixup(0.1, 0.0, 0.0, 10)
-    assert not torch.allclose(smoothed(logits, y), loss(logits, y)), "the flag is the only way to smooth"
+    assert not torch.allclose(smoothed(logits, y), loss(logits, y)), ("the flag is the only way "
+                                                                      "to smooth")
 
 
 def test_validation_sees_no_mixup(cifar_dir, tmp_path):
-    """With --mixup, the logged validation accuracy is that of the epoch's weights on the plain validation
-    images, recomputed apart from the trainer."""
+    """With --mixup, the logged validation accuracy is that of the epoch's weights on the plain
+    validation images, recomputed apart from the trainer."""
     from common.inference import load_trained_run
 
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--epochs", "1", *SMALL, "--mixup", "0.8",
-                 "--output-dir", str(out)) == 0
+    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--epochs", "1", *SMALL, "--mixup",
+                 "0.8", "--output-dir", str(out)) == 0
     run = load_trained_run(out / "last.pt", CPU)
     from common.data.sources import open_source
     from common.data.splits import make_splits
 
     c = run.record.config
-    splits = make_splits(open_source(c.data_dir), c.val_size, c.split_seed, c.train_subset, c.test_subset)
+    splits = make_splits(open_source(c.data_dir), c.val_size, c.split_seed, c.train_subset,
+                         c.test_subset)
     acc = float((run.predict(splits.val_x).argmax(1) == splits.val_y).float().mean())
     assert pd.read_csv(out / "metrics.csv")["val_acc"].iloc[-1] == pytest.approx(acc, abs=1e-6)
 
 
 @pytest.mark.parametrize("patience,stops_after", [(1, 3), (2, 4), (3, 5)])
-def test_patience_stops_exactly_after_n_epochs_without_a_better_one(cifar_dir, tmp_path, monkeypatch, patience,
-                                                                    stops_after):
-    """Validation accuracies 0.5, 0.6, then 0.6 (a tie is no better), 0.55, 0.4, 0.9: with --patience N the run
-    ends after epoch 2 + N."""
+def test_patience_stops_exactly_after_n_epochs_without_a_better_one(
+        cifar_dir, tmp_path, monkeypatch, patience, stops_after):
+    """Validation accuracies 0.5, 0.6, then 0.6 (a tie is no better), 0.55, 0.4, 0.9: with
+    --patience N the run ends after epoch 2 + N."""
     from common.engine import Evaluator
 
     real = Evaluator.__call__
@@ -190,8 +201,9 @@ def test_patience_stops_exactly_after_n_epochs_without_a_better_one(cifar_dir, t
 
     monkeypatch.setattr(Evaluator, "__call__", fake)
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--epochs", "6", *SMALL, "--train-subset", "320",
-                 "--patience", str(patience), "--output-dir", str(out)) == 0
+    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--epochs", "6", *SMALL,
+                 "--train-subset", "320", "--patience", str(patience), "--output-dir",
+                 str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == stops_after and summary["best_epoch"] == 2
 
@@ -199,8 +211,8 @@ def test_patience_stops_exactly_after_n_epochs_without_a_better_one(cifar_dir, t
 # ----------------------------------------------------------------------------- analysis
 
 def test_per_class_accuracy_is_recall_from_a_hand_computed_confusion(tmp_path):
-    """Class 0 images all predicted 0; class 1 images half predicted 0: class 0's recall is 100% (its precision
-    would be 2/3), class 1's 50%."""
+    """Class 0 images all predicted 0; class 1 images half predicted 0: class 0's recall is 100%
+    (its precision would be 2/3), class 1's 50%."""
     from common import analysis
     from common.runfolder import load_run
 
@@ -229,16 +241,20 @@ def test_a_seed_group_cell_summarises_every_seed(tmp_path):
     assert cell == "80.00% ± 10.00 (70.0%–90.0%, 3 seeds)"
 
 
-# ----------------------------------------------------------------------------- torchrun: rank 0 alone writes
+# -------------------------------------------------------------------- torchrun: rank 0 alone writes
 
 def test_a_rank_other_than_0_writes_nothing(cifar_dir, tmp_path, monkeypatch):
-    """The rank-0-writes rule, without a process group: the same run as rank 1 of a world of 1 trains and
-    evaluates but writes no file (no config.json, metrics.csv, checkpoint, event file or summary)."""
+    """The rank-0-writes rule, without a process group: the same run as rank 1 of a world of 1
+    trains and evaluates but writes no file (no config.json, metrics.csv, checkpoint, event file or
+    summary)."""
     from common import distributed, trainer
 
-    monkeypatch.setattr(distributed, "init_distributed", lambda kind: distributed.DistInfo(rank=1, world=1))
-    monkeypatch.setattr(trainer.D, "init_distributed", lambda kind: distributed.DistInfo(rank=1, world=1))
+    monkeypatch.setattr(distributed, "init_distributed",
+                        lambda kind: distributed.DistInfo(rank=1, world=1))
+    monkeypatch.setattr(trainer.D, "init_distributed",
+                        lambda kind: distributed.DistInfo(rank=1, world=1))
     out = tmp_path / "run"
     out.mkdir()
-    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--epochs", "2", *SMALL, "--output-dir", str(out)) == 0
+    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--epochs", "2", *SMALL,
+                 "--output-dir", str(out)) == 0
     assert list(out.iterdir()) == [], [p.name for p in out.iterdir()]

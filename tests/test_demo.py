@@ -1,5 +1,6 @@
-"""The prediction demo: a test image, your own photos (any mode, size and aspect), a grid with right and wrong
-marked by a symbol, a confusion matrix that reproduces summary.json, and one-line errors for bad input."""
+"""The prediction demo: a test image, your own photos (any mode, size and aspect), a grid with right
+and wrong marked by a symbol, a confusion matrix that reproduces summary.json, and one-line errors
+for bad input."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from conftest import PHOTOS, SMALL, one_line_error_in_process, train
 @pytest.fixture(scope="module")
 def run(cifar_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
-                 str(cifar_dir), "--output-dir", str(out), *SMALL) == 0
+    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "2",
+                 "--data-dir", str(cifar_dir), "--output-dir", str(out), *SMALL) == 0
     return out
 
 
@@ -28,7 +29,8 @@ def main(*argv: str) -> int:
 
 
 def test_a_test_image_with_its_top_k(run, capsys):
-    assert main("--checkpoint", str(run / "best.pt"), "--index", "-1", "--seed", "42", "--topk", "3") == 0
+    assert main("--checkpoint", str(run / "best.pt"), "--index", "-1", "--seed", "42", "--topk",
+                "3") == 0
     out = capsys.readouterr().out
     assert "ground truth" in out and "top-3" in out and out.count("%") >= 3
     assert len(list(run.glob("example_*.png"))) == 1
@@ -43,8 +45,8 @@ def test_your_own_photos_of_any_mode_size_and_aspect(run, tmp_path, capsys):
     Image.open(photos[1]).convert("L").save(grey)
     Image.open(photos[2]).resize((600, 100)).save(wide)
     out = tmp_path / "mine.png"
-    assert main("--checkpoint", str(run / "best.pt"), "--image", str(photos[2]), str(rgba), str(grey), str(wide),
-                "--output", str(out)) == 0
+    assert main("--checkpoint", str(run / "best.pt"), "--image", str(photos[2]), str(rgba),
+                str(grey), str(wide), "--output", str(out)) == 0
     text = capsys.readouterr().out
     assert out.stat().st_size > 10_000 and text.count("top-3") == 4 and "ground truth" not in text
 
@@ -56,7 +58,8 @@ def test_without_ground_truth_nothing_is_coloured_right_or_wrong(run):
     from common.prediction_plots import figure_rows
 
     plt = setup_matplotlib(True)
-    fig = figure_rows(plt, [(np.zeros((32, 32, 3), np.uint8), torch.tensor([.5, .3, .2] + [0.0] * 7), "x", None)],
+    fig = figure_rows(plt, [(np.zeros((32, 32, 3), np.uint8),
+                             torch.tensor([.5, .3, .2] + [0.0] * 7), "x", None)],
                            3, [f"c{i}" for i in range(10)])
     colours = {tuple(round(c, 3) for c in bar.get_facecolor()[:3]) for bar in fig.axes[1].patches}
     assert colours == {(0.6, 0.6, 0.6)}, "all bars neutral grey"
@@ -66,12 +69,15 @@ def test_without_ground_truth_nothing_is_coloured_right_or_wrong(run):
 def test_a_decompression_bomb_is_refused_before_decoding(run, tmp_path, capsys):
     """A PNG that claims 20000 x 20000 pixels: the header alone decides."""
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
 
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
-    one_line_error_in_process(demo.main, ["--checkpoint", str(run / "best.pt"), "--image", str(bomb), "--safe"],
+    one_line_error_in_process(demo.main, ["--checkpoint", str(run / "best.pt"), "--image",
+                                          str(bomb), "--safe"],
                               capsys, str(bomb), "20000x20000", "40-megapixel limit")
 
 
@@ -89,12 +95,14 @@ def test_the_confusion_matrix_reproduces_the_summary(run, capsys):
     assert counts.shape == (10, 10) and counts.sum() == summary["test_images"]
     assert np.trace(counts) / counts.sum() == pytest.approx(summary["test_acc"], abs=1e-12)
     assert "= summary.json's test_acc of best.pt" in out
-    assert main("--checkpoint", str(run / "last.pt"), "--confusion", "--output", str(run / "c_last.png")) == 0
+    assert main("--checkpoint", str(run / "last.pt"), "--confusion", "--output",
+                str(run / "c_last.png")) == 0
     assert "= summary.json's test_acc_final of last.pt" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case,words", [
-    ("missing_checkpoint", "does not exist"), ("other_model_config", "pass the config.json of the run"),
+    ("missing_checkpoint", "does not exist"),
+    ("other_model_config", "pass the config.json of the run"),
     ("other_size_config", "img_size 64 but --checkpoint"), ("bad_image", "not a readable image"),
     ("corrupt_checkpoint", "truncated"), ("index", "--index -2"), ("topk", "--topk 0")])
 def test_bad_input_is_one_line(run, tmp_path, capsys, case, words):
@@ -103,7 +111,8 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, case, words):
         ck = str(tmp_path / "nope.pt")
     elif case in ("other_model_config", "other_size_config"):
         cfg = json.loads((run / "config.json").read_text())
-        cfg["config"].update({"model": "tiny_vit_5m_224"} if case == "other_model_config" else {"img_size": 64})
+        cfg["config"].update({"model": "tiny_vit_5m_224"} if case == "other_model_config"
+                             else {"img_size": 64})
         (tmp_path / "config.json").write_text(json.dumps(cfg))
         extra = ["--config", str(tmp_path / "config.json")]
     elif case == "bad_image":
@@ -121,10 +130,11 @@ def test_bad_input_is_one_line(run, tmp_path, capsys, case, words):
 
 def test_a_synthetic_run_is_not_shown_as_cifar10(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", "--model", "test_resnet", "--dummy", "--no-pretrained", "--epochs", "1",
-                 "--img-size", "32", "--train-subset", "256", "--val-size", "128", "--test-subset", "100",
-                 "--num-workers", "0", "--output-dir", str(out)) == 0
+    assert train("train_resnet_cifar", "--model", "test_resnet", "--dummy", "--no-pretrained",
+                 "--epochs", "1", "--img-size", "32", "--train-subset", "256", "--val-size", "128",
+                 "--test-subset", "100", "--num-workers", "0", "--output-dir", str(out)) == 0
     capsys.readouterr()
-    assert main("--checkpoint", str(out / "best.pt"), "--index", "3", "--output", str(tmp_path / "e.png")) == 0
+    assert main("--checkpoint", str(out / "best.pt"), "--index", "3", "--output",
+                str(tmp_path / "e.png")) == 0
     text = capsys.readouterr().out
     assert "ground truth class" in text and "airplane" not in text

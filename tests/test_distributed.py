@@ -1,6 +1,7 @@
-"""torchrun with 2 CPU processes (gloo): shards and reduced metrics, rank 0 alone writes, an interrupted run
-resumes to the same numbers, and a failure on one rank ends every rank with one clear line. Interrupts come
-from CIFAR_FAILPOINT at a fixed step, not from a timed signal. Slow (minutes): `python -m pytest -m slow`."""
+"""torchrun with 2 CPU processes (gloo): shards and reduced metrics, rank 0 alone writes, an
+interrupted run resumes to the same numbers, and a failure on one rank ends every rank with one
+clear line. Interrupts come from CIFAR_FAILPOINT at a fixed step, not from a timed signal. Slow
+(minutes): `python -m pytest -m slow`."""
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ from conftest import assert_same_run, run_cli
 pytestmark = pytest.mark.slow
 
 # 50 steps an epoch, so a stop lands mid-epoch (ranks agree on it every 25 steps)
-DDP = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--device", "cpu", "--img-size", "32",
-       "--batch-size", "32", "--num-workers", "0", "--val-size", "400", "--train-subset", "1600", "--seed", "0"]
+DDP = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--device", "cpu",
+       "--img-size", "32", "--batch-size", "32", "--num-workers", "0", "--val-size", "400",
+       "--train-subset", "1600", "--seed", "0"]
 ENV = {"OMP_NUM_THREADS": "1"}
 PORTS = iter(range(29533, 29600))
 
@@ -28,14 +30,16 @@ def torchrun(*argv: str) -> list[str]:
 
 
 def our_traceback(stderr: str) -> bool:
-    """torchrun prints its own ChildFailedError traceback; ours would name a file of this repository."""
+    """torchrun prints its own ChildFailedError traceback; ours would name a file of this
+    repository."""
     return bool(re.search(r'File ".*(common/|train_resnet_cifar\.py)', stderr))
 
 
 @pytest.fixture(scope="module")
 def ddp_straight(cifar_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp") / "straight"
-    r = run_cli(*torchrun("--data-dir", str(cifar_dir), "--output-dir", str(out), "--data-pipeline", "device"), env=ENV)
+    r = run_cli(*torchrun("--data-dir", str(cifar_dir), "--output-dir", str(out), "--data-pipeline",
+                          "device"), env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return out, r
 
@@ -51,8 +55,9 @@ def test_torchrun_two_processes_gloo(ddp_straight):
 
 
 def test_torchrun_interrupted_twice_resumes_to_the_same_run(cifar_dir, tmp_path, ddp_straight):
-    """Stopped after epoch 1; then a SIGINT on every rank at the run's step 60 (epoch 2, step 10), which the
-    ranks agree on at step 25; then --resume: the same rows and weights as the uninterrupted run."""
+    """Stopped after epoch 1; then a SIGINT on every rank at the run's step 60 (epoch 2, step 10),
+    which the ranks agree on at step 25; then --resume: the same rows and weights as the
+    uninterrupted run."""
     straight, _ = ddp_straight
     out = tmp_path / "run"
     flags = ["--data-dir", str(cifar_dir), "--output-dir", str(out), "--data-pipeline", "device"]
@@ -60,7 +65,8 @@ def test_torchrun_interrupted_twice_resumes_to_the_same_run(cifar_dir, tmp_path,
     assert r.returncode == 0 and "stopped after epoch 1" in r.stderr, r.stderr[-3000:]
     assert "continue with: torchrun --nproc_per_node=2 train_resnet_cifar.py" in r.stderr
     r = run_cli(*torchrun(*flags, "--resume"), env={**ENV, "CIFAR_FAILPOINT": "step:60@int"})
-    assert "stopped in epoch 2 at step 25/50" in r.stderr and not our_traceback(r.stderr), r.stderr[-3000:]
+    assert ("stopped in epoch 2 at step 25/50" in r.stderr
+            and not our_traceback(r.stderr)), r.stderr[-3000:]
     assert r.stderr.count("SIGINT: finishing this step") == 1
     ck = load_checkpoint(out / "last.pt")
     assert (ck["epoch"], ck["step"]) == (1, 25) and ck["partial"]["count"] == 25 * 32
@@ -84,6 +90,7 @@ def test_torchrun_failure_ends_every_rank_with_one_line(cifar_dir, tmp_path, cas
     r = run_cli(*torchrun("--output-dir", str(out), *extra), env=ENV, timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
-    assert ("could not download CIFAR-10" if case == "download_fails_on_rank_0" else "NaN/Inf") in errors[0]
+    assert ("could not download CIFAR-10" if case == "download_fails_on_rank_0"
+            else "NaN/Inf") in errors[0]
     assert not our_traceback(r.stderr), r.stderr[-3000:]
     assert not (out / "last.pt").exists()

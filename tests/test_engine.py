@@ -1,6 +1,6 @@
-"""The loop's pieces, each on tiny tensors: the lr schedule against hand-computed values, the optimiser's
-class and weight decay, the AMP decision and the autocast/GradScaler paths, evaluation in eval mode, the NaN
-stop, Ctrl+C handling."""
+"""The loop's pieces, each on tiny tensors: the lr schedule against hand-computed values, the
+optimiser's class and weight decay, the AMP decision and the autocast/GradScaler paths, evaluation
+in eval mode, the NaN stop, Ctrl+C handling."""
 from __future__ import annotations
 
 import math
@@ -20,7 +20,8 @@ CPU = torch.device("cpu")
 
 
 class Tiny(nn.Module):
-    """conv + BatchNorm + a `fc` head: enough for weight decay groups, BN statistics and the head."""
+    """conv + BatchNorm + a `fc` head: enough for weight decay groups, BN statistics and the
+    head."""
 
     def __init__(self):
         super().__init__()
@@ -44,14 +45,16 @@ def test_cosine_schedule_matches_hand_computed_values():
 
 
 def test_the_default_schedule_is_the_experiments_cosine_annealing_stepped_per_epoch():
-    """CosineAnnealingLR(T_max=epochs, eta_min=0.01 lr), stepped once per epoch after validation: the lr each
-    epoch trains at, epoch for epoch, also for the TinyViT script's floor (0.1) and a 21-epoch run."""
+    """CosineAnnealingLR(T_max=epochs, eta_min=0.01 lr), stepped once per epoch after validation:
+    the lr each epoch trains at, epoch for epoch, also for the TinyViT script's floor (0.1) and a
+    21-epoch run."""
     for epochs, ratio in ((30, 0.01), (30, 0.1), (21, 0.01)):
         model = Tiny()
-        ours = E.build_scheduler(E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU), epochs, 0.0, 351,
-                                 per_epoch=True, floor=ratio)
+        ours = E.build_scheduler(E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU),
+                                 epochs, 0.0, 351, per_epoch=True, floor=ratio)
         ref_opt = torch.optim.AdamW(Tiny().parameters(), lr=3e-4, weight_decay=0.05)
-        ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=epochs, eta_min=ratio * 3e-4)
+        ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=epochs,
+                                                         eta_min=ratio * 3e-4)
         for _ in range(epochs):
             assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], rel=1e-9)
             ours.optimizer.step()
@@ -67,7 +70,8 @@ def test_a_retargeted_schedule_continues_from_the_current_factor_to_its_floor():
     assert s(39) == pytest.approx(E.CosineSchedule(100, 0, floor=0.01)(39)), "the past is unchanged"
     assert s(40) == pytest.approx(at_40), "no jump"
     assert s(120) == pytest.approx(0.01 + (at_40 - 0.01) * 0.5) and s(200) == pytest.approx(0.01)
-    assert all(s(t) >= s(t + 1) - 1e-12 for t in range(40, 200)), "decays monotonically to the new end"
+    assert all(s(t) >= s(t + 1) - 1e-12 for t in range(40, 200)), ("decays monotonically to the "
+                                                                   "new end")
 
 
 def test_the_scheduler_drives_the_optimizer_lr():
@@ -97,16 +101,19 @@ def test_adamw_decays_every_parameter_by_default_as_the_experiment():
     for p in (model.conv.bias, model.bn.weight, model.bn.bias, model.fc.bias):
         assert decay[id(p)] == 0.0
     head = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 10.0, CPU)
-    assert [g["lr"] for g in head.param_groups if any(p is model.fc.weight for p in g["params"])] == [pytest.approx(3e-3)]
+    assert [g["lr"] for g in head.param_groups
+            if any(p is model.fc.weight for p in g["params"])] == [pytest.approx(3e-3)]
     frozen = Tiny()
     frozen.conv.weight.requires_grad_(False)
-    assert all(p is not frozen.conv.weight for g in E.build_optimizer(frozen, "adamw", 1, 0, 0, 1, CPU).param_groups
+    assert all(p is not frozen.conv.weight
+               for g in E.build_optimizer(frozen, "adamw", 1, 0, 0, 1, CPU).param_groups
                for p in g["params"])
     assert type(E.build_optimizer(model, "sgd", 0.1, 0.0, 0.9, 1.0, CPU)) is torch.optim.SGD
 
 
 def test_our_optimizer_steps_exactly_as_adamw_over_model_parameters():
-    """The experiment's AdamW(model.parameters(), lr=3e-4, weight_decay=0.05): the same weights after 5 steps."""
+    """The experiment's AdamW(model.parameters(), lr=3e-4, weight_decay=0.05): the same weights
+    after 5 steps."""
     torch.manual_seed(0)
     a = Tiny()
     b = Tiny()
@@ -114,7 +121,8 @@ def test_our_optimizer_steps_exactly_as_adamw_over_model_parameters():
     ours = E.build_optimizer(a, "adamw", 3e-4, 0.05, 0.9, 1.0, CPU)
     ref = torch.optim.AdamW(b.parameters(), lr=3e-4, weight_decay=0.05)
     for i in range(5):
-        x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 10
+        x, y = (torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)),
+                torch.arange(8) % 10)
         for model, opt in ((a, ours), (b, ref)):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
@@ -126,8 +134,8 @@ def test_our_optimizer_steps_exactly_as_adamw_over_model_parameters():
 @pytest.mark.parametrize("amp,dtype,device,bf16,expected", [
     (True, "auto", "cuda", True, torch.bfloat16), (True, "auto", "cuda", False, torch.float16),
     (True, "fp16", "cuda", True, torch.float16), (True, "bf16", "cuda", False, torch.bfloat16),
-    (False, "auto", "cuda", True, None), (True, "auto", "cpu", True, None), (True, "bf16", "cpu", False, torch.bfloat16),
-    (True, "fp16", "cpu", False, torch.float16)])
+    (False, "auto", "cuda", True, None), (True, "auto", "cpu", True, None),
+    (True, "bf16", "cpu", False, torch.bfloat16), (True, "fp16", "cpu", False, torch.float16)])
 def test_amp_decision(amp, dtype, device, bf16, expected):
     with mock.patch("torch.cuda.is_bf16_supported", return_value=bf16):
         assert R.resolve_amp(amp, dtype, torch.device(device)) == expected
@@ -138,17 +146,21 @@ def test_amp_decision(amp, dtype, device, bf16, expected):
 def _step(model, amp_dtype, scaler, grad_clip=0.0):
     opt = E.build_optimizer(model, "adamw", 1e-2, 0.05, 0.9, 1.0, CPU)
     sched = E.build_scheduler(opt, 1, 0, 10)
-    return E.TrainStep(model, opt, sched, scaler, nn.CrossEntropyLoss(), None, amp_dtype, grad_clip, False, CPU)
+    return E.TrainStep(model, opt, sched, scaler, nn.CrossEntropyLoss(), None, amp_dtype, grad_clip,
+                       False, CPU)
 
 
 def test_a_bf16_step_runs_under_autocast_on_the_cpu():
     model = Tiny()
     seen = []
-    model.fc.register_forward_hook(lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), o.dtype)))
+    model.fc.register_forward_hook(lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"),
+                                                                o.dtype)))
     before = model.fc.weight.detach().clone()
-    loss, logits = _step(model, torch.bfloat16, None)(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))
+    loss, logits = _step(model, torch.bfloat16, None)(torch.randn(8, 3, 8, 8),
+                                                      torch.randint(0, 10, (8,)))
     assert seen == [(True, torch.bfloat16)] and torch.isfinite(loss)
-    assert model.fc.weight.dtype == torch.float32 and not torch.equal(before, model.fc.weight), "fp32 master weights"
+    assert (model.fc.weight.dtype == torch.float32
+            and not torch.equal(before, model.fc.weight)), "fp32 master weights"
 
 
 def test_the_fp16_path_goes_through_the_scaler():
@@ -174,9 +186,11 @@ def test_evaluate_uses_eval_mode_and_is_deterministic():
     to_float = lambda x: x.float() / 255  # noqa: E731
     a = E.Evaluator(to_float, 16, CPU)(model, images, labels, keep_probs=True)
     b = E.Evaluator(to_float, 7, CPU)(model, images, labels, keep_probs=True)
-    assert torch.equal(model.bn.running_mean, stats[0]) and torch.equal(model.bn.running_var, stats[1])
+    assert (torch.equal(model.bn.running_mean, stats[0])
+            and torch.equal(model.bn.running_var, stats[1]))
     assert a["acc"] == b["acc"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["n"] == 50
-    assert torch.allclose(a["probs"], b["probs"], atol=1e-6) and torch.allclose(a["probs"].sum(1), torch.ones(50))
+    assert (torch.allclose(a["probs"], b["probs"], atol=1e-6)
+            and torch.allclose(a["probs"].sum(1), torch.ones(50)))
     expected = (a["probs"].argmax(1) == labels).float().mean().item()
     assert a["acc"] == pytest.approx(expected)
 
@@ -193,7 +207,8 @@ def test_a_single_nan_batch_is_survived():
     model = Tiny()
     step = _step(model, None, None)
     good = (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
-    batches = [good, (torch.full((4, 3, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long)), good]
+    batches = [good, (torch.full((4, 3, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long)),
+               good]
     sums = E.EpochSums.zeros(CPU)
     with mock.patch.object(step.optimizer, "step"):  # keep the weights finite after the bad batch
         steps, stopped = E.train_one_epoch(step, batches, sums, E.GracefulStop(), DistInfo())
@@ -201,11 +216,13 @@ def test_a_single_nan_batch_is_survived():
 
 
 def test_ctrl_c_finishes_the_step_and_a_forwarded_copy_is_not_a_second_one():
-    """Under torchrun a rank sees one Ctrl+C twice; only a later one quits at once. A fake clock, no sleeps.
-    signal.raise_signal delivers to this thread before it returns (os.kill may land on another thread of the
-    process and run the handler later, which made this test fail on a loaded machine)."""
+    """Under torchrun a rank sees one Ctrl+C twice; only a later one quits at once. A fake clock, no
+    sleeps. signal.raise_signal delivers to this thread before it returns (os.kill may land on
+    another thread of the process and run the handler later, which made this test fail on a loaded
+    machine)."""
     now = [100.0]
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a background job started by a shell, else Python's
+    # SIG_IGN in a background job started by a shell, else Python's
+    before = signal.getsignal(signal.SIGINT)
     with E.GracefulStop(announce=False, echo_s=2.0, clock=lambda: now[0]) as stop:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)  # the launcher forwarding the same keypress, 0 s later

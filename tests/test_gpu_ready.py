@@ -1,6 +1,7 @@
-"""Ready for the machines users have, checked on a CPU: the CUDA paths on fake CUDA tensors (a device-placement
-mistake fails here, not on a user's first GPU run), torch.compile without graph breaks, no host sync in the hot
-loop, gradient accumulation, out-of-memory as one line, Windows and macOS (no fcntl, spawned workers)."""
+"""Ready for the machines users have, checked on a CPU: the CUDA paths on fake CUDA tensors (a
+device-placement mistake fails here, not on a user's first GPU run), torch.compile without graph
+breaks, no host sync in the hot loop, gradient accumulation, out-of-memory as one line, Windows and
+macOS (no fcntl, spawned workers)."""
 from __future__ import annotations
 
 import json
@@ -27,10 +28,11 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    """FakeTensorMode makes device="cuda" tensors on a machine without a GPU and raises on a CPU/CUDA mix. The
-    erasing noise's CUDA generator cannot be made without a driver: a CPU one stands in (its device is not
-    checked by fake tensors)."""
-    monkeypatch.setattr(device_ops, "noise_generator", lambda device, seed: torch.Generator().manual_seed(seed))
+    """FakeTensorMode makes device="cuda" tensors on a machine without a GPU and raises on a
+    CPU/CUDA mix. The erasing noise's CUDA generator cannot be made without a driver: a CPU one
+    stands in (its device is not checked by fake tensors)."""
+    monkeypatch.setattr(device_ops, "noise_generator",
+                        lambda device, seed: torch.Generator().manual_seed(seed))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         yield mode
 
@@ -39,11 +41,13 @@ def fake_cuda(monkeypatch):
 def test_the_device_augmentation_runs_on_fake_cuda_tensors(recipe, monkeypatch):
     aug = device_ops.make_device_augment(resolve_recipe(recipe, re_prob=1.0), 224)
     plan = aug.sample(16, torch.Generator().manual_seed(0))  # the CPU draws, real tensors
-    monkeypatch.setattr(device_ops, "noise_generator", lambda device, seed: torch.Generator().manual_seed(seed))
+    monkeypatch.setattr(device_ops, "noise_generator",
+                        lambda device, seed: torch.Generator().manual_seed(seed))
     with FakeTensorMode(allow_non_fake_inputs=True):
         images = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device=CUDA)
         out = aug.finish(aug.apply(images, plan))
-        assert out.device.type == "cuda" and out.shape == (16, 3, 224, 224) and out.dtype == torch.float32
+        assert (out.device.type == "cuda" and out.shape == (16, 3, 224, 224)
+                and out.dtype == torch.float32)
 
 
 def test_the_device_stream_and_the_eval_transform_stay_on_the_device(fake_cuda):
@@ -53,14 +57,16 @@ def test_the_device_stream_and_the_eval_transform_stay_on_the_device(fake_cuda):
     stream = DeviceTrainStream(x, y, resolve_recipe("reference"), 64, 16, 0, CUDA)
     real_sample = stream.augment.sample
 
-    def cpu_draws(n, gen):  # sample() is CPU work by design (real tensors); the fake mode covers the device work
+    # sample() is CPU work by design (real tensors); the fake mode covers the device work
+    def cpu_draws(n, gen):
         with unset_fake_temporarily():
             return real_sample(n, gen)
 
     stream.augment.sample = cpu_draws
     batch, labels = next(iter(stream.epoch(0)))
     assert batch.device.type == labels.device.type == "cuda" and batch.shape == (16, 3, 64, 64)
-    ev = EvalTransform(resolve_recipe("reference"), 224)(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=CUDA))
+    ev = EvalTransform(resolve_recipe("reference"),
+                       224)(torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=CUDA))
     assert ev.device.type == "cuda" and ev.shape == (8, 3, 224, 224)
 
 
@@ -73,31 +79,37 @@ def test_a_cpu_tensor_in_a_cuda_computation_fails_here(fake_cuda):
 
 @pytest.mark.parametrize("arch", ["resnet18", "tiny_vit_5m_224"])
 def test_both_models_evaluate_on_fake_cuda_through_the_evaluator(arch):
-    """The model's forward with fake CUDA weights (channels-last strides kept), fed by the Evaluator: eval
-    transform, memory format and autocast on the device."""
-    model = create_model(resolve_model(arch, False), 224, 10).to(memory_format=torch.channels_last).eval()
+    """The model's forward with fake CUDA weights (channels-last strides kept), fed by the
+    Evaluator: eval transform, memory format and autocast on the device."""
+    model = (create_model(resolve_model(arch, False), 224, 10).to(memory_format=torch.channels_last)
+             .eval())
     state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake = {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=CUDA) for k, v in state.items()}
+        fake = {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=CUDA)
+                for k, v in state.items()}
 
         class OnCuda(torch.nn.Module):
             def forward(self, x):
                 return functional_call(model, fake, (x,))
 
-        ev = E.Evaluator(EvalTransform(resolve_recipe("reference"), 224), 8, CUDA, torch.bfloat16, True)
+        ev = E.Evaluator(EvalTransform(resolve_recipe("reference"), 224), 8, CUDA, torch.bfloat16,
+                         True)
         logits = ev.logits(OnCuda(), torch.empty(8, 3, 32, 32, dtype=torch.uint8, device=CUDA))
-        assert logits.device.type == "cuda" and logits.shape == (8, 10) and logits.dtype == torch.float32
+        assert (logits.device.type == "cuda" and logits.shape == (8, 10)
+                and logits.dtype == torch.float32)
 
 
 # ----------------------------------------------------------------------------- torch.compile
 
 @pytest.mark.parametrize("arch", ["resnet18", "tiny_vit_5m_224"])
 def test_the_compiled_training_step_has_no_graph_break(arch):
-    """What --compile compiles: the forward and the loss under autocast (its backward compiled with it)."""
+    """What --compile compiles: the forward and the loss under autocast (its backward compiled with
+    it)."""
     model = create_model(resolve_model(arch, False), 32, 10)
     opt = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, torch.device("cpu"))
-    step = E.TrainStep(model, opt, E.build_scheduler(opt, 1, 0, 10), None, torch.nn.CrossEntropyLoss(), None,
-                       torch.bfloat16, 0.0, True, torch.device("cpu"))
+    step = E.TrainStep(model, opt, E.build_scheduler(opt, 1, 0, 10), None,
+                       torch.nn.CrossEntropyLoss(), None, torch.bfloat16, 0.0, True,
+                       torch.device("cpu"))
     torch._dynamo.reset()
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     explained = torch._dynamo.explain(step._forward_loss)(x, torch.arange(4))
@@ -106,43 +118,46 @@ def test_the_compiled_training_step_has_no_graph_break(arch):
 
 
 @pytest.mark.slow
-def test_compiled_training_matches_eager_and_recompiles_nothing_after_the_first_epoch(cifar_dir, tmp_path,
-                                                                                    monkeypatch):
-    """Two epochs with --compile on the CPU (inductor): the losses of eager, and not one new graph after epoch 1
-    (training batches, validation, its last partial batch, the test)."""
+def test_compiled_training_matches_eager_and_recompiles_nothing_after_the_first_epoch(
+        cifar_dir, tmp_path, monkeypatch):
+    """Two epochs with --compile on the CPU (inductor): the losses of eager, and not one new graph
+    after epoch 1 (training batches, validation, its last partial batch, the test)."""
     from torch._dynamo.utils import counters
 
     from common import trainer
 
     graphs = []
     real = trainer.log_epoch
-    monkeypatch.setattr(trainer, "log_epoch", lambda *a: (graphs.append(counters["stats"]["unique_graphs"]),
-                                                          real(*a))[1])
+    monkeypatch.setattr(trainer, "log_epoch",
+                        lambda *a: (graphs.append(counters["stats"]["unique_graphs"]),
+                                    real(*a))[1])
     torch._dynamo.reset()
     counters.clear()
-    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "3", "--data-dir", str(cifar_dir), *SMALL,
-             "--val-size", "390"]
-    assert train("train_resnet_cifar", *flags, "--output-dir", str(tmp_path / "c"), "--compile") == 0
+    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "3", "--data-dir",
+             str(cifar_dir), *SMALL, "--val-size", "390"]
+    assert train("train_resnet_cifar", *flags, "--output-dir", str(tmp_path / "c"),
+                 "--compile") == 0
     assert train("train_resnet_cifar", *flags, "--output-dir", str(tmp_path / "e")) == 0
     assert graphs[1] == graphs[0] and graphs[2] == graphs[0] and graphs[0] >= 2, graphs
     compiled, eager = (pd.read_csv(tmp_path / n / "metrics.csv") for n in ("c", "e"))
-    assert compiled["train_loss"].to_numpy() == pytest.approx(eager["train_loss"].to_numpy(), rel=2e-3)
+    assert (compiled["train_loss"].to_numpy()
+            == pytest.approx(eager["train_loss"].to_numpy(), rel=2e-3))
     torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------- host syncs
 
 def test_the_hot_loop_reads_the_device_only_at_the_check_in(monkeypatch):
-    """50 training steps from the device stream: every host read of a tensor (.item, .tolist, float(), int(),
-    bool(), .cpu(), .numpy()) is counted with the function that made it. Only the check-in every 25 steps may
-    read (and sample(), whose draws are CPU tensors by design)."""
+    """50 training steps from the device stream: every host read of a tensor (.item, .tolist,
+    float(), int(), bool(), .cpu(), .numpy()) is counted with the function that made it. Only the
+    check-in every 25 steps may read (and sample(), whose draws are CPU tensors by design)."""
     x, y = real_photos()
     x, y = x.repeat(4, 1, 1, 1), y.repeat(4)
     stream = DeviceTrainStream(x, y, resolve_recipe("reference"), 32, 16, 0, torch.device("cpu"))
     model = create_model(resolve_model("test_resnet", False), 32, 10)
     opt = E.build_optimizer(model, "adamw", 3e-4, 0.05, 0.9, 1.0, torch.device("cpu"))
-    step = E.TrainStep(model, opt, E.build_scheduler(opt, 1, 0, 50), None, torch.nn.CrossEntropyLoss(), None,
-                       None, 0.0, False, torch.device("cpu"))
+    step = E.TrainStep(model, opt, E.build_scheduler(opt, 1, 0, 50), None,
+                       torch.nn.CrossEntropyLoss(), None, None, 0.0, False, torch.device("cpu"))
     reads: list[str] = []
 
     def counting(name):
@@ -155,38 +170,42 @@ def test_the_hot_loop_reads_the_device_only_at_the_check_in(monkeypatch):
 
     for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    steps, _ = E.train_one_epoch(step, stream.epoch(0), E.EpochSums.zeros(torch.device("cpu")), E.GracefulStop(),
-                                 DistInfo())
+    steps, _ = E.train_one_epoch(step, stream.epoch(0), E.EpochSums.zeros(torch.device("cpu")),
+                                 E.GracefulStop(), DistInfo())
     monkeypatch.undo()
     assert steps == 50
-    # _get_value: torch.optim's CPU AdamW reads its step counter, a CPU tensor; on CUDA the fused AdamW keeps it on
-    # the device and reads nothing
+    # _get_value: torch.optim's CPU AdamW reads its step counter, a CPU tensor; on CUDA the fused
+    # AdamW keeps it on the device and reads nothing
     allowed = ("_check_in", "sample", "sample_crops", "sample_erasing", "_get_value")
     outside = {f for f in reads if f not in allowed}
     assert not outside, f"host reads in the hot loop: {sorted(outside)}"
     assert reads.count("_check_in") == 3, "the check-ins at steps 25 and 50, and the epoch's last"
 
 
-# ----------------------------------------------------------------------------- gradient accumulation, memory
+# -------------------------------------------------------------------- gradient accumulation, memory
 
 @pytest.mark.slow
 def test_two_accumulated_batches_of_32_are_one_batch_of_64(cifar_dir, tmp_path):
     """timm's test_vit (no BatchNorm, so accumulation is exact up to rounding): --batch-size 32
-    --grad-accum-steps 2 gives the rows and weights of --batch-size 64, per epoch and per update schedule."""
-    flags = ["--model", "test_vit", "--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir), "--img-size",
-             "32", "--num-workers", "0", "--val-size", "400", "--train-subset", "640", "--aug", "light"]
+    --grad-accum-steps 2 gives the rows and weights of --batch-size 64, per epoch and per update
+    schedule."""
+    flags = ["--model", "test_vit", "--no-pretrained", "--epochs", "2", "--data-dir",
+             str(cifar_dir), "--img-size", "32", "--num-workers", "0", "--val-size", "400",
+             "--train-subset", "640", "--aug", "light"]
     for sched in ("epoch", "step"):
         a, b = tmp_path / f"b64_{sched}", tmp_path / f"b32x2_{sched}"
         assert train("train_resnet_cifar", *flags, "--sched-step", sched, "--batch-size", "64",
                      "--output-dir", str(a)) == 0
-        assert train("train_resnet_cifar", *flags, "--sched-step", sched, "--batch-size", "32", "--grad-accum-steps",
-                     "2", "--output-dir", str(b)) == 0
+        assert train("train_resnet_cifar", *flags, "--sched-step", sched, "--batch-size", "32",
+                     "--grad-accum-steps", "2", "--output-dir", str(b)) == 0
         ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
         for col in ("lr", "train_loss", "val_loss", "val_acc"):
-            assert mb[col].to_numpy() == pytest.approx(ma[col].to_numpy(), rel=1e-4, abs=1e-6), (sched, col)
+            assert (mb[col].to_numpy()
+                    == pytest.approx(ma[col].to_numpy(), rel=1e-4, abs=1e-6)), (sched, col)
         wa = torch.load(a / "last.pt", weights_only=True)["model"]
         wb = torch.load(b / "last.pt", weights_only=True)["model"]
-        # rounding differs (a mean over 64 against two means over 32): measured 1e-5 after 20 AdamW updates
+        # rounding differs (a mean over 64 against two means over 32): measured 1e-5 after 20 AdamW
+        # updates
         assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa), sched
         record = json.loads((b / "config.json").read_text())
         assert record["config"]["grad_accum_steps"] == 2 and record["run"]["steps_per_epoch"] == 20
@@ -194,27 +213,31 @@ def test_two_accumulated_batches_of_32_are_one_batch_of_64(cifar_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_stop_waits_for_the_update_and_the_resumed_run_is_exact(cifar_dir, tmp_path):
-    """Ctrl+C in the middle of an accumulation (the run's step 11, with 2 batches per update) is taken at the
-    update's end (step 12), so the checkpoint holds no half-accumulated gradient and --resume is exact."""
+    """Ctrl+C in the middle of an accumulation (the run's step 11, with 2 batches per update) is
+    taken at the update's end (step 12), so the checkpoint holds no half-accumulated gradient and
+    --resume is exact."""
     from conftest import assert_same_run
 
-    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir), "--img-size",
-             "32", "--num-workers", "0", "--val-size", "160", "--train-subset", "320", "--batch-size", "16",
-             "--grad-accum-steps", "2", "--device", "cpu"]
+    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
+             str(cifar_dir), "--img-size", "32", "--num-workers", "0", "--val-size", "160",
+             "--train-subset", "320", "--batch-size", "16", "--grad-accum-steps", "2", "--device",
+             "cpu"]
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert train("train_resnet_cifar", *flags, "--output-dir", str(straight)) == 0
-    r = run_cli("train_resnet_cifar.py", *flags, "--output-dir", str(out), env={"CIFAR_FAILPOINT": "step:11@int"})
+    r = run_cli("train_resnet_cifar.py", *flags, "--output-dir", str(out),
+                env={"CIFAR_FAILPOINT": "step:11@int"})
     assert r.returncode == 130 and "stopped in epoch 1 at step 12/20" in r.stderr, r.stderr[-1500:]
     assert train("train_resnet_cifar", *flags, "--output-dir", str(out), "--resume") == 0
     assert_same_run(straight, out, epochs=2)
 
 
-def test_out_of_memory_is_one_line_that_suggests_accumulation_and_keeps_the_checkpoint(cifar_dir, tmp_path,
-                                                                                      monkeypatch, capsys):
-    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir), *SMALL,
-             "--train-subset", "640"]
+def test_out_of_memory_is_one_line_that_suggests_accumulation_and_keeps_the_checkpoint(
+        cifar_dir, tmp_path, monkeypatch, capsys):
+    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
+             str(cifar_dir), *SMALL, "--train-subset", "640"]
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", *flags, "--output-dir", str(out), "--stop-after-epoch", "1") == 0
+    assert train("train_resnet_cifar", *flags, "--output-dir", str(out), "--stop-after-epoch",
+                 "1") == 0
     before = (out / "last.pt").read_bytes()
     calls = {"n": 0}
     real = E.TrainStep.__call__
@@ -226,15 +249,15 @@ def test_out_of_memory_is_one_line_that_suggests_accumulation_and_keeps_the_chec
         return real(self, x, y)
 
     monkeypatch.setattr(E.TrainStep, "__call__", oom_at_step_3)
-    one_line_error_in_process(lambda a: train("train_resnet_cifar", *a), [*flags, "--output-dir", str(out),
-                                                                          "--resume"], capsys,
-                              "out of GPU memory training epoch 2 of test_resnet at 32 px with --batch-size 64",
-                              "--batch-size 32 --grad-accum-steps 2", "(epoch 1) is intact")
+    one_line_error_in_process(
+        lambda a: train("train_resnet_cifar", *a), [*flags, "--output-dir", str(out), "--resume"],
+        capsys, "out of GPU memory training epoch 2 of test_resnet at 32 px with --batch-size 64",
+        "--batch-size 32 --grad-accum-steps 2", "(epoch 1) is intact")
     assert (out / "last.pt").read_bytes() == before
     monkeypatch.undo()
     # the advice works: the same effective batch, split in two, continues from the epoch boundary
-    assert train("train_resnet_cifar", *flags, "--output-dir", str(out), "--resume", "--batch-size", "32",
-                 "--grad-accum-steps", "2") == 0
+    assert train("train_resnet_cifar", *flags, "--output-dir", str(out), "--resume", "--batch-size",
+                 "32", "--grad-accum-steps", "2") == 0
     record = json.loads((out / "config.json").read_text())
     assert record["run"]["resumed"][-1] == "epoch 2 step 0 with --batch-size 32 x 2 accumulated"
 
@@ -256,22 +279,26 @@ WITHOUT_UNIX_MODULES = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_every_module_imports_and_a_run_trains_without_fcntl_and_resource(cifar_dir, tmp_path):
-    """As on Windows (no fcntl, no resource): filelock falls back to a lock file, which a finished run removes
-    and a dead run's is taken over."""
-    argv = ["--model", "test_resnet", "--no-pretrained", "--epochs", "1", "--data-dir", str(cifar_dir), *SMALL,
-            "--output-dir", str(tmp_path / "run")]
+    """As on Windows (no fcntl, no resource): filelock falls back to a lock file, which a finished
+    run removes and a dead run's is taken over."""
+    argv = ["--model", "test_resnet", "--no-pretrained", "--epochs", "1", "--data-dir",
+            str(cifar_dir), *SMALL, "--output-dir", str(tmp_path / "run")]
 
     def run(*extra):
-        return run_cli("-c", WITHOUT_UNIX_MODULES.format(root=str(ROOT), argv=[*argv, *extra],
-                                                         script=str(ROOT / "train_resnet_cifar.py")))
+        return run_cli("-c", WITHOUT_UNIX_MODULES.format(
+            root=str(ROOT), argv=[*argv, *extra], script=str(ROOT / "train_resnet_cifar.py")))
 
     r = run()
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert (tmp_path / "run" / "summary.json").is_file() and not (tmp_path / "run" / ".lock").exists()
+    assert ((tmp_path / "run" / "summary.json").is_file()
+            and not (tmp_path / "run" / ".lock").exists())
     (tmp_path / "run" / ".lock").write_text("")  # a lock file of a process that died holding it
-    (tmp_path / "run" / ".lock.holder").write_text("pid 999999999 on " + __import__("socket").gethostname() + " since x\n")
+    (tmp_path / "run" / ".lock.holder").write_text("pid 999999999 on "
+                                                   + __import__("socket").gethostname()
+                                                   + " since x\n")
     r = run("--resume")
-    assert r.returncode == 0 and "nothing to resume" in r.stderr and "took over the lock" in r.stderr, r.stderr[-2000:]
+    assert (r.returncode == 0 and "nothing to resume" in r.stderr
+            and "took over the lock" in r.stderr), r.stderr[-2000:]
 
 
 SPAWNED = textwrap.dedent("""
@@ -284,20 +311,22 @@ SPAWNED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_a_run_and_its_resume_work_with_spawned_dataloader_workers(cifar_dir, tmp_path):
-    """Spawned workers pickle the dataset and every transform (the reference recipe's patched posterize too),
-    and a resume under spawn gives the run an uninterrupted one gives."""
+    """Spawned workers pickle the dataset and every transform (the reference recipe's patched
+    posterize too), and a resume under spawn gives the run an uninterrupted one gives."""
     from conftest import assert_same_run
 
-    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir), "--img-size",
-             "32", "--batch-size", "64", "--val-size", "160", "--train-subset", "320", "--num-workers", "2",
-             "--device", "cpu"]
+    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
+             str(cifar_dir), "--img-size", "32", "--batch-size", "64", "--val-size", "160",
+             "--train-subset", "320", "--num-workers", "2", "--device", "cpu"]
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert train("train_resnet_cifar", *flags, "--output-dir", str(straight)) == 0
     script = str(ROOT / "train_resnet_cifar.py")
-    r = run_cli("-c", SPAWNED.format(argv=[*flags, "--output-dir", str(out), "--stop-after-epoch", "1"],
+    r = run_cli("-c", SPAWNED.format(argv=[*flags, "--output-dir", str(out), "--stop-after-epoch",
+                                           "1"],
                                      script=script))
     assert r.returncode == 0 and "stopped after epoch 1" in r.stderr, r.stderr[-2000:]
-    r = run_cli("-c", SPAWNED.format(argv=[*flags, "--output-dir", str(out), "--resume"], script=script))
+    r = run_cli("-c",
+                SPAWNED.format(argv=[*flags, "--output-dir", str(out), "--resume"], script=script))
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_run(straight, out, epochs=2)
 

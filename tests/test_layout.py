@@ -1,5 +1,5 @@
-"""The shape of the code that the other issues build on: common/ imports form no cycle, every script is an
-importable module with main() and a __main__ guard, and importing common/ starts nothing."""
+"""The shape of the code that the other issues build on: common/ imports form no cycle, every script
+is an importable module with main() and a __main__ guard, and importing common/ starts nothing."""
 from __future__ import annotations
 
 import ast
@@ -9,8 +9,8 @@ from pathlib import Path
 
 from conftest import ROOT
 
-SCRIPTS = ("train_resnet_cifar.py", "train_tinyvit_cifar.py", "compare_runs.py", "plot_four_panels.py",
-           "show_resnet_example.py", "check.py")
+SCRIPTS = ("train_resnet_cifar.py", "train_tinyvit_cifar.py", "compare_runs.py",
+           "plot_four_panels.py", "show_resnet_example.py", "check.py")
 
 
 def _module(path: Path) -> str:
@@ -53,21 +53,26 @@ def test_common_has_no_import_cycles():
     for m in graph:
         if m not in state:
             visit(m, [])
-    assert "common.trainer" not in {t for m in ("common.bench", "common.bench_suite") for t in graph[m]}
+    assert "common.trainer" not in {t for m in ("common.bench", "common.bench_suite")
+                                    for t in graph[m]}
 
 
 def test_every_script_has_main_and_a_guard():
     for name in SCRIPTS:
         tree = ast.parse((ROOT / name).read_text())
         assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), name
-        assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body), name
+        assert any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)
+                   for n in tree.body), name
 
 
 def test_importing_common_has_no_side_effects(tmp_path):
-    """Every module imports in a fresh interpreter without writing files, printing or touching CUDA."""
+    """Every module imports in a fresh interpreter without writing files, printing or touching
+    CUDA."""
     mods = sorted(_module(p) for p in (ROOT / "common").rglob("*.py"))
-    code = ("import sys, torch; sys.path.insert(0, %r)\n" % str(ROOT) + "".join(f"import {m}\n" for m in mods)
+    code = ("import sys, torch; sys.path.insert(0, %r)\n" % str(ROOT)
+            + "".join(f"import {m}\n" for m in mods)
             + "assert not torch.cuda.is_initialized()\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout == "" and not list(tmp_path.iterdir())

@@ -1,5 +1,6 @@
-"""Models and weights: the registry's names, 10-way heads, --weights files in every layout, the real download
-paths (patched to local files) with their hash checks, nothing unpickled, offline failures in seconds."""
+"""Models and weights: the registry's names, 10-way heads, --weights files in every layout, the real
+download paths (patched to local files) with their hash checks, nothing unpickled, offline failures
+in seconds."""
 from __future__ import annotations
 
 import hashlib
@@ -23,21 +24,27 @@ def _sha(path: Path) -> str:
 
 def test_model_names_say_which_weights_are_used():
     assert resolve_model("resnet18.a1_in1k", True).name == "resnet18.a1_in1k"
-    assert resolve_model("resnet18.a1_in1k", False).name == "resnet18", "a scratch run carries no weights tag"
-    assert resolve_model("tiny_vit_5m_224", True).tag == "dist_in22k_ft_in1k", "the registry's default weights"
+    assert (resolve_model("resnet18.a1_in1k", False).name
+            == "resnet18"), "a scratch run carries no weights tag"
+    assert (resolve_model("tiny_vit_5m_224", True).tag
+            == "dist_in22k_ft_in1k"), "the registry's default weights"
     tv = resolve_model("tv/resnet18", True)
-    assert (tv.library, tv.tag, tv.weights_info.imagenet_top1) == ("torchvision", "IMAGENET1K_V1", 69.758)
+    assert ((tv.library, tv.tag, tv.weights_info.imagenet_top1)
+            == ("torchvision", "IMAGENET1K_V1", 69.758))
     assert resolve_model("tiny_vit_5m_224.in1k", True).weights_info.imagenet_top1 == 79.1
     from common.config import default_output_dir
 
     assert default_output_dir("tiny_vit_5m_224.dist_in22k_ft_in1k", False, "tinyvit",
                               "tiny_vit_5m_224.dist_in22k_ft_in1k") == "runs/tinyvit_scratch"
-    assert default_output_dir("tiny_vit_5m_224.in1k", False, "tinyvit", "x") == "runs/tiny_vit_5m_224_scratch"
-    assert default_output_dir("tiny_vit_5m_224.in1k", True, "tinyvit", "x") == "runs/tiny_vit_5m_224.in1k_ft"
+    assert (default_output_dir("tiny_vit_5m_224.in1k", False, "tinyvit", "x")
+            == "runs/tiny_vit_5m_224_scratch")
+    assert (default_output_dir("tiny_vit_5m_224.in1k", True, "tinyvit", "x")
+            == "runs/tiny_vit_5m_224.in1k_ft")
 
 
 def _timm_hub_file(tmp_path: Path, arch: str, good_hash: bool = True) -> tuple[Path, dict]:
-    """A safetensors file laid out as the Hugging Face cache does (snapshots/... -> blobs/<sha256>)."""
+    """A safetensors file laid out as the Hugging Face cache does (snapshots/... ->
+    blobs/<sha256>)."""
     import timm
     from safetensors.torch import save_file
 
@@ -60,7 +67,8 @@ def test_pretrained_timm_weights_are_downloaded_checked_and_applied(tmp_path, mo
     path, state = _timm_hub_file(tmp_path, "resnet18")
     asked = []
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: None)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f: asked.append((repo, f)) or str(path))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, f: asked.append((repo, f)) or str(path))
     monkeypatch.setattr(models, "host_reachable", lambda url, timeout=4.0: True)
     model, record = models.build_model(resolve_model("resnet18.a1_in1k", True), 32, 10)
     assert asked == [("timm/resnet18.a1_in1k", "model.safetensors")]
@@ -69,7 +77,8 @@ def test_pretrained_timm_weights_are_downloaded_checked_and_applied(tmp_path, mo
         if not k.startswith("fc."):
             assert torch.equal(mine[k], v), k
     assert model.fc.out_features == 10 and sorted(record.new_head) == ["fc.bias", "fc.weight"]
-    assert record.init == "ImageNet" and record.hash_checked and record.sha256 == path.resolve().name
+    assert (record.init == "ImageNet" and record.hash_checked
+            and record.sha256 == path.resolve().name)
     assert record.imagenet_top1 == 73.16 and record.tag == "a1_in1k"
 
 
@@ -92,7 +101,8 @@ def test_torchvision_weights_are_downloaded_hash_checked_and_applied(tmp_path, m
         url = f"https://download.pytorch.org/models/resnet18-{prefix}.pth"
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda arch: {"IMAGENET1K_V1": Fake})
+    monkeypatch.setattr(torchvision.models, "get_model_weights",
+                        lambda arch: {"IMAGENET1K_V1": Fake})
     monkeypatch.setattr(models, "host_reachable", lambda url, timeout=4.0: True)
     fetched = []
 
@@ -125,7 +135,8 @@ def test_a_planted_pickle_in_the_weights_cache_is_never_unpickled(tmp_path, monk
     hub.mkdir(parents=True)
     name = Path(tvm.ResNet18_Weights.IMAGENET1K_V1.url).name
     with open(hub / name, "wb") as f:
-        pickle.dump({"conv1.weight": _Payload(marker)}, f, protocol=2)  # the protocol torch.save uses
+        # the protocol torch.save uses
+        pickle.dump({"conv1.weight": _Payload(marker)}, f, protocol=2)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(UserError, match="does not match its published SHA-256"):
         models.build_model(resolve_model("tv/resnet18", True), 32, 10)
@@ -166,7 +177,8 @@ def test_tinyvit_weights_file_in_each_layout(tmp_path, fmt):
     assert sorted(record.new_head) == ["head.fc.bias", "head.fc.weight"]
     mine = model.state_dict()
     assert torch.equal(mine["patch_embed.conv1.conv.weight"], sd["patch_embed.conv1.conv.weight"])
-    assert torch.equal(mine["stages.3.blocks.1.mlp.fc2.weight"], sd["stages.3.blocks.1.mlp.fc2.weight"])
+    assert torch.equal(mine["stages.3.blocks.1.mlp.fc2.weight"],
+                       sd["stages.3.blocks.1.mlp.fc2.weight"])
 
 
 def test_tinyvit_small_inputs_get_small_windows_and_still_load_224_weights(tmp_path):
@@ -178,7 +190,8 @@ def test_tinyvit_small_inputs_get_small_windows_and_still_load_224_weights(tmp_p
     path = tmp_path / "w.pth"
     torch.save(timm.create_model("tiny_vit_5m_224", num_classes=1000).state_dict(), path)
     model, _ = models.build_model(resolve_model("tiny_vit_5m_224", True), 32, 10, str(path))
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)  # attention biases were resized on load
+    # attention biases were resized on load
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", "other_model"])
@@ -190,7 +203,8 @@ def test_bad_weights_file_is_one_clear_error(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(UserError) as e:
         models.build_model(resolve_model("resnet18", True), 32, 10, str(path))
-    assert str(path) in str(e.value) and ("--weights" in str(e.value) or "another model" in str(e.value))
+    assert str(path) in str(e.value) and ("--weights" in str(e.value)
+                                          or "another model" in str(e.value))
 
 
 def test_model_override_takes_other_architectures():
@@ -205,32 +219,37 @@ def test_freeze_backbone_leaves_only_the_head_trainable():
     model, _ = models.build_model(resolve_model("resnet18", False), 32, 10)
     frozen = models.freeze_backbone(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["fc.weight", "fc.bias"] and len(frozen) == len(list(model.parameters())) - 2
+    assert (trainable == ["fc.weight", "fc.bias"]
+            and len(frozen) == len(list(model.parameters())) - 2)
     models.set_train_mode(model, frozen_backbone=True)
     assert not model.training and model.fc.training, "BatchNorm statistics stay frozen too"
 
 
 def test_offline_pretrained_fails_fast_and_says_what_to_do(tmp_path):
-    """Both scripts' default weights come from the Hugging Face hub through the same code: one script suffices.
-    (The timeout is a guard against a hang, not a speed target: the probe below is what makes it fast.)"""
+    """Both scripts' default weights come from the Hugging Face hub through the same code: one
+    script suffices. (The timeout is a guard against a hang, not a speed target: the probe below is
+    what makes it fast.)"""
     script = "train_tinyvit_cifar.py"
     if host_reachable("https://huggingface.co"):
         pytest.skip("network available: the offline failure cannot be provoked here")
-    r = run_cli(script, "--pretrained", "--dummy", "--output-dir", str(tmp_path / "run"), "--img-size", "32",
-                env={"TORCH_HOME": str(tmp_path / "th"), "HF_HOME": str(tmp_path / "hf")}, timeout=300)
+    r = run_cli(script, "--pretrained", "--dummy", "--output-dir", str(tmp_path / "run"),
+                "--img-size", "32", env={"TORCH_HOME": str(tmp_path / "th"),
+                                         "HF_HOME": str(tmp_path / "hf")}, timeout=300)
     one_line_error(r, "--weights PATH", "--no-pretrained")
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_an_unreachable_hub_is_refused_before_any_download_is_tried(monkeypatch):
-    """What makes the offline error fast: one reachability probe, and no call into the hub client (which retries
-    for a minute)."""
+    """What makes the offline error fast: one reachability probe, and no call into the hub client
+    (which retries for a minute)."""
     import huggingface_hub
 
     probes = []
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, f: None)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail("tried to download"))
-    monkeypatch.setattr(models, "host_reachable", lambda url, timeout=4.0: probes.append(url) or False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(models, "host_reachable",
+                        lambda url, timeout=4.0: probes.append(url) or False)
     with pytest.raises(UserError, match="no network, not cached.*--weights PATH"):
         models.build_model(resolve_model("tiny_vit_5m_224", True), 32, 10)
     assert probes == ["https://huggingface.co"]
@@ -242,15 +261,20 @@ def test_flops_and_params_are_counted():
     assert 3.4e9 < models.flops_per_image(model, 224) < 3.9e9  # 1.82 GMACs = 3.64 GFLOPs
 
 
-@pytest.mark.parametrize("name,default", [("resnet18", True), ("tv/resnet18", False), ("tiny_vit_5m_224", True)])
+@pytest.mark.parametrize("name,default",
+                         [("resnet18", True), ("tv/resnet18", False), ("tiny_vit_5m_224", True)])
 def test_zero_init_last_defaults_to_the_library_and_can_be_set_either_way(name, default):
-    """timm zero-initialises the last BatchNorm of every ResNet block (and TinyViT the last norm of its MBConv
-    blocks); torchvision does not. The flag sets it either way; a model without such norms refuses it."""
+    """timm zero-initialises the last BatchNorm of every ResNet block (and TinyViT the last norm of
+    its MBConv blocks); torchvision does not. The flag sets it either way; a model without such
+    norms refuses it."""
     choice = resolve_model(name, False)
     assert models.starts_at_zero(models.create_model(choice, 32, 10)) is default
     for flag in (True, False):
         model = models.create_model(choice, 32, 10, zero_init_last=flag)
         norms = models.last_norms(model)
-        assert len(norms) >= 2 and all(torch.equal(w, torch.full_like(w, 0.0 if flag else 1.0)) for w in norms)
-    with pytest.raises(UserError, match="--no-zero-init-last: vit_tiny_patch16_224 has no residual branches"):
-        models.create_model(resolve_model("vit_tiny_patch16_224", False), 32, 10, zero_init_last=False)
+        assert len(norms) >= 2 and all(torch.equal(w, torch.full_like(w, 0.0 if flag else 1.0))
+                                       for w in norms)
+    with pytest.raises(UserError,
+                       match="--no-zero-init-last: vit_tiny_patch16_224 has no residual branches"):
+        models.create_model(resolve_model("vit_tiny_patch16_224", False), 32, 10,
+                            zero_init_last=False)

@@ -1,6 +1,6 @@
-"""The first hour on a fresh machine, as a new user meets it: a broken torchvision, a data path that does not
-exist, a folder holding the archive, a run folder given to the demo, the lr of a short run, --help, a typo'd
-flag, figure ticks on a narrow range, a failed start."""
+"""The first hour on a fresh machine, as a new user meets it: a broken torchvision, a data path that
+does not exist, a folder holding the archive, a run folder given to the demo, the lr of a short run,
+--help, a typo'd flag, figure ticks on a narrow range, a failed start."""
 from __future__ import annotations
 
 import shutil
@@ -16,16 +16,21 @@ def broken_torchvision(tmp_path):
     """A torchvision whose import fails as a CUDA torchvision does beside a CPU torch."""
     fake = tmp_path / "site" / "torchvision"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not exist")\n')
+    (fake / "__init__.py").write_text('raise RuntimeError("operator torchvision::nms does not '
+                                      'exist")\n')
     return {"PYTHONPATH": str(tmp_path / "site")}
 
 
-@pytest.mark.parametrize("script", [["check.py"], ["train_resnet_cifar.py", "--dummy", "--no-pretrained"],
+@pytest.mark.parametrize("script", [["check.py"],
+                                    ["train_resnet_cifar.py", "--dummy", "--no-pretrained"],
                                     ["train_tinyvit_cifar.py", "--dummy", "--no-pretrained"]])
-def test_a_torchvision_built_for_another_torch_is_one_line_with_the_fix(broken_torchvision, tmp_path, script):
+def test_a_torchvision_built_for_another_torch_is_one_line_with_the_fix(
+        broken_torchvision, tmp_path, script):
+    # the other scripts meet it at their first model or figure: the same line
     r = run_cli(*script, *(["--output-dir", str(tmp_path / "r")] if "--dummy" in script else []),
-                env=broken_torchvision)  # the other scripts meet it at their first model or figure: the same line
-    one_line_error(r, "does not match torch", "pip install --force-reinstall --no-deps", "torchvision==0.")
+                env=broken_torchvision)
+    one_line_error(r, "does not match torch", "pip install --force-reinstall --no-deps",
+                   "torchvision==0.")
 
 
 def test_check_on_a_machine_without_gpu_says_what_works_here(capsys):
@@ -43,9 +48,11 @@ def test_check_on_a_machine_without_gpu_says_what_works_here(capsys):
 def test_an_archive_path_that_does_not_exist_is_no_such_file(tmp_path, capsys):
     missing = tmp_path / "cifar10-jpeg.tar.gz"
     one_line_error_in_process(lambda a: train("train_resnet_cifar", *a),
-                              ["--no-pretrained", "--data-dir", str(missing), "--output-dir", str(tmp_path / "r")],
+                              ["--no-pretrained", "--data-dir", str(missing), "--output-dir",
+                               str(tmp_path / "r")],
                               capsys, f"--data-dir {missing}: no such file")
-    assert not missing.exists() and not (tmp_path / "r").exists(), "nothing created, no empty run folder left"
+    assert not missing.exists() and not (tmp_path / "r").exists(), ("nothing created, no empty "
+                                                                    "run folder left")
 
 
 def test_a_folder_holding_one_archive_is_read_and_two_are_a_question(tmp_path, capsys):
@@ -68,8 +75,8 @@ def test_the_demo_takes_a_run_folder(tmp_path, capsys, cifar_dir):
     import show_resnet_example as demo
 
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "1", "--data-dir",
-                 str(cifar_dir), "--output-dir", str(out), *SMALL) == 0
+    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "1",
+                 "--data-dir", str(cifar_dir), "--output-dir", str(out), *SMALL) == 0
     assert demo.main(["--checkpoint", str(out), "--index", "3", "--safe"]) == 0
     assert (out / "example_3.png").is_file()
     empty = tmp_path / "empty"
@@ -80,8 +87,8 @@ def test_the_demo_takes_a_run_folder(tmp_path, capsys, cifar_dir):
 
 def test_a_one_epoch_run_logs_the_lr_it_trained_at(tmp_path, cifar_dir):
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "1", "--data-dir",
-                 str(cifar_dir), "--output-dir", str(out), *SMALL) == 0
+    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "1",
+                 "--data-dir", str(cifar_dir), "--output-dir", str(out), *SMALL) == 0
     assert pd.read_csv(out / "metrics.csv")["lr"].tolist() == [pytest.approx(3e-4)]
 
 
@@ -120,12 +127,14 @@ def test_percent_ticks_stay_distinct_on_a_narrow_range():
 def test_a_failed_start_leaves_no_empty_run_folder(tmp_path, capsys):
     out = tmp_path / "new"
     one_line_error_in_process(lambda a: train("train_resnet_cifar", *a),
-                              ["--dummy", "--no-pretrained", "--img-size", "32", "--train-subset", "64",
-                               "--batch-size", "128", "--output-dir", str(out)], capsys, "--batch-size 128 is larger")
+                              ["--dummy", "--no-pretrained", "--img-size", "32", "--train-subset",
+                               "64", "--batch-size", "128", "--output-dir", str(out)], capsys,
+                              "--batch-size 128 is larger")
     assert not out.exists()
     kept = tmp_path / "kept"
     (kept / "notes").mkdir(parents=True)  # a folder the user made: left as it is
     one_line_error_in_process(lambda a: train("train_resnet_cifar", *a),
-                              ["--dummy", "--no-pretrained", "--img-size", "32", "--train-subset", "64",
-                               "--batch-size", "128", "--output-dir", str(kept)], capsys, "is larger")
+                              ["--dummy", "--no-pretrained", "--img-size", "32", "--train-subset",
+                               "64", "--batch-size", "128", "--output-dir", str(kept)], capsys,
+                              "is larger")
     assert (kept / "notes").is_dir()

@@ -1,6 +1,7 @@
 """The shape the other issues build on: each flag declared once (parser, range checks, identity and
-comparability derived from the declarations), one typed and versioned run record, the head sized to the
-data's classes, the resume command parsed rather than pattern-matched, and one output channel."""
+comparability derived from the declarations), one typed and versioned run record, the head sized to
+the data's classes, the resume command parsed rather than pattern-matched, and one output
+channel."""
 from __future__ import annotations
 
 import ast
@@ -27,18 +28,23 @@ def test_every_declared_setting_has_its_flag_help_and_range():
         if check is not None:
             low = check.lo - 1 if not check.open_lo else check.lo
             with pytest.raises(UserError, match=C.flag_of(f)):
-                C.TrainConfig(**{f.name: type(f.default if f.default is not None else 0.5)(low)}).validate()
+                C.TrainConfig(**{f.name: type(f.default if f.default is not None
+                                              else 0.5)(low)}).validate()
     assert set(C.IDENTITY_KEYS) <= set(actions) and set(C.COMPARE_KEYS) <= set(actions)
-    assert "epochs" not in C.IDENTITY_KEYS, "--epochs may change on resume (the cosine is retargeted)"
-    assert {"lr", "epochs", "img_size", "weight_decay"} <= set(C.COMPARE_KEYS) and "seed" not in C.COMPARE_KEYS
-    assert "batch_size" not in C.COMPARE_KEYS, "the effective batch is compared (64 x 2 accumulated = 128)"
+    assert "epochs" not in C.IDENTITY_KEYS, ("--epochs may change on resume (the cosine is "
+                                             "retargeted)")
+    assert ({"lr", "epochs", "img_size", "weight_decay"} <= set(C.COMPARE_KEYS)
+            and "seed" not in C.COMPARE_KEYS)
+    assert "batch_size" not in C.COMPARE_KEYS, ("the effective batch is compared (64 x 2 "
+                                                "accumulated = 128)")
 
 
 def test_a_new_setting_is_one_declaration(monkeypatch):
-    """Declaring a field is all it takes: the parser has its flag, validate() its range, the identity its key."""
+    """Declaring a field is all it takes: the parser has its flag, validate() its range, the
+    identity its key."""
     fields = [(f.name, f.type, f) for f in dataclasses.fields(C.TrainConfig)]
-    extra = ("my_knob", "float", C.opt(0.5, "A new knob.", C.OPTIM, check=C.Range(0, 1), identity=True,
-                                       compare=True))
+    extra = ("my_knob", "float", C.opt(0.5, "A new knob.", C.OPTIM, check=C.Range(0, 1),
+                                       identity=True, compare=True))
     New = dataclasses.make_dataclass("TrainConfig", fields + [extra], bases=(C.TrainConfig,))
     monkeypatch.setattr(C, "TrainConfig", New)
     args = C.build_parser("x", "resnet18").parse_args(["--my-knob", "0.25"])
@@ -55,9 +61,10 @@ def test_abbreviated_flags_are_refused(capsys):
 
 
 def test_the_resume_command_drops_stop_after_epoch_in_either_form():
-    argv = ["--epochs", "30", "--stop-after-epoch=5", "--lr", "1e-3", "--stop-after-epoch", "7", "--resume",
-            "--output-dir", "runs/x"]
-    assert C.strip_flags(argv, {"resume", "stop_after_epoch"}) == ["--epochs", "30", "--lr", "1e-3", "--output-dir",
+    argv = ["--epochs", "30", "--stop-after-epoch=5", "--lr", "1e-3", "--stop-after-epoch", "7",
+            "--resume", "--output-dir", "runs/x"]
+    assert C.strip_flags(
+        argv, {"resume", "stop_after_epoch"}) == ["--epochs", "30", "--lr", "1e-3", "--output-dir",
                                                                    "runs/x"]
 
 
@@ -65,7 +72,8 @@ def test_the_run_record_round_trips_and_refuses_other_formats(tmp_path):
     record = fake_record("tiny_vit_5m_224", pretrained=True, lr=1e-3)
     d = json.loads(json.dumps(record.to_dict()))
     assert d["format"] == FORMAT and RunRecord.from_dict(d, "x") == record
-    for damage, words in ((lambda d: d.update(format=1), "format 1"), (lambda d: d.pop("format"), "older layout"),
+    for damage, words in ((lambda d: d.update(format=1), "format 1"),
+                          (lambda d: d.pop("format"), "older layout"),
                           (lambda d: d["config"].update(bogus=1), "unknown keys bogus"),
                           (lambda d: d["model"].pop("params"), "missing params")):
         broken = json.loads(json.dumps(d))
@@ -85,9 +93,9 @@ def test_an_image_folder_of_three_classes_trains_a_three_way_head(tmp_path):
                 (data / split / cls).mkdir(parents=True, exist_ok=True)
                 shutil.copy(f, data / split / cls / f.name)
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "1", "--data-dir",
-                 str(data), "--img-size", "32", "--batch-size", "8", "--val-size", "8", "--num-workers", "0",
-                 "--output-dir", str(out)) == 0
+    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--epochs", "1",
+                 "--data-dir", str(data), "--img-size", "32", "--batch-size", "8", "--val-size",
+                 "8", "--num-workers", "0", "--output-dir", str(out)) == 0
     record = read_record(out / "config.json")
     assert record.model.num_classes == 3 and record.data.classes == ["cat", "dog", "ship"]
     import torch
@@ -122,15 +130,18 @@ def test_a_write_error_names_the_callers_remedy(tmp_path, monkeypatch, capsys):
 
 
 def test_every_planted_bug_of_the_mutation_audit_still_finds_its_line():
-    """tests/mutation_audit.py plants each bug by replacing a snippet that must occur exactly once: a refactor
-    that moves the line makes the audit silently useless, so the suite says so."""
+    """tests/mutation_audit.py plants each bug by replacing a snippet that must occur exactly once:
+    a refactor that moves the line makes the audit silently useless, so the suite says so."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("mutation_audit", ROOT / "tests" / "mutation_audit.py")
+    spec = importlib.util.spec_from_file_location("mutation_audit",
+                                                  ROOT / "tests" / "mutation_audit.py")
     audit = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(audit)
     stale = [f"{name} ({file}: {(ROOT / file).read_text().count(old)} matches)"
-             for name, file, old, _, _ in audit.MUTATIONS if (ROOT / file).read_text().count(old) != 1]
+             for name, file, old, _, _ in audit.MUTATIONS
+             if (ROOT / file).read_text().count(old) != 1]
     assert not stale, stale
-    assert all((ROOT / t.split("::")[0]).exists() for *_, tests in audit.MUTATIONS for t in tests.split()
+    assert all((ROOT / t.split("::")[0]).exists() for *_, tests in audit.MUTATIONS
+               for t in tests.split()
                if t.startswith("tests/"))

@@ -1,5 +1,6 @@
-"""Data sources: official batches, image folders, .tar.gz and .zip give the same arrays; the decode cache;
-class order; every bad input is one line that names the file and the fix, and nothing half-written is used."""
+"""Data sources: official batches, image folders, .tar.gz and .zip give the same arrays; the decode
+cache; class order; every bad input is one line that names the file and the fix, and nothing
+half-written is used."""
 from __future__ import annotations
 
 import io
@@ -18,7 +19,8 @@ from conftest import PHOTOS, make_cifar_dir, one_line_error, run_cli
 
 
 def image_folder(root: Path, names=None, n_test: int = 5) -> Path:
-    """train/<class>/ and test/<class>/ of the real PNG photos: the first n_test of each class go to test/."""
+    """train/<class>/ and test/<class>/ of the real PNG photos: the first n_test of each class go to
+    test/."""
     for cls_dir in sorted(PHOTOS.iterdir()):
         if not cls_dir.is_dir():
             continue
@@ -52,22 +54,26 @@ def test_every_source_kind_gives_the_same_arrays_and_labels(tmp_path):
     batches = sources.write_batches(tmp_path / "official", from_folder.train_x, from_folder.train_y,
                                     from_folder.test_x, from_folder.test_y).parent
     kinds = [("cifar-batches", batches), ("tar", tar_of(folder, tmp_path / "c.tar.gz")),
-             ("zip", zip_of(folder, tmp_path / "c.zip")), ("tar", tar_of(folder, tmp_path / "no_top_folder.tgz", None))]
+             ("zip", zip_of(folder, tmp_path / "c.zip")),
+             ("tar", tar_of(folder, tmp_path / "no_top_folder.tgz", None))]
     for kind, path in kinds:
         s = sources.open_source(path)
         assert s.kind == kind, path
         for a in ("train_x", "train_y", "test_x", "test_y"):
             assert np.array_equal(getattr(s, a), getattr(from_folder, a)), (kind, a)
-        assert s.sha256 == from_folder.sha256, kind  # the content hash does not depend on the format
+        # the content hash does not depend on the format
+        assert s.sha256 == from_folder.sha256, kind
     # and the pixels are the photos': the first test airplane is the first airplane file
     from PIL import Image
 
     first = sorted((PHOTOS / "airplane").glob("*.png"))[0]
-    assert np.array_equal(from_folder.test_x[0].transpose(1, 2, 0), np.asarray(Image.open(first).convert("RGB")))
+    assert np.array_equal(from_folder.test_x[0].transpose(1, 2, 0),
+                          np.asarray(Image.open(first).convert("RGB")))
 
 
 def test_cifar_class_names_in_any_case_keep_the_official_order_others_are_sorted(tmp_path):
-    upper = sources.open_source(image_folder(tmp_path / "u", {c: c.upper() for c in folders.CIFAR_CLASSES}))
+    upper = sources.open_source(image_folder(tmp_path / "u",
+                                             {c: c.upper() for c in folders.CIFAR_CLASSES}))
     assert upper.classes == tuple(c.upper() for c in folders.CIFAR_CLASSES)
     renamed = {"airplane": "zebra", "automobile": "apple"}
     other = sources.open_source(image_folder(tmp_path / "o", renamed))
@@ -84,7 +90,8 @@ def test_the_decode_cache_is_used_then_invalidated_by_a_changed_source(tmp_path,
     first = sources.open_source(folder)
     cached = list(tmp_path.glob("f.decoded-*.npz"))
     assert len(cached) == 1, "cached beside the data folder, not inside it"
-    monkeypatch.setattr(folders, "decode_entries", lambda *a, **k: pytest.fail("decoded again despite the cache"))
+    monkeypatch.setattr(folders, "decode_entries",
+                        lambda *a, **k: pytest.fail("decoded again despite the cache"))
     again = sources.open_source(folder)
     assert np.array_equal(again.train_x, first.train_x) and again.sha256 == first.sha256
     monkeypatch.undo()
@@ -94,7 +101,8 @@ def test_the_decode_cache_is_used_then_invalidated_by_a_changed_source(tmp_path,
     Image.new("RGB", (32, 32), (255, 0, 0)).save(victim)
     changed = sources.open_source(folder)
     assert changed.sha256 != first.sha256
-    assert (changed.train_x == np.array([255, 0, 0], np.uint8).reshape(3, 1, 1)).all(axis=(1, 2, 3)).any()
+    assert (changed.train_x
+            == np.array([255, 0, 0], np.uint8).reshape(3, 1, 1)).all(axis=(1, 2, 3)).any()
 
 
 def test_a_read_only_data_folder_caches_under_cache_dir_or_the_user_cache(tmp_path, monkeypatch):
@@ -103,7 +111,8 @@ def test_a_read_only_data_folder_caches_under_cache_dir_or_the_user_cache(tmp_pa
     monkeypatch.setattr(cache, "writable", lambda f: f != tmp_path and real_writable(f))
     monkeypatch.setattr(cache, "USER_CACHE", tmp_path / "user_cache")
     sources.open_source(folder)
-    assert list((tmp_path / "user_cache").glob("ro.decoded-*.npz")) and not list(tmp_path.glob("*.npz"))
+    assert (list((tmp_path / "user_cache").glob("ro.decoded-*.npz"))
+            and not list(tmp_path.glob("*.npz")))
     sources.open_source(folder, cache_dir=str(tmp_path / "mine"))
     assert list((tmp_path / "mine").glob("ro.decoded-*.npz"))
 
@@ -127,7 +136,8 @@ def test_a_decode_killed_while_writing_its_cache_leaves_nothing_that_is_used(tmp
     assert list(tmp_path.glob("f.decoded-*.npz.tmp-*")), "the kill left its temp file"
     r = run_cli("-c", script)
     assert r.returncode == 0, r.stderr
-    assert list(tmp_path.glob("f.decoded-*.npz")) and not list(tmp_path.glob("*.tmp-*")), "stale temp removed"
+    assert (list(tmp_path.glob("f.decoded-*.npz"))
+            and not list(tmp_path.glob("*.tmp-*"))), "stale temp removed"
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -161,9 +171,11 @@ def test_a_corrupt_image_is_named_or_skipped_and_counted(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     with pytest.raises(UserError) as e:
         sources.open_source(folder)
-    assert str(bad) in str(e.value) and "unreadable" in str(e.value) and "--skip-bad-images" in str(e.value)
+    assert (str(bad) in str(e.value) and "unreadable" in str(e.value)
+            and "--skip-bad-images" in str(e.value))
     s = sources.open_source(folder, skip_bad_images=True)
-    assert len(s.train_x) == 149 and s.provenance()["skipped_images"] == 1 and str(bad) in s.skipped[0]
+    assert (len(s.train_x) == 149 and s.provenance()["skipped_images"] == 1
+            and str(bad) in s.skipped[0])
 
 
 def test_an_image_that_is_not_32x32_is_named_with_its_size(tmp_path):
@@ -199,13 +211,13 @@ def test_an_archive_member_that_escapes_is_refused_and_nothing_is_written(tmp_pa
 
 def test_cli_reports_a_bad_data_dir_in_one_line(tmp_path):
     (tmp_path / "not_an_archive.txt").write_text("x")
-    r = run_cli("train_resnet_cifar.py", "--no-pretrained", "--data-dir", str(tmp_path / "not_an_archive.txt"),
-                "--output-dir", str(tmp_path / "run"))
+    r = run_cli("train_resnet_cifar.py", "--no-pretrained", "--data-dir",
+                str(tmp_path / "not_an_archive.txt"), "--output-dir", str(tmp_path / "run"))
     one_line_error(r, "not_an_archive.txt", ".tar.gz")
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-# ----------------------------------------------------------------------------- official batches, downloads
+# ---------------------------------------------------------------------- official batches, downloads
 
 def _damage(folder: Path, how: str) -> str:
     target = folder / sources.BATCHES / "data_batch_3"
@@ -214,9 +226,11 @@ def _damage(folder: Path, how: str) -> str:
     elif how == "truncated":
         target.write_bytes(target.read_bytes()[:1000])
     elif how == "shape":
-        target.write_bytes(pickle.dumps({b"data": np.zeros((10, 100), np.uint8), b"labels": [0] * 10}))
+        target.write_bytes(pickle.dumps({b"data": np.zeros((10, 100), np.uint8),
+                                         b"labels": [0] * 10}))
     elif how == "label":
-        target.write_bytes(pickle.dumps({b"data": np.zeros((10, 3072), np.uint8), b"labels": [0] * 9 + [10]}))
+        target.write_bytes(pickle.dumps({b"data": np.zeros((10, 3072), np.uint8),
+                                         b"labels": [0] * 9 + [10]}))
     elif how == "foreign":  # a pickle that would build a foreign object when loaded
         target.write_bytes(pickle.dumps({b"data": io.BytesIO(b"x")}))
     return target.name
@@ -237,15 +251,19 @@ def test_damaged_batches_give_one_clear_error(tmp_path, how, words):
 def test_no_data_and_no_download_names_the_folder(tmp_path):
     with pytest.raises(UserError) as e:
         sources.open_source(tmp_path / "d", download=False)
-    assert str(tmp_path / "d") in str(e.value) and "--no-download" in str(e.value) and "image folder" in str(e.value)
+    assert (str(tmp_path / "d") in str(e.value) and "--no-download" in str(e.value)
+            and "image folder" in str(e.value))
 
 
 def test_no_network_fails_fast_with_placement_hint(tmp_path, monkeypatch):
     """Fast because each source is probed once and nothing is fetched from an unreachable one."""
     probes = []
-    monkeypatch.setattr(sources, "host_reachable", lambda url, timeout=4.0: probes.append(url) or False)
-    monkeypatch.setattr(sources, "download_official", lambda *a: pytest.fail("tried the official server"))
-    monkeypatch.setattr(sources, "download_huggingface", lambda *a: pytest.fail("tried the Hugging Face copy"))
+    monkeypatch.setattr(sources, "host_reachable",
+                        lambda url, timeout=4.0: probes.append(url) or False)
+    monkeypatch.setattr(sources, "download_official",
+                        lambda *a: pytest.fail("tried the official server"))
+    monkeypatch.setattr(sources, "download_huggingface",
+                        lambda *a: pytest.fail("tried the Hugging Face copy"))
     with pytest.raises(UserError) as e:
         sources.open_source(tmp_path, download=True)
     assert probes == [sources.CIFAR_URL, "https://huggingface.co"]
@@ -277,7 +295,8 @@ def test_failed_official_download_falls_back_then_explains(tmp_path, monkeypatch
     monkeypatch.setattr(sources, "download_huggingface", fake_hf)
     with pytest.raises(UserError) as e:
         sources.open_source(tmp_path / "d", download=True)
-    assert "official server:" in str(e.value) and "Hugging Face copy: hub unreachable" in str(e.value)
+    assert ("official server:" in str(e.value)
+            and "Hugging Face copy: hub unreachable" in str(e.value))
     assert calls, "the Hugging Face fallback was not tried"
 
 
@@ -296,5 +315,6 @@ def test_hugging_face_rows_convert_to_cifar_arrays():
 def test_the_real_archive_reads_as_cifar10(archive, archive_cache):
     s = sources.open_source(archive, cache_dir=archive_cache)
     assert s.kind == "tar" and s.classes == folders.CIFAR_CLASSES
-    assert np.bincount(s.train_y).tolist() == [5000] * 10 and np.bincount(s.test_y).tolist() == [1000] * 10
+    assert (np.bincount(s.train_y).tolist() == [5000] * 10
+            and np.bincount(s.test_y).tolist() == [1000] * 10)
     assert s.provenance()["name"] == "CIFAR-10"

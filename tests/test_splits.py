@@ -1,5 +1,6 @@
-"""Splits: train, validation and test never share an image (by index and by content) for every source, train
-+ validation is the original training set, and the split depends on --split-seed alone."""
+"""Splits: train, validation and test never share an image (by index and by content) for every
+source, train + validation is the original training set, and the split depends on --split-seed
+alone."""
 from __future__ import annotations
 
 import hashlib
@@ -24,22 +25,25 @@ def all_sources(tmp_path_factory):
     real = sources.open_source(folder)
     return {"synthetic": sources.synthetic_source(3000, 600), "image-folder": real,
             "tar": sources.open_source(tar_of(folder, root / "c.tar.gz")),
-            "cifar-batches": sources.open_source(sources.write_batches(root / "b", real.train_x, real.train_y,
-                                                                       real.test_x, real.test_y).parent)}
+            "cifar-batches": sources.open_source(sources.write_batches(
+                root / "b", real.train_x, real.train_y, real.test_x, real.test_y).parent)}
 
 
 @pytest.mark.parametrize("kind", ["synthetic", "image-folder", "tar", "cifar-batches"])
 @pytest.mark.parametrize("subsets", [(0, 0), (60, 20)])
-def test_train_val_test_share_no_image_and_train_plus_val_is_the_training_set(all_sources, kind, subsets):
+def test_train_val_test_share_no_image_and_train_plus_val_is_the_training_set(
+        all_sources, kind, subsets):
     src = all_sources[kind]
     val = 30 if len(src.train_x) < 1000 else 300
     s = make_splits(src, val, split_seed=3, train_subset=subsets[0], test_subset=subsets[1])
     train, valid = set(s.train_idx.tolist()), set(s.val_idx.tolist())
     assert not train & valid, "an image is in train and validation"
     if not subsets[0]:
-        assert train | valid == set(range(len(src.train_x))), "train + validation is not the training set"
+        assert train | valid == set(range(len(src.train_x))), ("train + validation is not the "
+                                                               "training set")
     assert len(s.val_x) == val and len(s.test_x) == (subsets[1] or len(src.test_x))
-    # by content as well: the tensors really are those images, and no pixel-identical image crosses sets
+    # by content as well: the tensors really are those images, and no pixel-identical image crosses
+    # sets
     assert np.array_equal(s.train_x.numpy(), src.train_x[s.train_idx])
     assert np.array_equal(s.val_x.numpy(), src.train_x[s.val_idx])
     assert np.array_equal(s.test_x.numpy(), src.test_x[s.test_idx])
@@ -71,7 +75,8 @@ def test_runs_with_different_seeds_share_the_validation_set(tmp_path):
 
 
 def test_test_subset_is_class_stratified():
-    """Image folders list test images class by class: a first-N subset would hold one or two classes."""
+    """Image folders list test images class by class: a first-N subset would hold one or two
+    classes."""
     src = sources.synthetic_source(1000, 1000)
     order = np.argsort(src.test_y, kind="stable")
     src.test_x, src.test_y = src.test_x[order], src.test_y[order]
@@ -82,7 +87,8 @@ def test_test_subset_is_class_stratified():
 def test_val_size_zero_validates_on_the_test_images(all_sources):
     src = all_sources["image-folder"]
     s = make_splits(src, 0, 0)
-    assert s.val_is_test and np.array_equal(s.val_x.numpy(), src.test_x) and np.array_equal(s.val_y.numpy(), src.test_y)
+    assert (s.val_is_test and np.array_equal(s.val_x.numpy(), src.test_x)
+            and np.array_equal(s.val_y.numpy(), src.test_y))
     assert len(s.train_x) == len(src.train_x)
 
 
@@ -95,20 +101,22 @@ def test_impossible_sizes_are_clear_errors(all_sources):
 
 
 def test_the_random_split_is_the_experiments_randperm():
-    """--val-split random --split-seed 42: validation = the first 5,000 of torch.randperm(50000) under
-    manual_seed(42), as the experiment's code drew it."""
+    """--val-split random --split-seed 42: validation = the first 5,000 of torch.randperm(50000)
+    under manual_seed(42), as the experiment's code drew it."""
     import torch
 
     src = sources.synthetic_source(50_000, 100)
     s = make_splits(src, 5000, 42, val_split="random")
     perm = torch.randperm(50_000, generator=torch.Generator().manual_seed(42)).numpy()
-    assert np.array_equal(s.val_idx, np.sort(perm[:5000])) and np.array_equal(s.train_idx, np.sort(perm[5000:]))
-    assert not np.array_equal(s.val_idx, make_splits(src, 5000, 42).val_idx), "stratified is another split"
+    assert (np.array_equal(s.val_idx, np.sort(perm[:5000]))
+            and np.array_equal(s.train_idx, np.sort(perm[5000:])))
+    assert not np.array_equal(s.val_idx,
+                              make_splits(src, 5000, 42).val_idx), "stratified is another split"
 
 
 def test_training_subsets_are_nested_and_class_stratified():
-    """The data-size sweep's subsets: a smaller one lies inside a larger one, each class within one image of its
-    share, the same for every --seed and another for another --split-seed."""
+    """The data-size sweep's subsets: a smaller one lies inside a larger one, each class within one
+    image of its share, the same for every --seed and another for another --split-seed."""
     src = sources.synthetic_source(6000, 100)
     sizes = (100, 555, 2000, 5000)
     subsets = [set(make_splits(src, 500, 3, train_subset=n).train_idx.tolist()) for n in sizes]

@@ -1,6 +1,7 @@
-"""The sweep (run_suite.py): a grid of ordinary train commands with deterministic folders run through submitit
-(debug in this process, local as job processes, Slurm as a job array that requeues), resumable, refusing bad
-grids up front; and the analysis across training-set sizes (results.md by size, data_efficiency.png)."""
+"""The sweep (run_suite.py): a grid of ordinary train commands with deterministic folders run
+through submitit (debug in this process, local as job processes, Slurm as a job array that
+requeues), resumable, refusing bad grids up front; and the analysis across training-set sizes
+(results.md by size, data_efficiency.png)."""
 from __future__ import annotations
 
 import json
@@ -19,13 +20,14 @@ from common.specs import resolve_model
 from conftest import assert_same_run, one_line_error_in_process, run_cli
 from test_analysis import right, write_run
 
-TRAIN = ["--epochs", "2", "--img-size", "32", "--batch-size", "32", "--val-size", "400", "--test-subset", "100",
-         "--num-workers", "0", "--aug", "light", "--device", "cpu"]
+TRAIN = ["--epochs", "2", "--img-size", "32", "--batch-size", "32", "--val-size", "400",
+         "--test-subset", "100", "--num-workers", "0", "--aug", "light", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """ImageNet-shaped (1000-class) weight files of the test models, standing in for downloaded ones."""
+    """ImageNet-shaped (1000-class) weight files of the test models, standing in for downloaded
+    ones."""
     folder = tmp_path_factory.mktemp("weights")
     out = {}
     for arch in ("test_resnet", "test_vit"):
@@ -36,39 +38,45 @@ def weights(tmp_path_factory):
     return out
 
 
-def suite(cifar_dir, root, weights, *extra, models=("test_resnet", "test_vit"), sizes=("200", "400"),
-          seeds=("0", "1")) -> list[str]:
-    return ["--data-dir", str(cifar_dir), "--root", str(root), "--models", *models, "--train-sizes", *sizes,
-            "--seeds", *seeds, "--launcher", "debug",
+def suite(cifar_dir, root, weights, *extra, models=("test_resnet", "test_vit"),
+          sizes=("200", "400"), seeds=("0", "1")) -> list[str]:
+    return ["--data-dir", str(cifar_dir), "--root", str(root), "--models", *models, "--train-sizes",
+            *sizes, "--seeds", *seeds, "--launcher", "debug",
             *(["--weights", *(f"{a}={p}" for a, p in weights.items())] if weights else []),
             *extra, "--", *TRAIN]
 
 
-def test_a_2x2x2x2_grid_runs_every_folder_and_ends_with_the_size_analysis(cifar_dir, tmp_path, weights, capsys):
+def test_a_2x2x2x2_grid_runs_every_folder_and_ends_with_the_size_analysis(
+        cifar_dir, tmp_path, weights, capsys):
     root = tmp_path / "suite"
     assert run_suite.main(suite(cifar_dir, root, weights)) == 0
     folders = sorted(p.parent for p in root.glob("*/*/*/summary.json"))
     assert len(folders) == 16
-    assert {p.relative_to(root).as_posix() for p in folders} >= {"test_resnet_ft/n200/seed0", "test_vit_scratch/n400/"
+    assert {p.relative_to(root).as_posix() for p in folders} >= {"test_resnet_ft/n200/seed0",
+                                                                 "test_vit_scratch/n400/"
                                                                  "seed1"}
     cfg = json.loads((root / "test_vit_ft" / "n200" / "seed1" / "config.json").read_text())
-    assert cfg["config"]["train_subset"] == 200 and cfg["config"]["seed"] == 1 and cfg["weights"]["init"] == "file"
+    assert (cfg["config"]["train_subset"] == 200 and cfg["config"]["seed"] == 1
+            and cfg["weights"]["init"] == "file")
     text = (root / "results.md").read_text()
     assert text.startswith("# Results across training-set sizes")
-    table = text.split("## Test accuracy and gains by training-set size")[1].split("\n\n")[1].splitlines()
-    assert table[0].count("gain") == 3 and [r.split(" |")[0] for r in table[2:]] == ["| 200", "| 400"]
-    assert (root / "data_efficiency.png").stat().st_size > 20_000 and (root / "four_panels.png").is_file()
+    table = text.split("## Test accuracy and gains by training-set size")[1].split(
+        "\n\n")[1].splitlines()
+    assert (table[0].count("gain") == 3
+            and [r.split(" |")[0] for r in table[2:]] == ["| 200", "| 400"])
+    assert ((root / "data_efficiency.png").stat().st_size > 20_000
+            and (root / "four_panels.png").is_file())
     # a second call finds everything done and runs nothing
     capsys.readouterr()
     assert run_suite.main(suite(cifar_dir, root, weights, "--no-analysis")) == 0
     assert "16 done (16 from before)" in capsys.readouterr().err
 
 
-def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_interrupted_one(cifar_dir, tmp_path, weights,
-                                                                                  monkeypatch):
-    """Ctrl+C in the middle of the sweep's third run (it saves at its step, the sweep stops); the restarted sweep
-    skips the two finished runs, resumes the third and runs the fourth: every folder equals an uninterrupted
-    sweep's."""
+def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_interrupted_one(
+        cifar_dir, tmp_path, weights, monkeypatch):
+    """Ctrl+C in the middle of the sweep's third run (it saves at its step, the sweep stops); the
+    restarted sweep skips the two finished runs, resumes the third and runs the fourth: every folder
+    equals an uninterrupted sweep's."""
     one = {"test_resnet": weights["test_resnet"]}
     grid = dict(models=("test_resnet",), sizes=("200",), seeds=("0", "1"))
     straight, root = tmp_path / "straight", tmp_path / "interrupted"
@@ -79,7 +87,8 @@ def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_interrupted_on
         calls.append(run)
         if len(calls) < 3:
             return real(run)
-        monkeypatch.setenv("CIFAR_FAILPOINT", "step:9@int")  # run 3 of 4, in its second epoch (6 steps each)
+        # run 3 of 4, in its second epoch (6 steps each)
+        monkeypatch.setenv("CIFAR_FAILPOINT", "step:9@int")
         code, _ = real(run)
         monkeypatch.delenv("CIFAR_FAILPOINT", raising=False)
         assert code == 130
@@ -99,20 +108,22 @@ def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_interrupted_on
 
 def test_the_local_launcher_runs_jobs_as_processes(cifar_dir, tmp_path, weights):
     root = tmp_path / "local"
-    argv = suite(cifar_dir, root, weights, "--no-analysis", "--modes", "scratch", models=("test_resnet",),
-                 sizes=("200",), seeds=("0",))
+    argv = suite(cifar_dir, root, weights, "--no-analysis", "--modes", "scratch",
+                 models=("test_resnet",), sizes=("200",), seeds=("0",))
     argv[argv.index("debug")] = "local"
     r = run_cli("run_suite.py", *argv)
     assert r.returncode == 0, r.stderr[-2000:]
     assert [p.parent.relative_to(root).as_posix() for p in root.glob("*/*/*/summary.json")] == [
         "test_resnet_scratch/n200/seed0"]
-    assert (root / "test_resnet_scratch" / "n200" / "seed0" / "train.log").is_file(), "each job's own log"
+    assert (root / "test_resnet_scratch" / "n200" / "seed0"
+            / "train.log").is_file(), "each job's own log"
 
 
-def test_the_slurm_path_submits_one_array_whose_tasks_run_the_grid_and_requeue(cifar_dir, tmp_path, weights,
-                                                                               monkeypatch):
-    """Without Slurm: the sbatch script submitit would submit (array size and parallelism, GPUs, time, the
-    requeue signal) and the command of every task; a task's checkpoint() requeues the same run (--resume)."""
+def test_the_slurm_path_submits_one_array_whose_tasks_run_the_grid_and_requeue(
+        cifar_dir, tmp_path, weights, monkeypatch):
+    """Without Slurm: the sbatch script submitit would submit (array size and parallelism, GPUs,
+    time, the requeue signal) and the command of every task; a task's checkpoint() requeues the same
+    run (--resume)."""
     import submitit
     from submitit.core import core
 
@@ -127,17 +138,19 @@ def test_the_slurm_path_submits_one_array_whose_tasks_run_the_grid_and_requeue(c
             return "Submitted batch job 4242\n"
 
     monkeypatch.setattr(core.utils, "CommandFunction", FakeSbatch)
-    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")  # a login node has sbatch and srun
+    # a login node has sbatch and srun
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
     root = tmp_path / "slurm"
-    runs = S.plan_grid(["test_resnet", "test_vit"], ["pretrained", "scratch"], [200, 400], [0, 1], root,
-                       ["--data-dir", str(cifar_dir), *TRAIN], weights)
+    runs = S.plan_grid(["test_resnet", "test_vit"], ["pretrained", "scratch"], [200, 400], [0, 1],
+                       root, ["--data-dir", str(cifar_dir), *TRAIN], weights)
     progress = S.Progress(runs, {r.folder: "queued" for r in runs})
     executor = S.slurm_executor(root / ".submitit", "gpu", 1, 240, 4)
     jobs = S.run_slurm(runs, root / ".submitit", progress, S.StatusBoard(), executor, wait=False)
     assert len(jobs) == 16 and len(scripts) == 1
     sbatch = scripts[0]
     for line in ("#SBATCH --array=0-15%4", "#SBATCH --gpus-per-node=1", "#SBATCH --time=240",
-                 "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@120", "#SBATCH --open-mode=append"):
+                 "#SBATCH --partition=gpu", "#SBATCH --signal=USR2@120",
+                 "#SBATCH --open-mode=append"):
         assert line in sbatch, line
     tasks = []
     for job in jobs:
@@ -145,16 +158,19 @@ def test_the_slurm_path_submits_one_array_whose_tasks_run_the_grid_and_requeue(c
             tasks.append(pickle.load(f).function)
     assert [t.run for t in tasks] == runs and all("--resume" in t.run.argv for t in tasks)
     requeued = tasks[3].checkpoint()
-    assert isinstance(requeued, submitit.helpers.DelayedSubmission) and requeued.function.run == runs[3]
+    assert (isinstance(requeued, submitit.helpers.DelayedSubmission)
+            and requeued.function.run == runs[3])
 
 
 @pytest.mark.parametrize("case,words", [
-    ("model", "--models nope: not a model"), ("size", "--train-sizes 5000: larger than the 1600 training images"),
+    ("model", "--models nope: not a model"),
+    ("size", "--train-sizes 5000: larger than the 1600 training images"),
     ("seeds", "--seeds lists 1 twice"), ("clash", "set --seed, which the suite sets per run"),
     ("weights", "--weights resnet18: give ARCH=PATH"),
-    ("slurm", "--launcher slurm: no sbatch/srun on this machine's PATH"), ("recipe", "holds a run of another recipe (lr: 0.0003 in the checkpoint, 0.001 now)")])
-def test_bad_grids_are_one_line_errors_before_anything_starts(cifar_dir, tmp_path, weights, capsys, monkeypatch, case,
-                                                             words):
+    ("slurm", "--launcher slurm: no sbatch/srun on this machine's PATH"),
+    ("recipe", "holds a run of another recipe (lr: 0.0003 in the checkpoint, 0.001 now)")])
+def test_bad_grids_are_one_line_errors_before_anything_starts(
+        cifar_dir, tmp_path, weights, capsys, monkeypatch, case, words):
     root = tmp_path / "s"
     argv = {"model": suite(cifar_dir, root, {}, models=("nope",)),
             "size": suite(cifar_dir, root, {}, sizes=("5000",)),
@@ -166,7 +182,8 @@ def test_bad_grids_are_one_line_errors_before_anything_starts(cifar_dir, tmp_pat
         monkeypatch.setenv("PATH", str(tmp_path))  # this machine is no login node
     if case == "recipe":
         grid = dict(models=("test_resnet",), sizes=("200",), seeds=("0",))
-        assert run_suite.main(suite(cifar_dir, root, weights, "--no-analysis", "--modes", "scratch", **grid)) == 0
+        assert run_suite.main(suite(cifar_dir, root, weights, "--no-analysis", "--modes", "scratch",
+                                    **grid)) == 0
         argv = suite(cifar_dir, root, weights, "--modes", "scratch", **grid) + ["--lr", "1e-3"]
     one_line_error_in_process(run_suite.main, argv, capsys, words)
     if case != "recipe":
@@ -175,19 +192,25 @@ def test_bad_grids_are_one_line_errors_before_anything_starts(cifar_dir, tmp_pat
 
 def test_dry_run_prints_each_command_and_the_projected_time(cifar_dir, tmp_path, weights, capsys):
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({"runs": {"test_resnet": {"train_images": 400, "other_s": 10.0, "later_epoch_s": 5.0},
-                                          "test_vit": {"train_images": 400, "other_s": 10.0, "later_epoch_s": 5.0}}}))
-    assert run_suite.main(suite(cifar_dir, tmp_path / "d", weights, "--dry-run", "--bench", str(bench))) == 0
+    bench.write_text(json.dumps({"runs": {"test_resnet": {"train_images": 400, "other_s": 10.0,
+                                                          "later_epoch_s": 5.0},
+                                          "test_vit": {"train_images": 400, "other_s": 10.0,
+                                                       "later_epoch_s": 5.0}}}))
+    assert run_suite.main(suite(cifar_dir, tmp_path / "d", weights, "--dry-run", "--bench",
+                                str(bench))) == 0
     out = capsys.readouterr().out
-    assert out.count("python train_resnet_cifar.py --model test_") == 16 and "--train-subset 400 --seed 1" in out
-    assert "16 runs, 16 to run; projected time unknown" in out, "the registry has no such models: no guess"
+    assert (out.count("python train_resnet_cifar.py --model test_") == 16
+            and "--train-subset 400 --seed 1" in out)
+    assert "16 runs, 16 to run; projected time unknown" in out, ("the registry has no such "
+                                                                 "models: no guess")
     assert not (tmp_path / "d").exists()
 
 
-# ----------------------------------------------------------------------------- the analysis across sizes
+# ------------------------------------------------------------------------ the analysis across sizes
 
 def sweep_folders(root: Path, gains: dict[int, tuple[float, float]]) -> list[str]:
-    """Registry-model runs at several sizes whose gains are known: per size (ResNet-18 gain, TinyViT-5M gain)."""
+    """Registry-model runs at several sizes whose gains are known: per size (ResNet-18 gain,
+    TinyViT-5M gain)."""
     paths = []
     for n, (g_cnn, g_vit) in gains.items():
         base = {"resnet18": 0.6, "tiny_vit_5m_224": 0.5}
@@ -195,21 +218,26 @@ def sweep_folders(root: Path, gains: dict[int, tuple[float, float]]) -> list[str
             for pre, acc in ((True, base[arch] + gain), (False, base[arch])):
                 for s in (0, 1):
                     c = right(acc + 0.005 * s, offset=3 * s)
-                    paths.append(str(write_run(root / f"{arch}_{pre}_{n}_{s}", arch, pre, c, seed=s, train_images=n)))
+                    paths.append(str(write_run(root / f"{arch}_{pre}_{n}_{s}", arch, pre, c, seed=s,
+                                               train_images=n)))
     return paths
 
 
 def test_the_size_analysis_gives_the_difference_of_gains_against_size(tmp_path):
     import plot_four_panels
 
-    paths = sweep_folders(tmp_path / "runs", {1000: (0.05, 0.30), 5000: (0.04, 0.20), 45000: (0.03, 0.10)})
-    assert plot_four_panels.main(["--runs", *paths, "--output", str(tmp_path / "f.png"), "--safe"]) == 0
+    paths = sweep_folders(tmp_path / "runs",
+                          {1000: (0.05, 0.30), 5000: (0.04, 0.20), 45000: (0.03, 0.10)})
+    assert plot_four_panels.main(["--runs", *paths, "--output", str(tmp_path / "f.png"),
+                                  "--safe"]) == 0
     text = (tmp_path / "results.md").read_text()
     first = text.splitlines()[2]
-    assert first.startswith("**With 45,000 training images the difference of the gains (TinyViT-5M's minus "
-                            "ResNet-18's) is +7.0 points [")
-    assert "1,000: +25.0 [" in first and "5,000: +16.0 [" in first and "over the 400 test images and the seeds" in first
-    rows = [ln for ln in text.splitlines() if ln.startswith("| 1,000 |") or ln.startswith("| 45,000 |")]
+    assert first.startswith("**With 45,000 training images the difference of the gains "
+                            "(TinyViT-5M's minus ResNet-18's) is +7.0 points [")
+    assert ("1,000: +25.0 [" in first and "5,000: +16.0 [" in first
+            and "over the 400 test images and the seeds" in first)
+    rows = [ln for ln in text.splitlines()
+            if ln.startswith("| 1,000 |") or ln.startswith("| 45,000 |")]
     assert len(rows) == 2 and "+25.0 [" in rows[0]
     assert (tmp_path / "data_efficiency.png").stat().st_size > 20_000
     assert "### Test accuracy" in text and "## 5,000 training images" in text
@@ -224,7 +252,8 @@ def test_runs_of_several_sizes_must_match_in_everything_else(tmp_path, capsys):
     with pytest.raises(SystemExit):
         compare_runs.main([str(a), str(b), "--safe"])
     err = capsys.readouterr().err
-    assert "not comparable across sizes" in err and "img_size: 224" in err and "training set" not in err
+    assert ("not comparable across sizes" in err and "img_size: 224" in err
+            and "training set" not in err)
 
 
 def test_intervals_of_accuracies_stay_in_range(tmp_path):
@@ -237,12 +266,15 @@ def test_intervals_of_accuracies_stay_in_range(tmp_path):
     assert 0.0 <= i.lo <= i.estimate <= i.hi <= 1.0 and np.isclose(i.estimate, 0.16)
 
 
-def test_the_status_board_redraws_a_terminal_in_place_and_logs_only_changes(tmp_path, caplog, monkeypatch):
+def test_the_status_board_redraws_a_terminal_in_place_and_logs_only_changes(
+        tmp_path, caplog, monkeypatch):
     import io
     import logging
 
-    monkeypatch.setattr(S.time, "monotonic", lambda: 1000.0)  # the elapsed time stands still: only states change
-    runs = S.plan_grid(["test_resnet"], ["scratch"], [200], [0, 1], tmp_path, ["--data-dir", "x"], {})
+    # the elapsed time stands still: only states change
+    monkeypatch.setattr(S.time, "monotonic", lambda: 1000.0)
+    runs = S.plan_grid(["test_resnet"], ["scratch"], [200], [0, 1], tmp_path, ["--data-dir", "x"],
+                       {})
     progress = S.Progress(runs, {r.folder: "queued" for r in runs}, started=1000.0)
 
     class Terminal(io.StringIO):
@@ -257,12 +289,16 @@ def test_the_status_board_redraws_a_terminal_in_place_and_logs_only_changes(tmp_
             board.update(progress)
             log_board.update(progress)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["suite: 0 done (0 from before), 0 running, 2 queued, 0 failed; elapsed 0:00:00, projected –",
+    assert lines == ["suite: 0 done (0 from before), 0 running, 2 queued, 0 failed; "
+                     "elapsed 0:00:00, projected –",
                      "suite: test_resnet scratch n=200 seed 0 running",
-                     "suite: 0 done (0 from before), 1 running, 1 queued, 0 failed; elapsed 0:00:00, projected –",
+                     "suite: 0 done (0 from before), 1 running, 1 queued, 0 failed; "
+                     "elapsed 0:00:00, projected –",
                      "suite: test_resnet scratch n=200 seed 0 done",
-                     "suite: 1 done (0 from before), 0 running, 1 queued, 0 failed; elapsed 0:00:00, projected –"], \
+                     "suite: 1 done (0 from before), 0 running, 1 queued, 0 failed; "
+                     "elapsed 0:00:00, projected –"], \
         "a line per change, none per poll"
     screen = term.getvalue()
-    assert screen.count("\x1b[3F\x1b[J") == 2, "the 3-line table is redrawn in place, once per change"
+    assert screen.count("\x1b[3F\x1b[J") == 2, ("the 3-line table is redrawn in place, once per "
+                                                "change")
     assert screen.rstrip().endswith("queued   test_resnet scratch n=200 seed 1")

@@ -1,5 +1,5 @@
-"""End to end: what a run writes and says, how it picks and tests its best epoch, learning on real CIFAR-10
-photos, flags and --help, the readiness report and the benchmarks."""
+"""End to end: what a run writes and says, how it picks and tests its best epoch, learning on real
+CIFAR-10 photos, flags and --help, the readiness report and the benchmarks."""
 from __future__ import annotations
 
 import json
@@ -16,14 +16,18 @@ from common.runfolder import METRIC_COLUMNS, PREDICTION_COLUMNS
 from conftest import ROOT, SMALL, one_line_error_in_process, run_cli, train
 
 MECH = ["--model", "test_resnet"]
-REAL_EVALUATE = Evaluator.__call__  # before any test patches it  # timm's 0.4M-parameter test ResNet: the loop's mechanics at a tenth of the time
+# before any test patches it  # timm's 0.4M-parameter test ResNet: the loop's mechanics at a tenth
+# of the time
+REAL_EVALUATE = Evaluator.__call__
 
 
 def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
     out = trained_resnet
-    for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "summary.json", "test_predictions.csv"):
+    for name in ("config.json", "metrics.csv", "best.pt", "last.pt", "summary.json",
+                 "test_predictions.csv"):
         assert (out / name).is_file(), name
-        assert stat.S_IMODE((out / name).stat().st_mode) & 0o044 == 0o044, f"{name} is readable by group and others"
+        assert (stat.S_IMODE((out / name).stat().st_mode) & 0o044
+                == 0o044), f"{name} is readable by group and others"
     m = pd.read_csv(out / "metrics.csv")
     assert list(m.columns) == list(METRIC_COLUMNS) and m["epoch"].tolist() == [1, 2]
     assert m["val_acc"].iloc[-1] > 0.3, "10 classes: chance is 0.1; labels and images must line up"
@@ -31,22 +35,29 @@ def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
     assert cfg["format"] == 2 and cfg["config"]["model"] == "test_resnet"
     assert cfg["model"]["name"] == "test_resnet" and cfg["weights"]["init"] == "random init"
     assert cfg["data"]["kind"] == "cifar-batches" and len(cfg["data"]["sha256"]) == 64
-    assert cfg["data"]["splits"].pop("indices_sha256") and cfg["data"]["splits"] == {"val_size": 400, "val_split": "stratified", "split_seed": 0, "train_subset": 1600, "test_subset": 0,
-                                     "train": 1600, "val": 400, "test": 500, "val_is_test": False}
+    assert cfg["data"]["splits"].pop("indices_sha256") and cfg["data"]["splits"] == {
+        "val_size": 400, "val_split": "stratified", "split_seed": 0, "train_subset": 1600,
+        "test_subset": 0, "train": 1600, "val": 400, "test": 500, "val_is_test": False}
     assert cfg["recipe"]["name"] == "light" and cfg["run"]["amp_dtype"] == "fp32"
-    for key in ("python", "torch", "timm", "device_name", "git_commit", "git_dirty", "start_time", "command"):
+    for key in ("python", "torch", "timm", "device_name", "git_commit", "git_dirty", "start_time",
+                "command"):
         assert key in cfg["environment"], key
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best_epoch"] == int(m.loc[m["val_acc"].idxmax(), "epoch"]) and summary["test_images"] == 500
+    assert (summary["best_epoch"] == int(m.loc[m["val_acc"].idxmax(), "epoch"])
+            and summary["test_images"] == 500)
     assert summary["best_val_acc"] == pytest.approx(m["val_acc"].max(), abs=1e-5)
     preds = pd.read_csv(out / "test_predictions.csv")
     assert list(preds.columns) == list(PREDICTION_COLUMNS) and len(preds) == 500
-    assert (preds["best_pred"] == preds["label"]).mean() == pytest.approx(summary["test_acc"], abs=1e-9)
-    assert (preds["final_pred"] == preds["label"]).mean() == pytest.approx(summary["test_acc_final"], abs=1e-9)
+    assert ((preds["best_pred"] == preds["label"]).mean()
+            == pytest.approx(summary["test_acc"], abs=1e-9))
+    assert ((preds["final_pred"] == preds["label"]).mean()
+            == pytest.approx(summary["test_acc_final"], abs=1e-9))
     last = torch.load(out / "last.pt", weights_only=True)
     best = torch.load(out / "best.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng", "record"} <= set(last)
-    assert "optimizer" not in best and {"model", "epoch", "record"} <= set(best), "best.pt: weights and metadata"
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best", "rng",
+            "record"} <= set(last)
+    assert ("optimizer" not in best
+            and {"model", "epoch", "record"} <= set(best)), "best.pt: weights and metadata"
     assert (out / "best.pt").stat().st_size < 0.5 * (out / "last.pt").stat().st_size
 
 
@@ -73,7 +84,8 @@ def _scripted_validation(monkeypatch, accuracies: list[float]):
 
 
 def _predict(checkpoint, cifar_dir) -> np.ndarray:
-    """best_pred of every test image, computed apart from the trainer from a checkpoint's weights."""
+    """best_pred of every test image, computed apart from the trainer from a checkpoint's
+    weights."""
     from common.inference import load_trained_run
 
     run = load_trained_run(checkpoint, torch.device("cpu"))
@@ -84,23 +96,27 @@ def _predict(checkpoint, cifar_dir) -> np.ndarray:
 def test_best_pt_is_the_best_validation_epoch_and_the_one_tested(cifar_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     _scripted_validation(monkeypatch, [0.5, 0.7, 0.6])
-    assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "3", "--data-dir", str(cifar_dir),
-                 "--output-dir", str(out), "--aug", "light", *MECH, *SMALL) == 0
+    assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "3", "--data-dir",
+                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", *MECH, *SMALL) == 0
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["epoch"] == 2 and best["best"]["acc"] == 0.7
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["best_epoch"] == 2 and summary["best_val_acc"] == 0.7 and summary["epochs_run"] == 3
+    assert (summary["best_epoch"] == 2 and summary["best_val_acc"] == 0.7
+            and summary["epochs_run"] == 3)
     preds = pd.read_csv(out / "test_predictions.csv")
-    assert np.array_equal(preds["best_pred"].to_numpy(), _predict(out / "best.pt", cifar_dir)), "tested best.pt"
+    assert np.array_equal(preds["best_pred"].to_numpy(),
+                          _predict(out / "best.pt", cifar_dir)), "tested best.pt"
     assert np.array_equal(preds["final_pred"].to_numpy(), _predict(out / "last.pt", cifar_dir))
-    assert not np.array_equal(preds["best_pred"], preds["final_pred"]), "epochs 2 and 3 predict differently"
-    assert summary["test_acc"] == pytest.approx((preds["best_pred"] == preds["label"]).mean(), abs=1e-9)
+    assert not np.array_equal(preds["best_pred"],
+                              preds["final_pred"]), "epochs 2 and 3 predict differently"
+    assert (summary["test_acc"]
+            == pytest.approx((preds["best_pred"] == preds["label"]).mean(), abs=1e-9))
 
 
 def test_a_resumed_run_keeps_its_best_epoch(cifar_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    args = ["--no-pretrained", "--epochs", "3", "--data-dir", str(cifar_dir), "--output-dir", str(out), "--aug",
-            "light", *MECH, *SMALL]
+    args = ["--no-pretrained", "--epochs", "3", "--data-dir", str(cifar_dir), "--output-dir",
+            str(out), "--aug", "light", *MECH, *SMALL]
     _scripted_validation(monkeypatch, [0.5, 0.7])
     assert train("train_resnet_cifar", *args, "--stop-after-epoch", "2") == 0
     _scripted_validation(monkeypatch, [0.6])
@@ -110,39 +126,43 @@ def test_a_resumed_run_keeps_its_best_epoch(cifar_dir, tmp_path, monkeypatch):
 
 
 def test_tinyvit_learns_at_32px(cifar_dir, tmp_path):
-    """Epoch 2's validation accuracy over seeds 0-5 (measured on the 2-core CI machine): 0.795, 0.89, 0.70, 0.82,
-    0.82, 0.795; the bar, 0.3, is far below the lowest (chance is 0.1)."""
+    """Epoch 2's validation accuracy over seeds 0-5 (measured on the 2-core CI machine): 0.795,
+    0.89, 0.70, 0.82, 0.82, 0.795; the bar, 0.3, is far below the lowest (chance is 0.1)."""
     out = tmp_path / "tinyvit"
-    assert train("train_tinyvit_cifar", "--no-pretrained", "--epochs", "2", "--data-dir", str(cifar_dir),
-                 "--output-dir", str(out), "--aug", "light", *SMALL) == 0
+    assert train("train_tinyvit_cifar", "--no-pretrained", "--epochs", "2", "--data-dir",
+                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", *SMALL) == 0
     assert pd.read_csv(out / "metrics.csv")["val_acc"].iloc[-1] > 0.3
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["name"] == "tiny_vit_5m_224" and 5.0e6 < cfg["model"]["params"] < 5.2e6
 
 
-def test_weights_flag_end_to_end_and_linear_probe_freezes_the_backbone(cifar_dir, tmp_path, trained_resnet):
-    """An earlier run's best.pt as --weights (its head fits too); with --freeze-backbone every parameter and
-    BatchNorm statistic but the head's is bit-identical after training."""
+def test_weights_flag_end_to_end_and_linear_probe_freezes_the_backbone(
+        cifar_dir, tmp_path, trained_resnet):
+    """An earlier run's best.pt as --weights (its head fits too); with --freeze-backbone every
+    parameter and BatchNorm statistic but the head's is bit-identical after training."""
     out = tmp_path / "probe"
-    assert train("train_resnet_cifar", "--weights", str(trained_resnet / "best.pt"), "--freeze-backbone",
-                 "--epochs", "1", "--data-dir", str(cifar_dir), "--output-dir", str(out), "--aug", "light",
-                 "--model", "test_resnet", *SMALL) == 0
+    assert train("train_resnet_cifar", "--weights", str(trained_resnet / "best.pt"),
+                 "--freeze-backbone", "--epochs", "1", "--data-dir", str(cifar_dir), "--output-dir",
+                 str(out), "--aug", "light", "--model", "test_resnet", *SMALL) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["config"]["pretrained"] is True and cfg["weights"]["init"] == "file" and cfg["config"]["freeze_backbone"]
+    assert (cfg["config"]["pretrained"] is True and cfg["weights"]["init"] == "file"
+            and cfg["config"]["freeze_backbone"])
     before = torch.load(trained_resnet / "best.pt", weights_only=True)["model"]
     after = torch.load(out / "last.pt", weights_only=True)["model"]
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed and all(k.startswith("fc.") for k in changed), changed
     first_val = pd.read_csv(out / "metrics.csv")["val_acc"].iloc[0]
-    assert first_val > 0.3 and first_val > 0.9 * json.loads((trained_resnet / "summary.json").read_text())[
-        "best_val_acc"], "started from the trained features, not from scratch"
+    assert first_val > 0.3 and first_val > 0.9 * json.loads(
+        (trained_resnet / "summary.json").read_text())["best_val_acc"], \
+        "started from the trained features, not from scratch"
 
 
 def test_dummy_runs_without_any_data_folder_and_says_synthetic(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train("train_resnet_cifar", "--dummy", "--no-pretrained", "--epochs", "1", "--img-size", "32",
-                 "--train-subset", "256", "--val-size", "128", "--test-subset", "100", "--num-workers", "0",
-                 "--data-dir", str(tmp_path / "nothing"), "--output-dir", str(out)) == 0
+    assert train("train_resnet_cifar", "--dummy", "--no-pretrained", "--epochs", "1", "--img-size",
+                 "32", "--train-subset", "256", "--val-size", "128", "--test-subset", "100",
+                 "--num-workers", "0", "--data-dir", str(tmp_path / "nothing"), "--output-dir",
+                 str(out)) == 0
     assert not (tmp_path / "nothing").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["kind"] == "synthetic" and "not CIFAR-10" in cfg["data"]["name"]
@@ -150,8 +170,9 @@ def test_dummy_runs_without_any_data_folder_and_says_synthetic(tmp_path, capsys)
 
 
 def test_progress_lines_appear_when_the_output_is_not_a_terminal(cifar_dir, tmp_path, capsys):
-    assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "1", "--data-dir", str(cifar_dir), "--output-dir",
-                 str(tmp_path / "run"), "--progress-every", "0.001", "--aug", "light", *MECH, *SMALL) == 0
+    assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "1", "--data-dir",
+                 str(cifar_dir), "--output-dir", str(tmp_path / "run"), "--progress-every", "0.001",
+                 "--aug", "light", *MECH, *SMALL) == 0
     err = capsys.readouterr().err
     assert re.search(r"epoch 1/1: \d+/25 steps", err), err[-500:]
 
@@ -159,13 +180,17 @@ def test_progress_lines_appear_when_the_output_is_not_a_terminal(cifar_dir, tmp_
 @pytest.mark.parametrize("flags,words", [(["--epochs", "0"], "--epochs must be between 1"),
                                          (["--val-size", "-1"], "--val-size must be >= 0"),
                                          (["--batch-size", "0"], "--batch-size must be between 1"),
-                                         (["--img-size", "100000"], "--img-size must be between 32 and 1024"),
+                                         (["--img-size", "100000"],
+                                          "--img-size must be between 32 and 1024"),
                                          (["--lr", "0"], "--lr must be in (0, 10]"),
-                                         (["--crop-scale-min", "2"], "--crop-scale-min must be in (0, 1]"),
-                                         (["--freeze-backbone", "--no-pretrained"], "needs pretrained weights")])
+                                         (["--crop-scale-min", "2"],
+                                          "--crop-scale-min must be in (0, 1]"),
+                                         (["--freeze-backbone", "--no-pretrained"],
+                                          "needs pretrained weights")])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
     with pytest.raises(SystemExit) as e:
-        train("train_resnet_cifar", "--dummy", "--no-pretrained", "--output-dir", str(tmp_path / "r"), *flags)
+        train("train_resnet_cifar", "--dummy", "--no-pretrained", "--output-dir",
+              str(tmp_path / "r"), *flags)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and words in err, err
@@ -185,22 +210,26 @@ def test_help_shows_each_default_once_in_complete_sentences(script):
         if action.dest == "help":
             continue
         text = formatter._get_help_string(action)
-        assert action.help.rstrip().endswith((".", ")")), f"{action.option_strings}: not a complete sentence"
+        assert action.help.rstrip().endswith((".", ")")), (f"{action.option_strings}: not a "
+                                                           "complete sentence")
         assert text.count("(default:") <= 1, text
         if action.default is not None and "default" not in action.help:
-            assert f"(default: {action.default})" in text.replace("%(default)s", str(action.default))
+            assert f"(default: {action.default})" in text.replace("%(default)s",
+                                                                  str(action.default))
 
 
 def test_real_cifar10_photos_are_learned_from_scratch(archive, archive_cache, tmp_path):
-    """ResNet-18 from scratch on real CIFAR-10 (the JPEG archive), 32 px, 4,000 training images, 2 epochs with
-    the reference recipe. Measured on this repository's 2-core CI machine: 26.4% test accuracy on a stratified
-    2,000 test images (chance 10%; the 95% interval of a chance classifier ends at 11.3%). The bar, 20%, leaves
-    a margin of ~6 standard errors (0.98 points each); it fails if labels or images are misaligned, augmentation destroys the
-    image, or the test set is scored with a wrong transform."""
+    """ResNet-18 from scratch on real CIFAR-10 (the JPEG archive), 32 px, 4,000 training images, 2
+    epochs with the reference recipe. Measured on this repository's 2-core CI machine: 26.4% test
+    accuracy on a stratified 2,000 test images (chance 10%; the 95% interval of a chance classifier
+    ends at 11.3%). The bar, 20%, leaves a margin of ~6 standard errors (0.98 points each); it fails
+    if labels or images are misaligned, augmentation destroys the image, or the test set is scored
+    with a wrong transform."""
     out = tmp_path / "real"
-    assert train("train_resnet_cifar", "--data-dir", str(archive), "--cache-dir", archive_cache, "--no-pretrained",
-                 "--epochs", "2", "--img-size", "32", "--batch-size", "64", "--train-subset", "4000", "--val-size",
-                 "1000", "--test-subset", "2000", "--num-workers", "2", "--lr", "2e-3", "--output-dir", str(out)) == 0
+    assert train("train_resnet_cifar", "--data-dir", str(archive), "--cache-dir", archive_cache,
+                 "--no-pretrained", "--epochs", "2", "--img-size", "32", "--batch-size", "64",
+                 "--train-subset", "4000", "--val-size", "1000", "--test-subset", "2000",
+                 "--num-workers", "2", "--lr", "2e-3", "--output-dir", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["name"] == "CIFAR-10" and cfg["recipe"]["name"] == "reference"
@@ -215,7 +244,8 @@ def test_check_reports_the_machine_consistently(tmp_path, capsys):
 
     code = check.main(["--data-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "torch " in out and "timm " in out and "CIFAR-10" in out and f"not found in {tmp_path}" in out
+    assert ("torch " in out and "timm " in out and "CIFAR-10" in out
+            and f"not found in {tmp_path}" in out)
     gpu_line = next(line for line in out.splitlines() if line.startswith("GPU"))
     if torch.version.cuda is None:
         assert "CPU-only build" in gpu_line and "CUDA" not in gpu_line
@@ -231,19 +261,22 @@ def test_check_names_the_kind_and_counts_of_a_data_dir(tmp_path, capsys):
     folder = image_folder(tmp_path / "f")
     check.main(["--data-dir", str(tar_of(folder, tmp_path / "c.tar.gz"))])
     out = capsys.readouterr().out
-    assert "tar archive of an image folder" in out and "150 train / 50 test image files, 10 classes" in out
+    assert ("tar archive of an image folder" in out
+            and "150 train / 50 test image files, 10 classes" in out)
 
 
 def test_bench_measures_both_recipes_paths_and_models(capsys):
     import check
 
-    assert check.main(["--bench", "--json", "--device", "cpu", "--bench-img-size", "32", "--bench-batch-size", "4",
-                       "--bench-steps", "1"]) == 0
+    assert check.main(["--bench", "--json", "--device", "cpu", "--bench-img-size", "32",
+                       "--bench-batch-size", "4", "--bench-steps", "1"]) == 0
     res = json.loads(capsys.readouterr().out)  # --json: stdout is the result alone
     assert set(res["data"]) == {"reference/cpu", "reference/device", "light/cpu", "light/device"}
-    assert all(v > 0 for v in res["data"].values()) and set(res["models"]) == {"ResNet-18", "TinyViT-5M"}
+    assert (all(v > 0 for v in res["data"].values())
+            and set(res["models"]) == {"ResNet-18", "TinyViT-5M"})
     for m in res["models"].values():
-        assert all(m[k] > 0 for k in ("ceiling", "fed_cpu", "fed_device", "eval")) and m["mfu"] is None
+        assert all(m[k] > 0
+                   for k in ("ceiling", "fed_cpu", "fed_device", "eval")) and m["mfu"] is None
 
 
 def test_bench_on_a_cpu_picks_small_sizes_and_says_so(monkeypatch, capsys):
@@ -255,23 +288,25 @@ def test_bench_on_a_cpu_picks_small_sizes_and_says_so(monkeypatch, capsys):
     monkeypatch.setattr(bench, "MODELS", {})
     bench.run_benchmarks("cpu", None, None, None)
     out = capsys.readouterr().err
-    assert "chose --bench-img-size 64 --bench-batch-size 16 --bench-steps 2" in out and seen["data"] == (64, 16)
+    assert ("chose --bench-img-size 64 --bench-batch-size 16 --bench-steps 2" in out
+            and seen["data"] == (64, 16))
 
 
 def test_bench_profile_names_the_operators_a_step_spends_time_in(capsys):
     import check
 
-    assert check.main(["--bench-profile", "tiny_vit_5m_224", "--device", "cpu", "--bench-img-size", "32",
-                       "--bench-batch-size", "2", "--bench-steps", "1"]) == 0
+    assert check.main(["--bench-profile", "tiny_vit_5m_224", "--device", "cpu", "--bench-img-size",
+                       "32", "--bench-batch-size", "2", "--bench-steps", "1"]) == 0
     out = capsys.readouterr().out
     assert "img/s under the profiler" in out and "aten::" in out and "Self CPU" in out
 
 
 @pytest.mark.slow
 def test_bench_suite_times_real_epochs_and_projects_the_suite(tmp_path):
-    flags = "--img-size 32 --batch-size 64 --train-subset 384 --val-size 128 --test-subset 128 --num-workers 0"
-    r = run_cli(str(ROOT / "check.py"), "--bench-suite", "2", "--json", "--device", "cpu", "--bench-suite-flags", flags,
-                cwd=tmp_path)
+    flags = ("--img-size 32 --batch-size 64 --train-subset 384 --val-size 128 --test-subset 128 "
+             "--num-workers 0")
+    r = run_cli(str(ROOT / "check.py"), "--bench-suite", "2", "--json", "--device", "cpu",
+                "--bench-suite-flags", flags, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     assert res["full_epochs"] == 30 and set(res["runs"]) == {"ResNet-18", "TinyViT-5M"}
@@ -279,7 +314,8 @@ def test_bench_suite_times_real_epochs_and_projects_the_suite(tmp_path):
         assert run["train_images"] == 384 and run["img_size"] == 32 and run["batch_size"] == 64
         assert run["later_epoch_s"] > 0 and run["other_s"] > 0
         assert run["projected_run_s"] >= 29 * run["later_epoch_s"] + run["first_epoch_s"]
-    assert res["projected_suite_s"] == pytest.approx(2 * sum(x["projected_run_s"] for x in res["runs"].values()))
+    assert (res["projected_suite_s"]
+            == pytest.approx(2 * sum(x["projected_run_s"] for x in res["runs"].values())))
     assert "epoch   2/2" in r.stderr, "the epoch lines go to stderr, not into the JSON"
     assert not list(tmp_path.iterdir()), "the timed runs leave nothing behind"
 
@@ -289,7 +325,8 @@ def test_bench_suite_times_real_epochs_and_projects_the_suite(tmp_path):
 def test_bench_suite_bad_flags_are_one_line(capsys, flags, words):
     import check
 
-    one_line_error_in_process(check.main, ["--bench-suite", "1", "--bench-suite-flags", flags], capsys, words)
+    one_line_error_in_process(check.main, ["--bench-suite", "1", "--bench-suite-flags", flags],
+                              capsys, words)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -1,1 +1,2 @@
-"""CIFAR-10 in: sources -> splits -> streams, with the augmentation recipes both pipelines read (design.md)."""
+"""CIFAR-10 in: sources -> splits -> streams, with the augmentation recipes both pipelines read
+(design.md)."""

@@ -1,12 +1,13 @@
-"""The augmentation recipes, each described once and read by both pipelines: the CPU path builds it from
-timm's (or torchvision's) own transforms, the device path from common/data/device_ops.py.
+"""The augmentation recipes, each described once and read by both pipelines: the CPU path builds it
+from timm's (or torchvision's) own transforms, the device path from common/data/device_ops.py.
 
 `reference` is the experiment's recipe: timm.data.create_transform(224, is_training=True,
-auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic") with
-timm's defaults (scale (0.08, 1), hflip 0.5) for training; resize to floor(224 / 0.875) = 256 (bicubic) + centre
-crop 224 for evaluation.
+auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1,
+interpolation="bicubic") with timm's defaults (scale (0.08, 1), hflip 0.5) for training; resize to
+floor(224 / 0.875) = 256 (bicubic) + centre crop 224 for evaluation.
 `light` is the weaker recipe this repository used before: torchvision RandAugment(2, 9) at 32x32,
-RandomResizedCrop(scale 0.25-1, bilinear), flip, no erasing, full-frame bilinear resize for evaluation."""
+RandomResizedCrop(scale 0.25-1, bilinear), flip, no erasing, full-frame bilinear resize for
+evaluation."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,8 @@ import torch
 
 from .resample import eval_geometry, resize_center_crop
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # both pretrained models expect it; scratch runs lose nothing by it
+# both pretrained models expect it; scratch runs lose nothing by it
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -26,24 +28,29 @@ class Recipe:
     """Every parameter of one train + eval transform (all of it goes into config.json)."""
 
     name: str
-    family: str                      # "timm": RandAugment after the crop, at the output size; "torchvision": before
+    family: str                      # "timm": RandAugment after the crop, at the output size;
+                                     # "torchvision": before
     ra_ops: int                      # RandAugment layers per image
     ra_magnitude: float              # timm: of 10 (9 = 90% of each op's range); torchvision: of 30
     ra_std: float                    # timm's magnitude noise (mstd)
     ra_prob: float                   # probability of each chosen op (timm 0.5)
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
-    interpolation: str               # bicubic | bilinear, for the crop, RandAugment's geometry and evaluation
+    # bicubic | bilinear, for the crop, RandAugment's geometry and evaluation
+    interpolation: str
     hflip: float
     re_prob: float                   # RandomErasing probability
-    re_mode: str                     # pixel: the box is per-pixel N(0, 1) noise (after normalising); const: zeros
-    eval_crop: float                 # eval: resize to floor(size / eval_crop), centre-crop size; 1.0 = full frame
+    re_mode: str                     # pixel: the box is per-pixel N(0, 1) noise (after
+                                     # normalising); const: zeros
+    eval_crop: float                 # eval: resize to floor(size / eval_crop), centre-crop size;
+                                     # 1.0 = full frame
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
     @property
     def randaugment(self) -> str:
-        """The RandAugment spec in its library's terms (timm's as the experiment wrote it: n2 is timm's default)."""
+        """The RandAugment spec in its library's terms (timm's as the experiment wrote it: n2 is
+        timm's default)."""
         if self.family == "timm":
             layers = "" if self.ra_ops == 2 else f"-n{self.ra_ops}"
             return f"rand-m{self.ra_magnitude:g}{layers}-mstd{self.ra_std:g}-inc1"
@@ -62,11 +69,11 @@ class Recipe:
 
 PRESETS = {
     "reference": Recipe("reference", "timm", ra_ops=2, ra_magnitude=9, ra_std=0.5, ra_prob=0.5,
-                        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=0.5,
-                        re_prob=0.25, re_mode="pixel", eval_crop=0.875),
+                        crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic",
+                        hflip=0.5, re_prob=0.25, re_mode="pixel", eval_crop=0.875),
     "light": Recipe("light", "torchvision", ra_ops=2, ra_magnitude=9, ra_std=0.0, ra_prob=1.0,
-                    crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bilinear", hflip=0.5,
-                    re_prob=0.0, re_mode="pixel", eval_crop=1.0),
+                    crop_scale=(0.25, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bilinear",
+                    hflip=0.5, re_prob=0.0, re_mode="pixel", eval_crop=1.0),
 }
 
 
@@ -93,18 +100,21 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """[0, 255] -> (x / 255 - mean) / std, per channel, as one multiply-add: x * 1/(255 std) - mean/std."""
-    scale = torch.tensor([1 / (255.0 * s) for s in std], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    """[0, 255] -> (x / 255 - mean) / std, per channel, as one multiply-add: x * 1/(255 std) -
+    mean/std."""
+    scale = torch.tensor([1 / (255.0 * s) for s in std], device=x.device,
+                         dtype=x.dtype).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device,
+                         dtype=x.dtype).view(1, -1, 1, 1)
     return torch.addcmul(shift, x, scale)
 
 
-# ----------------------------------------------------------------------------- the CPU (per-image) path
+# ------------------------------------------------------------------------- the CPU (per-image) path
 
 def _posterize_zero_bits_is_black(img, bits_to_keep, **_):
-    """timm's PosterizeIncreasing asks for 0 bits when the noisy magnitude reaches 10 (about 1 call in 40 of
-    that op). Pillow >= 13 raises on it (ValueError: bits must be between or equal to 1 and 8); older Pillow
-    returned a black image, which is what the experiment's runs saw: keep that."""
+    """timm's PosterizeIncreasing asks for 0 bits when the noisy magnitude reaches 10 (about 1 call
+    in 40 of that op). Pillow >= 13 raises on it (ValueError: bits must be between or equal to 1 and
+    8); older Pillow returned a black image, which is what the experiment's runs saw: keep that."""
     from PIL import Image, ImageOps
 
     if bits_to_keep >= 8:
@@ -139,23 +149,26 @@ def cpu_train_transform(recipe: Recipe, img_size: int) -> Callable[[torch.Tensor
     if recipe.family == "timm":
         from timm.data import create_transform
 
-        tf = create_transform(img_size, is_training=True, auto_augment=recipe.randaugment, re_prob=recipe.re_prob,
-                              re_mode=recipe.re_mode, re_count=1, interpolation=recipe.interpolation,
-                              scale=recipe.crop_scale, ratio=recipe.crop_ratio, hflip=recipe.hflip, mean=recipe.mean,
+        tf = create_transform(img_size, is_training=True, auto_augment=recipe.randaugment,
+                              re_prob=recipe.re_prob, re_mode=recipe.re_mode, re_count=1,
+                              interpolation=recipe.interpolation, scale=recipe.crop_scale,
+                              ratio=recipe.crop_ratio, hflip=recipe.hflip, mean=recipe.mean,
                               std=recipe.std)
         _patch_posterize(tf)
         return FromTensor(tf)
     from torchvision.transforms import InterpolationMode, v2
 
-    steps = [v2.RandAugment(num_ops=recipe.ra_ops, magnitude=int(recipe.ra_magnitude))] if recipe.ra_ops else []
+    steps = ([v2.RandAugment(num_ops=recipe.ra_ops, magnitude=int(recipe.ra_magnitude))]
+             if recipe.ra_ops else [])
     steps += [v2.RandomResizedCrop(img_size, scale=recipe.crop_scale, ratio=recipe.crop_ratio,
-                                   interpolation=InterpolationMode(recipe.interpolation), antialias=True),
+                                   interpolation=InterpolationMode(recipe.interpolation),
+                                   antialias=True),
               v2.RandomHorizontalFlip(recipe.hflip), v2.ToDtype(torch.float32, scale=True),
               v2.Normalize(recipe.mean, recipe.std)]
     return v2.Compose(steps)
 
 
-# ----------------------------------------------------------------------------- evaluation (both paths)
+# -------------------------------------------------------------------------- evaluation (both paths)
 
 class EvalTransform:
     """The eval transform on a batch of uint8 images: timm's Resize + CenterCrop, Pillow-exact, then
@@ -166,9 +179,11 @@ class EvalTransform:
         self.resize_to, self.crop = eval_geometry(img_size, recipe.eval_crop)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = resize_center_crop(images, self.img_size, self.recipe.eval_crop, self.recipe.interpolation)
+        x = resize_center_crop(images, self.img_size, self.recipe.eval_crop,
+                               self.recipe.interpolation)
         return normalize(x, self.recipe.mean, self.recipe.std)
 
     def describe(self) -> str:
         return (f"resize {self.resize_to} ({self.recipe.interpolation}) + centre crop {self.crop}"
-                if self.resize_to != self.crop else f"resize {self.crop} ({self.recipe.interpolation})")
+                if self.resize_to != self.crop
+                else f"resize {self.crop} ({self.recipe.interpolation})")

@@ -1,12 +1,14 @@
-"""The two augmentation recipes as batched tensor ops, run on the device that holds the images (on the CPU in
-the tests). Random choices are drawn on the CPU from a seeded generator, so the same seed gives the same
-augmentation on any device, and the device work needs no host sync.
+"""The two augmentation recipes as batched tensor ops, run on the device that holds the images (on
+the CPU in the tests). Random choices are drawn on the CPU from a seeded generator, so the same seed
+gives the same augmentation on any device, and the device work needs no host sync.
 
 - ReferenceAugment: timm's train transform of the experiment, op for op: RandomResizedCrop (Pillow's
-  bicubic, exactly), flip, RandAugment `rand-m9-mstd0.5-inc1` at the output size (Pillow's op semantics:
-  uint8 rounding, blend truncation, affine bicubic with the ImageNet-mean fill), normalise, RandomErasing.
-- LightAugment: the earlier, weaker recipe: torchvision's RandAugment(2, 9) at 32x32 with the geometry
-  composed into one affine map, RandomResizedCrop (scale >= 0.25) and flip, one bilinear upsample."""
+  bicubic, exactly), flip, RandAugment `rand-m9-mstd0.5-inc1` at the output size (Pillow's op
+  semantics: uint8 rounding, blend truncation, affine bicubic with the ImageNet-mean fill),
+  normalise, RandomErasing.
+- LightAugment: the earlier, weaker recipe: torchvision's RandAugment(2, 9) at 32x32 with the
+  geometry composed into one affine map, RandomResizedCrop (scale >= 0.25) and flip, one bilinear
+  upsample."""
 from __future__ import annotations
 
 import math
@@ -21,11 +23,14 @@ from .resample import resize_crops
 
 
 def sample_crops(n: int, size: int, scale: tuple[float, float], ratio: tuple[float, float],
-                 gen: torch.Generator, allow_empty: bool = False, attempts: int = 10) -> torch.Tensor:
-    """(n, 4) crops (top, left, height, width) drawn as timm's RandomResizedCropAndInterpolation (and
-    torchvision's RandomResizedCrop) do: up to 10 tries of area x aspect ratio, first fit, else the image."""
+                 gen: torch.Generator, allow_empty: bool = False,
+                 attempts: int = 10) -> torch.Tensor:
+    """(n, 4) crops (top, left, height, width) drawn as timm's RandomResizedCropAndInterpolation
+    (and torchvision's RandomResizedCrop) do: up to 10 tries of area x aspect ratio, first fit, else
+    the image."""
     area = size * size * torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=gen)
-    r = torch.exp(torch.empty(n, attempts).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
+    r = torch.exp(torch.empty(n, attempts)
+                  .uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=gen))
     w, h = torch.round(torch.sqrt(area * r)), torch.round(torch.sqrt(area / r))
     ok = (w <= size) & (h <= size) & ((w > 0) & (h > 0) | allow_empty)
     first = torch.where(ok.any(1), ok.float().argmax(1), -1)
@@ -39,11 +44,14 @@ def sample_crops(n: int, size: int, scale: tuple[float, float], ratio: tuple[flo
 
 
 def sample_erasing(n: int, size: int, prob: float, gen: torch.Generator, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3, attempts: int = 10) -> torch.Tensor:
-    """(n, 4) boxes (top, left, height, width) of timm's RandomErasing (one box, re_count=1); height 0 = none."""
+                   max_area: float = 1 / 3, min_aspect: float = 0.3,
+                   attempts: int = 10) -> torch.Tensor:
+    """(n, 4) boxes (top, left, height, width) of timm's RandomErasing (one box, re_count=1); height
+    0 = none."""
     apply = torch.rand(n, generator=gen) <= prob
     area = size * size * torch.empty(n, attempts).uniform_(min_area, max_area, generator=gen)
-    r = torch.exp(torch.empty(n, attempts).uniform_(math.log(min_aspect), -math.log(min_aspect), generator=gen))
+    r = torch.exp(torch.empty(n, attempts).uniform_(math.log(min_aspect), -math.log(min_aspect),
+                                                    generator=gen))
     h, w = torch.round(torch.sqrt(area * r)), torch.round(torch.sqrt(area / r))
     ok = (w < size) & (h < size)
     first = ok.float().argmax(1, keepdim=True)
@@ -56,8 +64,9 @@ def sample_erasing(n: int, size: int, prob: float, gen: torch.Generator, min_are
 
 
 def erase(x: torch.Tensor, boxes: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Fill each image's box with `noise` (timm's 'pixel' mode: per-pixel N(0, 1) in normalised units, shaped
-    like x) or with zeros (its 'const' mode: the mean colour); height 0 leaves the image alone."""
+    """Fill each image's box with `noise` (timm's 'pixel' mode: per-pixel N(0, 1) in normalised
+    units, shaped like x) or with zeros (its 'const' mode: the mean colour); height 0 leaves the
+    image alone."""
     size = x.shape[-1]
     top, left, h, w = boxes.to(x.device, non_blocking=True).view(-1, 4, 1).unbind(1)
     pos = torch.arange(size, device=x.device).view(1, -1)
@@ -68,12 +77,13 @@ def erase(x: torch.Tensor, boxes: torch.Tensor, noise: torch.Tensor | None = Non
 
 
 def noise_generator(device: torch.device, seed: int) -> torch.Generator:
-    """A generator on `device` for the erasing noise, seeded from the chunk's CPU draws (normal draws on the
-    device are one kernel; drawing them on the CPU would cost more than the rest of the pipeline)."""
+    """A generator on `device` for the erasing noise, seeded from the chunk's CPU draws (normal
+    draws on the device are one kernel; drawing them on the CPU would cost more than the rest of the
+    pipeline)."""
     return torch.Generator(device=device).manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------- Pillow's ops on [0, 255]
+# ------------------------------------------------------------------------- Pillow's ops on [0, 255]
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
     """Pillow's RGB -> L (ITU-R 601-2, integer arithmetic), (n, 1, H, W)."""
@@ -87,7 +97,8 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
     """ImageFilter.SMOOTH (3x3, centre 5, sum 13), rounded; the one-pixel border is copied."""
-    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device, dtype=x.dtype) / 13
+    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device,
+                     dtype=x.dtype) / 13
     n, c, h, w = x.shape
     inner = F.conv2d(x.reshape(n * c, 1, h, w), k.view(1, 1, 3, 3)).view(n, c, h - 2, w - 2)
     out = x.clone()
@@ -96,14 +107,15 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 
 
 def _autocontrast(x: torch.Tensor) -> torch.Tensor:
-    """ImageOps.autocontrast per channel: stretch min..max to 0..255 through Pillow's truncated lut (built in
-    float64 on 256 entries, then looked up: exact, and no float64 image)."""
+    """ImageOps.autocontrast per channel: stretch min..max to 0..255 through Pillow's truncated lut
+    (built in float64 on 256 entries, then looked up: exact, and no float64 image)."""
     n, c, h, w = x.shape
     flat = x.reshape(n * c, h * w)
     lo, hi = flat.amin(1, keepdim=True).double(), flat.amax(1, keepdim=True).double()
     scale = 255.0 / (hi - lo).clamp(min=1)
     levels = torch.arange(256, device=x.device, dtype=torch.float64).view(1, 256)
-    lut = torch.where(hi > lo, torch.trunc(levels * scale - lo * scale).clamp(0, 255), levels).to(x.dtype)
+    lut = torch.where(hi > lo, torch.trunc(levels * scale - lo * scale).clamp(0, 255),
+                      levels).to(x.dtype)
     return lut.gather(1, flat.long()).view(n, c, h, w)
 
 
@@ -111,11 +123,12 @@ def _equalize(x: torch.Tensor) -> torch.Tensor:
     """ImageOps.equalize per channel (Pillow's lut: step from all but the last non-empty bin)."""
     n, c, h, w = x.shape
     v = x.long().reshape(n * c, h * w)
-    hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, v, torch.ones_like(v, dtype=torch.float))
+    hist = (torch.zeros(n * c, 256, device=x.device)
+            .scatter_add_(1, v, torch.ones_like(v, dtype=torch.float)))
     last = hist.gather(1, 255 - torch.flip(hist, [1]).ne(0).float().argmax(1, keepdim=True))
     step = torch.div(hist.sum(1, keepdim=True) - last, 255, rounding_mode="floor")
-    lut = torch.div(torch.cumsum(hist, 1) + torch.div(step, 2, rounding_mode="floor"), step.clamp(min=1),
-                    rounding_mode="floor")
+    lut = torch.div(torch.cumsum(hist, 1) + torch.div(step, 2, rounding_mode="floor"),
+                    step.clamp(min=1), rounding_mode="floor")
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut[:, :-1]], 1).clamp_(0, 255)
     out = torch.where(step > 0, lut.gather(1, v), v.float())
     return out.view(n, c, h, w).to(x.dtype)
@@ -128,10 +141,10 @@ def _cubic_weights(d: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def pil_affine(x: torch.Tensor, mats: torch.Tensor, fill: tuple[float, ...]) -> torch.Tensor:
-    """Image.transform(size, AFFINE, (a, b, c, d, e, f), BICUBIC, fillcolor=fill) per image: each output
-    pixel centre (x + .5, y + .5) maps to (a x + b y + c, d x + e y + f) in the input; outside -> fill. The 16
-    taps of every output pixel are gathered at once and weighted by the outer product of the x and y cubic
-    weights (float32 coordinates: exact to 1e-5 px at 224 px)."""
+    """Image.transform(size, AFFINE, (a, b, c, d, e, f), BICUBIC, fillcolor=fill) per image: each
+    output pixel centre (x + .5, y + .5) maps to (a x + b y + c, d x + e y + f) in the input;
+    outside -> fill. The 16 taps of every output pixel are gathered at once and weighted by the
+    outer product of the x and y cubic weights (float32 coordinates: exact to 1e-5 px at 224 px)."""
     n, ch, h, w = x.shape
     dev = x.device
     a, b, c, d, e, f = mats.to(dev, torch.float32, non_blocking=True).view(n, 6, 1, 1).unbind(1)
@@ -144,7 +157,8 @@ def pil_affine(x: torch.Tensor, mats: torch.Tensor, fill: tuple[float, ...]) -> 
     taps = torch.arange(-1, 3, device=dev, dtype=torch.float32).view(1, 4, 1, 1)
     cols = (x0.unsqueeze(1) + taps).clamp_(0, w - 1).long()                       # (n, 4, h, w)
     rows = (y0.unsqueeze(1) + taps).clamp_(0, h - 1).long()
-    idx = (rows.unsqueeze(2) * w + cols.unsqueeze(1)).view(n, 1, 16 * h * w)     # (n, 1, 4 rows x 4 cols x hw)
+    # (n, 1, 4 rows x 4 cols x hw)
+    idx = (rows.unsqueeze(2) * w + cols.unsqueeze(1)).view(n, 1, 16 * h * w)
     wx = torch.stack(_cubic_weights(xf - x0), 1)                                   # (n, 4, h, w)
     wy = torch.stack(_cubic_weights(yf - y0), 1)
     weights = (wy.unsqueeze(2) * wx.unsqueeze(1)).view(n, 1, 16, h, w)
@@ -155,7 +169,8 @@ def pil_affine(x: torch.Tensor, mats: torch.Tensor, fill: tuple[float, ...]) -> 
 
 
 def _affine_matrix(name: str, level: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, 6) Pillow AFFINE data of timm's geometric ops at signed level (degrees, shear, or fraction)."""
+    """(n, 6) Pillow AFFINE data of timm's geometric ops at signed level (degrees, shear, or
+    fraction)."""
     n = level.shape[0]
     one, zero = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     level = level.double()
@@ -163,7 +178,8 @@ def _affine_matrix(name: str, level: torch.Tensor, size: int) -> torch.Tensor:
         ang = -torch.deg2rad(level)
         cos, sin = torch.cos(ang), torch.sin(ang)
         cx = cy = size / 2.0
-        return torch.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy], 1)
+        return torch.stack([cos, sin, cos * -cx + sin * -cy + cx, -sin, cos,
+                            -sin * -cx + cos * -cy + cy], 1)
     if name == "ShearX":
         return torch.stack([one, level, zero, zero, one, zero], 1)
     if name == "ShearY":
@@ -174,29 +190,34 @@ def _affine_matrix(name: str, level: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # timm's _RAND_INCREASING_TRANSFORMS, in its order
-TIMM_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
-            "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-            "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-GEOMETRIC_SCALE = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateXRel": 0.45, "TranslateYRel": 0.45}
+TIMM_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
+            "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+            "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel",
+            "TranslateYRel")
+GEOMETRIC_SCALE = {"Rotate": 30.0, "ShearX": 0.3, "ShearY": 0.3, "TranslateXRel": 0.45,
+                   "TranslateYRel": 0.45}
 
 
 def timm_op(name: str, x: torch.Tensor, magnitude: torch.Tensor, sign: torch.Tensor,
             fill: tuple[float, ...]) -> torch.Tensor:
-    """One op of timm's increasing RandAugment on [0, 255] images, with its level arithmetic (magnitude in
-    [0, 10], sign +-1 for the signed ops), as AugmentOp + the Pillow function would compute it."""
+    """One op of timm's increasing RandAugment on [0, 255] images, with its level arithmetic
+    (magnitude in [0, 10], sign +-1 for the signed ops), as AugmentOp + the Pillow function would
+    compute it."""
     if name == "AutoContrast":
         return _autocontrast(x)
     if name == "Equalize":
         return _equalize(x)
     if name == "Invert":
         return 255.0 - x
-    if name in GEOMETRIC_SCALE:  # the matrices are made on the CPU, where the draws are: no device sync
+    # the matrices are made on the CPU, where the draws are: no device sync
+    if name in GEOMETRIC_SCALE:
         level = magnitude.double().cpu() / 10 * GEOMETRIC_SCALE[name] * sign.double().cpu()
         return pil_affine(x, _affine_matrix(name, level, x.shape[-1]), fill)
     m = magnitude.to(x.device, torch.float64, non_blocking=True)
     s = sign.to(x.device, torch.float64, non_blocking=True)
     view = (lambda t: t.view(-1, 1, 1, 1).to(x.dtype))
-    if name == "PosterizeIncreasing":  # keep 4 - int(4 m / 10) bits; 0 bits = black, as Pillow < 13 did
+    # keep 4 - int(4 m / 10) bits; 0 bits = black, as Pillow < 13 did
+    if name == "PosterizeIncreasing":
         shift = 2.0 ** (8 - (4 - torch.trunc(m / 10 * 4)))
         return torch.floor(x / view(shift)) * view(shift)
     if name == "SolarizeIncreasing":
@@ -219,8 +240,9 @@ def timm_op(name: str, x: torch.Tensor, magnitude: torch.Tensor, sign: torch.Ten
 
 
 class DeviceAugment:
-    """A recipe as batched ops: sample() draws every random choice on the CPU from a seeded generator;
-    apply() is the device work on a chunk of batches; finish() the last step, once per batch."""
+    """A recipe as batched ops: sample() draws every random choice on the CPU from a seeded
+    generator; apply() is the device work on a chunk of batches; finish() the last step, once per
+    batch."""
 
     def __init__(self, recipe: Recipe, img_size: int):
         self.recipe, self.size = recipe, img_size
@@ -239,16 +261,19 @@ class DeviceAugment:
 
 
 class ReferenceAugment(DeviceAugment):
-    """timm's train transform of the experiment on a batch: uint8 (n, 3, 32, 32) -> normalised float.
+    """timm's train transform of the experiment on a batch: uint8 (n, 3, 32, 32) -> normalised
+    float.
 
-    sample() makes every data-dependent decision on the CPU: the crops and flips, and for each RandAugment layer
-    which images take which op (an image takes one op per layer, so the ops partition the images and their order
-    within a layer does not matter: the five geometric ops become one affine pass), the affine matrices, the
-    erasing boxes. apply() is then device work on tensors of known shapes, with no host read."""
+    sample() makes every data-dependent decision on the CPU: the crops and flips, and for each
+    RandAugment layer which images take which op (an image takes one op per layer, so the ops
+    partition the images and their order within a layer does not matter: the five geometric ops
+    become one affine pass), the affine matrices, the erasing boxes. apply() is then device work on
+    tensors of known shapes, with no host read."""
 
     def __init__(self, recipe: Recipe, img_size: int):
         super().__init__(recipe, img_size)
-        self.fill = tuple(float(min(255, round(255 * m))) for m in recipe.mean)  # timm's img_mean fill
+        # timm's img_mean fill
+        self.fill = tuple(float(min(255, round(255 * m))) for m in recipe.mean)
 
     def sample(self, n: int, gen: torch.Generator) -> dict:
         r = self.recipe
@@ -277,9 +302,10 @@ class ReferenceAugment(DeviceAugment):
                     plan.append((name, sel, m, s))
             if geometric_idx:
                 plan.append(("affine", torch.cat(geometric_idx), torch.cat(geometric_mats), None))
-        return {"crops": crops, "flips": flips, "ops": ops, "apply": apply, "magnitude": magnitude, "signs": signs,
-                "erase": erase_boxes, "erased": torch.nonzero(erase_boxes[:, 2] > 0).flatten(),
-                "noise_seed": noise_seed, "plan": plan}
+        return {"crops": crops, "flips": flips, "ops": ops, "apply": apply, "magnitude": magnitude,
+                "signs": signs, "erase": erase_boxes,
+                "erased": torch.nonzero(erase_boxes[:, 2] > 0).flatten(), "noise_seed": noise_seed,
+                "plan": plan}
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
         x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation, flips=p["flips"])
@@ -292,11 +318,13 @@ class ReferenceAugment(DeviceAugment):
         x = normalize(x, self.recipe.mean, self.recipe.std)
         if not len(p["erased"]):
             return x
-        sel = p["erased"].to(x.device, non_blocking=True)  # only the images with a box: a quarter of them
+        sel = p["erased"].to(x.device, non_blocking=True)  # only the images with a box: a
+                                                           # quarter of them
         noise = None
         if self.recipe.re_mode == "pixel":
             g = noise_generator(x.device, p["noise_seed"])
-            noise = torch.randn((len(p["erased"]), *x.shape[1:]), generator=g, device=x.device, dtype=x.dtype)
+            noise = torch.randn((len(p["erased"]), *x.shape[1:]), generator=g, device=x.device,
+                                dtype=x.dtype)
         x[sel] = erase(x[sel], p["erase"][p["erased"]], noise)
         return x
 
@@ -304,18 +332,19 @@ class ReferenceAugment(DeviceAugment):
 # ----------------------------------------------------------------------------- the light recipe
 
 # torchvision RandAugment's 14 ops, in its order. Signed ops get a random sign (p = 0.5).
-TV_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
-          "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+TV_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
+          "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 TV_GEOMETRIC = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"}
 TV_BINS = 31  # torchvision's magnitude bins: value = max * magnitude / 30
 
 
 def tv_op_strength(op: str, magnitude: float, size: int = 32) -> float:
-    """The op's parameter at `magnitude`, as torchvision's RandAugment._augmentation_space computes it."""
+    """The op's parameter at `magnitude`, as torchvision's RandAugment._augmentation_space computes
+    it."""
     frac = magnitude / (TV_BINS - 1)
     return {"ShearX": 0.3 * frac, "ShearY": 0.3 * frac, "TranslateX": 150.0 / 331.0 * size * frac,
-            "TranslateY": 150.0 / 331.0 * size * frac, "Rotate": 30.0 * frac, "Brightness": 0.9 * frac,
-            "Color": 0.9 * frac, "Contrast": 0.9 * frac, "Sharpness": 0.9 * frac,
+            "TranslateY": 150.0 / 331.0 * size * frac, "Rotate": 30.0 * frac, "Brightness": 0.9
+            * frac, "Color": 0.9 * frac, "Contrast": 0.9 * frac, "Sharpness": 0.9 * frac,
             "Posterize": float(8 - int(round(magnitude / ((TV_BINS - 1) / 4)))),
             "Solarize": 1.0 - frac}.get(op, 0.0)
 
@@ -329,7 +358,8 @@ def _tv_blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.T
 
 
 def tv_colour_op(op: str, x: torch.Tensor, strength: float, sign: torch.Tensor) -> torch.Tensor:
-    """One torchvision colour op on a float batch in [0, 1]; `sign` (+-1 per sample) for the signed ops."""
+    """One torchvision colour op on a float batch in [0, 1]; `sign` (+-1 per sample) for the signed
+    ops."""
     factor = 1.0 + strength * sign.to(x.device)
     if op == "Brightness":
         return _tv_blend(x, torch.zeros_like(x), factor)
@@ -368,16 +398,19 @@ def tv_geometric_inverse(op: str, strength: float, sign: torch.Tensor, size: int
         m[:, 1, 2] = -2 * s / size
     elif op == "Rotate":
         a = torch.deg2rad(s)
-        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)
+        m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = (torch.cos(a), -torch.sin(a), torch.sin(a),
+                                                          torch.cos(a))
     return m
 
 
 class LightAugment(DeviceAugment):
-    """RandAugment(num_ops, magnitude) at 32x32 + RandomResizedCrop + flip + normalise, one upsample."""
+    """RandAugment(num_ops, magnitude) at 32x32 + RandomResizedCrop + flip + normalise, one
+    upsample."""
 
     def sample(self, n: int, gen: torch.Generator) -> dict:
-        """The draws, and what they decide: the colour op of each image per layer (the selections), and the one
-        affine map per image that composes its geometric ops with its crop and flip (computed here, on the CPU)."""
+        """The draws, and what they decide: the colour op of each image per layer (the selections),
+        and the one affine map per image that composes its geometric ops with its crop and flip
+        (computed here, on the CPU)."""
         r = self.recipe
         ops = torch.randint(len(TV_OPS), (r.ra_ops, n), generator=gen)
         signs = torch.where(torch.rand(r.ra_ops, n, generator=gen) < 0.5, -1.0, 1.0)
@@ -407,17 +440,20 @@ class LightAugment(DeviceAugment):
                 "theta": (inverse @ crop)[:, :2].contiguous()}
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
-        """All random ops at 32x32: uint8 (n, 3, 32, 32) -> normalised float (n, 3, 32, 32); see finish()."""
+        """All random ops at 32x32: uint8 (n, 3, 32, 32) -> normalised float (n, 3, 32, 32); see
+        finish()."""
         n, device = images.shape[0], images.device
         x = images.float().div_(255)
         for op, sel, strength, sign in p["colour"]:
             dev_sel = sel.to(device, non_blocking=True)
             x[dev_sel] = tv_colour_op(op, x[dev_sel], strength, sign)
         theta = p["theta"].to(device, non_blocking=True)
-        # sample at 32x32 (black fill outside) and normalise there: normalising is per-channel affine and
-        # commutes with the bilinear upsample, so it costs a 32x32 pass, not an img_size one
+        # sample at 32x32 (black fill outside) and normalise there: normalising is per-channel
+        # affine and commutes with the bilinear upsample, so it costs a 32x32 pass, not an img_size
+        # one
         grid = F.affine_grid(theta, [n, 3, 32, 32], align_corners=False)
-        return normalize(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) * 255,
+        return normalize(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                                       align_corners=False) * 255,
                          self.recipe.mean, self.recipe.std)
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:

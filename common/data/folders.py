@@ -1,8 +1,10 @@
-"""CIFAR-10 as image files: a folder holding train/<class>/*.png|jpg and test/<class>/*, or a .tar.gz, .tgz,
-.tar or .zip of such a folder. Lists, checks and decodes them (in parallel) into uint8 arrays.
+"""CIFAR-10 as image files: a folder holding train/<class>/*.png|jpg and test/<class>/*, or a
+.tar.gz, .tgz, .tar or .zip of such a folder. Lists, checks and decodes them (in parallel) into
+uint8 arrays.
 
-No torch here: worker processes import this module alone. Archives are read in memory, never unpacked, so
-a member that would escape the folder (../, an absolute path, a link) is refused before anything is read."""
+No torch here: worker processes import this module alone. Archives are read in memory, never
+unpacked, so a member that would escape the folder (../, an absolute path, a link) is refused before
+anything is read."""
 from __future__ import annotations
 
 import io
@@ -22,7 +24,8 @@ import numpy as np
 from ..errors import UserError
 from ..faults import failpoint
 
-CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                 "truck")
 NUM_CLASSES = len(CIFAR_CLASSES)  # the one place: synthetic data and the official batches have ten
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
@@ -33,9 +36,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ImageEntry:
-    """One image of the source: where it is shown to the user, its split and class, its bytes or file."""
+    """One image of the source: where it is shown to the user, its split and class, its bytes or
+    file."""
 
-    name: str                # path as the user sees it: folder/train/cat/0001.png or archive.zip:train/cat/0001.png
+    # path as the user sees it: folder/train/cat/0001.png or archive.zip:train/cat/0001.png
+    name: str
     split: str
     cls: str
     data: bytes | None = None
@@ -57,8 +62,8 @@ def archive_kind(path: Path) -> str:
 
 
 def is_image_folder(path: Path) -> bool:
-    """A folder with train/ or test/ (or one folder inside that has them): read as an image folder, whose
-    checks then name whatever is missing."""
+    """A folder with train/ or test/ (or one folder inside that has them): read as an image folder,
+    whose checks then name whatever is missing."""
     if image_root(path) is not None:
         return True
     return path.is_dir() and any((path / s).is_dir() for s in SPLITS)
@@ -78,15 +83,18 @@ def image_root(path: Path) -> Path | None:
 # ----------------------------------------------------------------------------- listing
 
 def list_folder(root: Path) -> list[ImageEntry]:
-    """Every image under root/{train,test}/<class>/, sorted; a UserError when the layout is wrong."""
+    """Every image under root/{train,test}/<class>/, sorted; a UserError when the layout is
+    wrong."""
     base = image_root(root)
     if base is None:
         missing = [s for s in SPLITS if not (root / s).is_dir()]
-        raise UserError(f"{root} has no {' or '.join(s + '/' for s in missing)} folder: an image-folder copy of "
-                        f"CIFAR-10 holds train/<class>/*.png and test/<class>/*.png (JPEG works too)")
+        raise UserError(f"{root} has no {' or '.join(s + '/' for s in missing)} folder: an "
+                        "image-folder copy of CIFAR-10 holds train/<class>/*.png and "
+                        "test/<class>/*.png (JPEG works too)")
     entries = []
     for split in SPLITS:
-        for cls_dir in sorted(p for p in (base / split).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for cls_dir in sorted(p for p in (base / split).iterdir()
+                              if p.is_dir() and not p.name.startswith(".")):
             for f in sorted(cls_dir.iterdir()):
                 if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
                     entries.append(ImageEntry(str(f), split, cls_dir.name, path=str(f)))
@@ -98,7 +106,8 @@ def _safe_member(archive: Path, name: str, is_file: bool, is_link: bool) -> Pure
     p = PurePosixPath(name.replace("\\", "/"))
     if p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":") or is_link:
         raise UserError(f"{archive} holds a member that escapes its folder ({name!r}: "
-                        f"{'a link' if is_link else 'an absolute path or ..'}); refusing to read this archive")
+                        f"{'a link' if is_link else 'an absolute path or ..'}); refusing to read "
+                        "this archive")
     return p if is_file else None
 
 
@@ -123,10 +132,12 @@ def _iter_archive(archive: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
 
 
 def list_archive(archive: Path) -> list[ImageEntry]:
-    """Every image of a .tar(.gz)/.zip of an image folder, read into memory (a single top folder is fine)."""
+    """Every image of a .tar(.gz)/.zip of an image folder, read into memory (a single top folder is
+    fine)."""
     members = list(_iter_archive(archive))
     if not members:
-        raise UserError(f"{archive} holds no .png/.jpg images; expected train/<class>/*.png and test/<class>/*.png")
+        raise UserError(f"{archive} holds no .png/.jpg images; expected train/<class>/*.png and "
+                        "test/<class>/*.png")
     tops = {p.parts[0] for p, _ in members}
     strip = 1 if len(tops) == 1 and next(iter(tops)) not in SPLITS else 0
     entries = []
@@ -143,7 +154,8 @@ def list_archive(archive: Path) -> list[ImageEntry]:
 
 
 def class_order(names: set[str]) -> tuple[str, ...]:
-    """CIFAR-10's official label order when the folders are its ten classes (any case), else sorted."""
+    """CIFAR-10's official label order when the folders are its ten classes (any case), else
+    sorted."""
     lowered = {n.lower(): n for n in names}
     if set(lowered) == set(CIFAR_CLASSES) and len(lowered) == len(names):
         return tuple(lowered[c] for c in CIFAR_CLASSES)
@@ -160,11 +172,11 @@ def check_classes(source: str, entries: list[ImageEntry]) -> tuple[str, ...]:
         only_train = sorted(per_split["train"] - per_split["test"])
         only_test = sorted(per_split["test"] - per_split["train"])
         raise UserError(f"{source}: class folders differ between train/ and test/ (only in train: "
-                        f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
-                        f"give both splits the same class folders")
+                        f"{', '.join(only_train) or '-'}; only in test: "
+                        f"{', '.join(only_test) or '-'}); give both splits the same class folders")
     if len(per_split["train"]) < 2:
-        raise UserError(f"{source}: found a single class folder ({next(iter(per_split['train']))}); "
-                        f"a classifier needs at least two")
+        raise UserError(f"{source}: found a single class folder "
+                        f"({next(iter(per_split['train']))}); a classifier needs at least two")
     return class_order(per_split["train"])
 
 
@@ -183,7 +195,8 @@ def decode_one(data: bytes) -> tuple[np.ndarray | None, str]:
         return None, f"unreadable ({type(e).__name__}: {e})"
 
 
-def _decode_chunk(items: list[tuple[str, bytes | None, str | None]]) -> list[tuple[np.ndarray | None, str]]:
+def _decode_chunk(items: list[tuple[str, bytes | None,
+                                    str | None]]) -> list[tuple[np.ndarray | None, str]]:
     out = []
     for name, data, path in items:
         if data is None:
@@ -198,7 +211,8 @@ def _decode_chunk(items: list[tuple[str, bytes | None, str | None]]) -> list[tup
 
 
 def _die_with_parent() -> None:
-    """A decode worker ends when the process that started it is killed (Linux): no orphans holding its pipes."""
+    """A decode worker ends when the process that started it is killed (Linux): no orphans holding
+    its pipes."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
@@ -209,7 +223,8 @@ def _die_with_parent() -> None:
             pass
 
 
-def decode_entries(entries: list[ImageEntry], workers: int, progress: Callable[[int], None] | None = None,
+def decode_entries(entries: list[ImageEntry], workers: int,
+                   progress: Callable[[int], None] | None = None,
                    chunk: int = 1000) -> list[tuple[np.ndarray | None, str]]:
     """Decode every entry, in `workers` processes when there are many (results in entry order)."""
     items = [(e.name, e.data, e.path) for e in entries]
@@ -235,16 +250,18 @@ def decode_entries(entries: list[ImageEntry], workers: int, progress: Callable[[
 
 def decode_source(source: str, entries: list[ImageEntry], skip_bad: bool, workers: int | None = None
                   ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], tuple[str, ...], list[str]]:
-    """{split: (uint8 (N,3,32,32), int64 labels)}, the class names in label order, and the skipped files."""
+    """{split: (uint8 (N,3,32,32), int64 labels)}, the class names in label order, and the skipped
+    files."""
     classes = check_classes(source, entries)
     label = {c: i for i, c in enumerate(classes)}
     workers = workers or os.cpu_count() or 1
     from ..progress import Progress
 
     start = time.monotonic()
-    log.info(f"decoding {len(entries)} images of {source} with {workers} processes (once: later runs read the "
-             f"cache)")
-    bar = Progress(len(entries), "decoding", unit="image", every_s=10, enabled=log.isEnabledFor(logging.INFO))
+    log.info(f"decoding {len(entries)} images of {source} with {workers} processes (once: later "
+             "runs read the cache)")
+    bar = Progress(len(entries), "decoding", unit="image", every_s=10,
+                   enabled=log.isEnabledFor(logging.INFO))
     decoded = decode_entries(entries, workers, bar.advance)
     bar.close()
     log.info(f"decoded {len(entries)} images in {time.monotonic() - start:.1f} s")
@@ -252,14 +269,16 @@ def decode_source(source: str, entries: list[ImageEntry], skip_bad: bool, worker
     wrong_size = [b for b in bad if b[1].startswith("size")]
     if wrong_size and not skip_bad:
         name, why = wrong_size[0]
-        raise UserError(f"{name} is {why[5:]}, not 32x32 (the first of {len(wrong_size)} such images); CIFAR-10 "
-                        f"images are 32x32: point --data-dir at an unresized copy")
+        raise UserError(f"{name} is {why[5:]}, not 32x32 (the first of {len(wrong_size)} such "
+                        "images); CIFAR-10 images are 32x32: point --data-dir at an unresized "
+                        "copy")
     if bad and not skip_bad:
         name, why = bad[0]
         raise UserError(f"{name} is {why} (the first of {len(bad)} bad images); {SKIP_HINT}")
     arrays = {}
     for split in SPLITS:
-        keep = [(img, label[e.cls]) for e, (img, _) in zip(entries, decoded) if e.split == split and img is not None]
+        keep = [(img, label[e.cls]) for e, (img, _) in zip(entries, decoded)
+                if e.split == split and img is not None]
         if not keep:
             raise UserError(f"{source}: no readable images in {split}/")
         x = np.stack([k[0] for k in keep]).transpose(0, 3, 1, 2).copy()

@@ -1,7 +1,8 @@
-"""Where the images come from. Each source turns into uint8 arrays (N, 3, 32, 32) + int64 labels for the
-train and test splits, and says what it was (provenance): the official `cifar-10-batches-py` pickles (read
-through an allow-list, downloaded when missing), an image folder or archive (decoded once into a cache),
-or synthetic data (`--dummy`). Nothing here knows about splits, augmentation or models."""
+"""Where the images come from. Each source turns into uint8 arrays (N, 3, 32, 32) + int64 labels for
+the train and test splits, and says what it was (provenance): the official `cifar-10-batches-py`
+pickles (read through an allow-list, downloaded when missing), an image folder or archive (decoded
+once into a cache), or synthetic data (`--dummy`). Nothing here knows about splits, augmentation or
+models."""
 from __future__ import annotations
 
 import hashlib
@@ -24,11 +25,14 @@ log = logging.getLogger(__name__)
 BATCHES = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
-CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # = torchvision.datasets.CIFAR10.url
+# = torchvision.datasets.CIFAR10.url
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"                          # = CIFAR10.tgz_md5
-OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"  # the official pickles, not an image archive: unpacked, not decoded
+# the official pickles, not an image archive: unpacked, not decoded
+OFFICIAL_ARCHIVE = "cifar-10-python.tar.gz"
 HF_REPO = "uoft-cs/cifar10"
-HF_FILES = {"train": "plain_text/train-00000-of-00001.parquet", "test": "plain_text/test-00000-of-00001.parquet"}
+HF_FILES = {"train": "plain_text/train-00000-of-00001.parquet",
+            "test": "plain_text/test-00000-of-00001.parquet"}
 SYNTHETIC = "synthetic"
 
 
@@ -48,7 +52,8 @@ class DataSource:
 
     def __post_init__(self) -> None:
         if not self.sha256:
-            self.sha256 = content_hash(self.train_x, self.train_y, self.test_x, self.test_y, self.classes)
+            self.sha256 = content_hash(self.train_x, self.train_y, self.test_x, self.test_y,
+                                       self.classes)
 
     @property
     def is_cifar10(self) -> bool:
@@ -64,10 +69,12 @@ class DataSource:
 
 
 def content_hash(*parts) -> str:
-    """SHA-256 of the decoded arrays and class names: the same images give the same hash in any format."""
+    """SHA-256 of the decoded arrays and class names: the same images give the same hash in any
+    format."""
     h = hashlib.sha256()
     for p in parts:
-        h.update(np.ascontiguousarray(p).tobytes() if isinstance(p, np.ndarray) else repr(p).encode())
+        h.update(np.ascontiguousarray(p).tobytes() if isinstance(p, np.ndarray)
+                 else repr(p).encode())
     return h.hexdigest()
 
 
@@ -83,16 +90,17 @@ def describe_kind(data_dir: str | Path) -> str:
     return "missing"
 
 
-def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = True, cache_dir: str | None = None,
-                skip_bad_images: bool = False) -> DataSource:
-    """The source --data-dir names (or synthetic data for --dummy); downloads the official copy when the
-    folder has no CIFAR-10 yet. UserErrors name the file or folder and the fix."""
+def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = True,
+                cache_dir: str | None = None, skip_bad_images: bool = False) -> DataSource:
+    """The source --data-dir names (or synthetic data for --dummy); downloads the official copy when
+    the folder has no CIFAR-10 yet. UserErrors name the file or folder and the fix."""
     if dummy:
         return synthetic_source()
     path = Path(data_dir)
     if not path.exists() and path.name.lower().endswith(folders.ARCHIVE_SUFFIXES):
-        raise UserError(f"--data-dir {path}: no such file (a name ending in {path.suffix} is read as an archive, "
-                        f"not a folder to download into); give the archive's path, or a folder")
+        raise UserError(f"--data-dir {path}: no such file (a name ending in {path.suffix} is read "
+                        "as an archive, not a folder to download into); give the archive's path, "
+                        "or a folder")
     archive = lone_archive(path)
     if archive is not None:
         log.info(f"--data-dir {path} holds one CIFAR-10 archive, {archive.name}: reading it")
@@ -102,10 +110,12 @@ def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = T
         return read_image_source(path, kind, cache_dir, skip_bad_images)
     if kind == "missing":
         if path.is_file():
-            raise UserError(f"--data-dir {path} is a file but not a .tar.gz, .tgz, .tar or .zip archive")
-        if path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith(".")) and not download:
-            raise UserError(f"--data-dir {path} holds no CIFAR-10: expected {BATCHES}/, train/ and test/ class "
-                            f"folders, or pass an archive of them")
+            raise UserError(f"--data-dir {path} is a file but not a .tar.gz, .tgz, .tar or .zip "
+                            "archive")
+        if (path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith("."))
+                and not download):
+            raise UserError(f"--data-dir {path} holds no CIFAR-10: expected {BATCHES}/, train/ and "
+                            "test/ class folders, or pass an archive of them")
         ensure_batches(path, download)
     folder = batches_folder(path)
     train_x, train_y, test_x, test_y = read_batches(folder)
@@ -113,49 +123,56 @@ def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = T
 
 
 def lone_archive(folder: Path) -> Path | None:
-    """The one .tar.gz/.tgz/.tar/.zip in a folder that holds no CIFAR-10 otherwise; a UserError when several
-    compete (which one is meant is not for us to guess)."""
+    """The one .tar.gz/.tgz/.tar/.zip in a folder that holds no CIFAR-10 otherwise; a UserError when
+    several compete (which one is meant is not for us to guess)."""
     if not folder.is_dir() or batches_folder(folder) is not None or folders.is_image_folder(folder):
         return None
-    found = sorted(p for p in folder.iterdir() if folders.is_archive(p) and p.name != OFFICIAL_ARCHIVE)
+    found = sorted(p for p in folder.iterdir()
+                   if folders.is_archive(p) and p.name != OFFICIAL_ARCHIVE)
     if len(found) > 1:
-        raise UserError(f"--data-dir {folder} holds {len(found)} archives ({', '.join(p.name for p in found[:4])}); "
-                        f"pass the one to read")
+        raise UserError(f"--data-dir {folder} holds {len(found)} archives "
+                        f"({', '.join(p.name for p in found[:4])}); pass the one to read")
     return found[0] if found else None
 
 
-# ----------------------------------------------------------------------------- image folders and archives
+# ----------------------------------------------------------------------- image folders and archives
 
 def read_image_source(path: Path, kind: str, cache_dir: str | None, skip_bad: bool) -> DataSource:
-    """Decode a folder or archive of images once; later runs read the cached arrays (well under 2 s)."""
+    """Decode a folder or archive of images once; later runs read the cached arrays (well under 2
+    s)."""
     fingerprint = cache.source_fingerprint(path)
     cached_at = cache.cache_file(path, fingerprint, cache_dir, skip_bad)
     hit = cache.load_cache(cached_at)
     if hit is not None:
         arrays, meta = hit
-        return DataSource(kind, str(path), arrays["train_x"], arrays["train_y"], arrays["test_x"], arrays["test_y"],
-                          tuple(meta["classes"]), meta.get("skipped", []), meta["sha256"])
+        return DataSource(kind, str(path), arrays["train_x"], arrays["train_y"], arrays["test_x"],
+                          arrays["test_y"], tuple(meta["classes"]), meta.get("skipped", []),
+                          meta["sha256"])
     entries = folders.list_archive(path) if kind in ("tar", "zip") else folders.list_folder(path)
     if not entries:
         raise UserError(f"{path} holds no .png/.jpg images under train/<class>/ and test/<class>/")
     arrays, classes, skipped = folders.decode_source(str(path), entries, skip_bad)
     if skipped:
         log.warning(f"skipped {len(skipped)} bad images (--skip-bad-images), e.g. {skipped[0]}")
-    source = DataSource(kind, str(path), *arrays["train"], *arrays["test"], classes=classes, skipped=skipped)
-    cache.save_cache(cached_at, {"train_x": source.train_x, "train_y": source.train_y, "test_x": source.test_x,
-                                 "test_y": source.test_y},
+    source = DataSource(kind, str(path), *arrays["train"], *arrays["test"], classes=classes,
+                        skipped=skipped)
+    cache.save_cache(cached_at, {"train_x": source.train_x, "train_y": source.train_y,
+                                 "test_x": source.test_x, "test_y": source.test_y},
                      {"classes": list(classes), "skipped": skipped, "sha256": source.sha256,
-                      "counts": {"train": len(source.train_x), "test": len(source.test_x)}, "source": str(path)})
+                      "counts": {"train": len(source.train_x), "test": len(source.test_x)},
+                      "source": str(path)})
     return source
 
 
 # ----------------------------------------------------------------------------- official batches
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """CIFAR batches are pickles; allow only what numpy arrays need, so a foreign file cannot run code."""
+    """CIFAR batches are pickles; allow only what numpy arrays need, so a foreign file cannot run
+    code."""
 
-    _allowed = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+    _allowed = {("numpy.core.multiarray", "_reconstruct"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+                ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
                 ("numpy._core.multiarray", "scalar"), ("builtins", "list"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):
@@ -165,7 +182,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def batches_folder(path: Path) -> Path | None:
-    """`path/cifar-10-batches-py`, or `path` itself when it is that folder; None when neither holds batches."""
+    """`path/cifar-10-batches-py`, or `path` itself when it is that folder; None when neither holds
+    batches."""
     for folder in (path / BATCHES, path):
         if (folder / "data_batch_1").is_file() or (folder / TEST_FILE).is_file():
             return folder
@@ -185,7 +203,8 @@ def read_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with open(path, "rb") as f:
             entry = _ArrayUnpickler(f, encoding="bytes").load()
     except Exception as e:  # truncated, not a pickle, foreign objects: all the same fix
-        raise UserError(f"CIFAR-10 file {path} is unreadable ({type(e).__name__}: {e}): {hint}") from None
+        raise UserError(f"CIFAR-10 file {path} is unreadable ({type(e).__name__}: {e}): "
+                        f"{hint}") from None
     if not isinstance(entry, dict):
         raise UserError(f"CIFAR-10 file {path} does not hold a batch dict: {hint}")
     data = entry.get(b"data", entry.get("data"))
@@ -197,7 +216,8 @@ def read_batch_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise UserError(f"CIFAR-10 file {path} has data of shape {data.shape} {data.dtype}, "
                         f"expected (N, 3072) uint8: {hint}")
     if labels.shape != (data.shape[0],):
-        raise UserError(f"CIFAR-10 file {path} has {labels.size} labels for {data.shape[0]} images: {hint}")
+        raise UserError(f"CIFAR-10 file {path} has {labels.size} labels for {data.shape[0]} "
+                        f"images: {hint}")
     if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
         raise UserError(f"CIFAR-10 file {path} has a label outside 0..9 "
                         f"(min {labels.min()}, max {labels.max()}): {hint}")
@@ -208,11 +228,12 @@ def read_batches(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     """A `cifar-10-batches-py` folder (any number of images per batch): train x, y, test x, y."""
     parts = [read_batch_file(folder / name) for name in TRAIN_FILES]
     test_x, test_y = read_batch_file(folder / TEST_FILE)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x, test_y
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), test_x,
+            test_y)
 
 
-def write_batches(data_dir: str | Path, train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                  test_y: np.ndarray) -> Path:
+def write_batches(data_dir: str | Path, train_x: np.ndarray, train_y: np.ndarray,
+                  test_x: np.ndarray, test_y: np.ndarray) -> Path:
     """Write arrays (N, 3, 32, 32) uint8 as a `cifar-10-batches-py` folder, the official layout."""
     folder = Path(data_dir) / BATCHES
     folder.mkdir(parents=True, exist_ok=True)
@@ -250,10 +271,12 @@ def unpack_official(archive: Path, data_dir: Path) -> None:
 
 
 def parquet_to_arrays(frame) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the Hugging Face copy ({'img': {'bytes': png}, 'label': int}) -> uint8 (N,3,32,32), labels."""
+    """Rows of the Hugging Face copy ({'img': {'bytes': png}, 'label': int}) -> uint8 (N,3,32,32),
+    labels."""
     from PIL import Image
 
-    images = [np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")) for cell in frame["img"]]
+    images = [np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB"))
+              for cell in frame["img"]]
     return np.stack(images).transpose(0, 3, 1, 2).copy(), frame["label"].to_numpy(dtype=np.int64)
 
 
@@ -267,23 +290,25 @@ def download_huggingface(data_dir: Path) -> None:
         try:
             arrays[split] = parquet_to_arrays(pd.read_parquet(path))
         except ImportError as e:  # pandas reads parquet through pyarrow
-            raise DownloadError(f"reading the Hugging Face copy needs pyarrow ({e}); pip install pyarrow") from e
+            raise DownloadError(f"reading the Hugging Face copy needs pyarrow ({e}); pip "
+                                "install pyarrow") from e
     write_batches(data_dir, *arrays["train"], *arrays["test"])
 
 
 def ensure_batches(data_dir: Path, download: bool) -> Path:
-    """Make sure `<data_dir>/cifar-10-batches-py` exists: download it (official server, then the Hugging
-    Face copy) or raise a UserError naming the folder, within seconds when offline."""
+    """Make sure `<data_dir>/cifar-10-batches-py` exists: download it (official server, then the
+    Hugging Face copy) or raise a UserError naming the folder, within seconds when offline."""
     folder = data_dir / BATCHES
     if batches_folder(data_dir) is not None:
         return folder
-    by_hand = (f"download {CIFAR_URL} and unpack it so that {folder}/data_batch_1 exists, or pass --data-dir "
-               f"an image folder (train/<class>/*.png, test/<class>/*.png) or an archive of one")
+    by_hand = (f"download {CIFAR_URL} and unpack it so that {folder}/data_batch_1 exists, or pass "
+               "--data-dir an image folder (train/<class>/*.png, test/<class>/*.png) or an "
+               "archive of one")
     official = data_dir / OFFICIAL_ARCHIVE
     if official.is_file():  # downloaded by hand into the folder
         if file_digest(official, "md5") != CIFAR_MD5:
-            raise UserError(f"{official} is not the official CIFAR-10 archive (its MD5 differs: an incomplete "
-                            f"download?); delete it to download it again")
+            raise UserError(f"{official} is not the official CIFAR-10 archive (its MD5 differs: an "
+                            "incomplete download?); delete it to download it again")
         log.info(f"unpacking {official} into {data_dir}")
         unpack_official(official, data_dir)
         return folder
@@ -291,7 +316,8 @@ def ensure_batches(data_dir: Path, download: bool) -> Path:
         raise UserError(f"CIFAR-10 not found in {data_dir} and --no-download is set: {by_hand}")
     errors = []
     for name, fetch, probe in (("official server", download_official, CIFAR_URL),
-                               ("Hugging Face copy", download_huggingface, "https://huggingface.co")):
+                               ("Hugging Face copy", download_huggingface,
+                                "https://huggingface.co")):
         if not host_reachable(probe):
             errors.append(f"{name}: unreachable")
             continue
@@ -309,29 +335,34 @@ def ensure_batches(data_dir: Path, download: bool) -> Path:
 # ----------------------------------------------------------------------------- synthetic
 
 def synthetic_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Learnable but not trivial CIFAR-shaped images: a colour shared by two classes, stripes of a class's own
-    orientation and frequency, and noise, so a model must read the pixels to beat chance (misaligned labels
-    are caught) and short runs do not saturate (best-epoch logic gets tested). Built from uint8 pieces
-    (8 stripe phases per class, a bank of 2,048 noise patterns): 60,000 images in well under a second."""
+    """Learnable but not trivial CIFAR-shaped images: a colour shared by two classes, stripes of a
+    class's own orientation and frequency, and noise, so a model must read the pixels to beat chance
+    (misaligned labels are caught) and short runs do not saturate (best-epoch logic gets tested).
+    Built from uint8 pieces (8 stripe phases per class, a bank of 2,048 noise patterns): 60,000
+    images in well under a second."""
     look = np.random.default_rng(20_240_610)  # what each class looks like: the same for every seed
-    # classes share colours in pairs (0-1, 2-3, ...): colour alone gets 50%, the stripes tell the pair apart
+    # classes share colours in pairs (0-1, 2-3, ...): colour alone gets 50%, the stripes tell the
+    # pair apart
     palette = np.repeat(look.random((NUM_CLASSES // 2, 1, 3, 1, 1)) * 0.5 + 0.25, 2, axis=0)
     angle = (np.arange(NUM_CLASSES) * (np.pi / NUM_CLASSES)).reshape(-1, 1, 1, 1, 1)
     freq = (0.35 + 0.25 * (np.arange(NUM_CLASSES) % 3)).reshape(-1, 1, 1, 1, 1)
     phase = (np.arange(8) * (2 * np.pi / 8)).reshape(1, -1, 1, 1, 1)
     yy, xx = np.meshgrid(np.arange(32.0), np.arange(32.0), indexing="ij")
-    stripes = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)          # (10, 8, 1, 32, 32)
-    base = np.clip((palette + 0.15 * stripes) * 255, 20, 215).round().astype(np.uint8)  # (10, 8, 3, 32, 32)
+    # (10, 8, 1, 32, 32)
+    stripes = np.sin(freq * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+    # (10, 8, 3, 32, 32)
+    base = np.clip((palette + 0.15 * stripes) * 255, 20, 215).round().astype(np.uint8)
     bank = np.clip(look.normal(20, 12, (2048, 3, 32, 32)), 0, 40).round().astype(np.uint8)
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(n) % NUM_CLASSES)
     images = base[labels, rng.integers(0, 8, n)]
     images += bank[rng.integers(0, len(bank), n)]  # <= 255: base tops at 215, noise at 40
     images -= 20                                   # >= 0: base starts at 20
-    # a 4-pixel stamp of (seed, index) in the top-left red channel: no two images are pixel-identical, so
-    # a test can find leaks between sets by content
-    images[:, 0, 0, :4] = np.stack([np.full(n, seed % 256), np.arange(n) >> 16 & 255, np.arange(n) >> 8 & 255,
-                                    np.arange(n) & 255], 1).astype(np.uint8)
+    # a 4-pixel stamp of (seed, index) in the top-left red channel: no two images are
+    # pixel-identical, so a test can find leaks between sets by content
+    images[:, 0, 0, :4] = np.stack([np.full(n, seed % 256), np.arange(n) >> 16 & 255,
+                                    np.arange(n) >> 8 & 255, np.arange(n) & 255],
+                                   1).astype(np.uint8)
     return images, labels.astype(np.int64)
 
 

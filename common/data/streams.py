@@ -1,6 +1,7 @@
-"""Training batches, epoch by epoch: the sample order (a function of seed and epoch alone) and the two
-pipelines that augment it, DataLoader workers on the CPU or batched ops on the device. Both can start in the
-middle of an epoch and then produce exactly the batches an uninterrupted run would have seen."""
+"""Training batches, epoch by epoch: the sample order (a function of seed and epoch alone) and the
+two pipelines that augment it, DataLoader workers on the CPU or batched ops on the device. Both can
+start in the middle of an epoch and then produce exactly the batches an uninterrupted run would have
+seen."""
 from __future__ import annotations
 
 import random
@@ -14,35 +15,39 @@ from .augment import Recipe, cpu_train_transform
 from .device_ops import make_device_augment
 
 
-# The seeds below mix (seed, epoch, position or chunk, rank) with large prime multipliers: every combination a
-# run can reach (epochs < 100,003, positions < 10,000,019) maps to its own generator seed, so seed s at epoch e+1
-# never replays seed s+1 at epoch e.
+# The seeds below mix (seed, epoch, position or chunk, rank) with large prime multipliers: every
+# combination a run can reach (epochs < 100,003, positions < 10,000,019) maps to its own generator
+# seed, so seed s at epoch e+1 never replays seed s+1 at epoch e.
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The epoch's sample order: a function of (seed, epoch) alone, so a resumed run sees the same batches."""
+    """The epoch's sample order: a function of (seed, epoch) alone, so a resumed run sees the same
+    batches."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
-    """The augmentation seed of one sample: its place in the epoch, not the worker or rank that draws it."""
+    """The augmentation seed of one sample: its place in the epoch, not the worker or rank that
+    draws it."""
     return ((seed * 1_000_003 + epoch) * 10_000_019 + position) % (2**63 - 1)
 
 
 class TrainStream:
-    """This rank's share of each epoch: `steps` batches of `local_batch` from the global order, positions
-    rank, rank + world, ... With drop_last (the default) a last partial batch is dropped (BatchNorm dislikes tiny
-    batches); without it, the last batch is the remainder (one process only: ranks must take equal steps)."""
+    """This rank's share of each epoch: `steps` batches of `local_batch` from the global order,
+    positions rank, rank + world, ... With drop_last (the default) a last partial batch is dropped
+    (BatchNorm dislikes tiny batches); without it, the last batch is the remainder (one process
+    only: ranks must take equal steps)."""
 
     name = ""
 
-    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, rank: int = 0, world: int = 1,
-                 drop_last: bool = True, multiple_of: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, rank: int = 0,
+                 world: int = 1, drop_last: bool = True, multiple_of: int = 1):
         self.n, self.seed, self.device, self.rank, self.world = n, seed, device, rank, world
         self.local_batch = batch_size // world
         self.drop_last = drop_last
         steps = (n // world) // self.local_batch if drop_last else -(-n // self.local_batch)
-        # whole accumulation groups only: the images of an epoch are those of batch x accumulation steps
+        # whole accumulation groups only: the images of an epoch are those of batch x accumulation
+        # steps
         self.steps = max(multiple_of, steps // multiple_of * multiple_of)
 
     def __len__(self) -> int:
@@ -55,7 +60,8 @@ class TrainStream:
 
 
 class _Positions(Sampler):
-    """Yields (image index, augmentation seed) for the epoch's positions (set by the stream per epoch)."""
+    """Yields (image index, augmentation seed) for the epoch's positions (set by the stream per
+    epoch)."""
 
     def __init__(self) -> None:
         self.items: list[tuple[int, int]] = []
@@ -68,7 +74,8 @@ class _Positions(Sampler):
 
 
 class _SeededImages(Dataset):
-    """uint8 images + labels; each item is augmented under its own seed, so a worker's history does not matter."""
+    """uint8 images + labels; each item is augmented under its own seed, so a worker's history does
+    not matter."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -78,12 +85,16 @@ class _SeededImages(Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item
-        in_main = get_worker_info() is None  # --num-workers 0: leave the training loop's RNGs as they were
+        # --num-workers 0: leave the training loop's RNGs as they were
+        in_main = get_worker_info() is None
         saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if in_main else None
         try:
-            random.seed(seed)                 # timm's RandAugment, crop and erasing draw from random / numpy,
-            np.random.seed(seed % 2**32)      # torchvision's from torch's CPU generator (torch.manual_seed
-            torch.default_generator.manual_seed(seed)  # would also queue a CUDA seeding, 2 ms a call)
+            random.seed(seed)                 # timm's RandAugment, crop and erasing draw from
+                                              # random / numpy,
+            np.random.seed(seed % 2**32)      # torchvision's from torch's CPU generator
+                                              # (torch.manual_seed
+            # would also queue a CUDA seeding, 2 ms a call)
+            torch.default_generator.manual_seed(seed)
             return self.transform(self.images[index]), self.labels[index]
         finally:
             if saved is not None:
@@ -93,50 +104,55 @@ class _SeededImages(Dataset):
 
 
 class CpuTrainStream(TrainStream):
-    """Batches from DataLoader workers: timm's / torchvision's per-image transforms, pinned memory. The same
-    batches for any --num-workers, and from any resume point."""
+    """Batches from DataLoader workers: timm's / torchvision's per-image transforms, pinned memory.
+    The same batches for any --num-workers, and from any resume point."""
 
     name = "cpu"
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int, batch_size: int,
-                 seed: int, num_workers: int, device: torch.device, rank: int = 0, world: int = 1,
-                 drop_last: bool = True, multiple_of: int = 1):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int,
+                 batch_size: int, seed: int, num_workers: int, device: torch.device, rank: int = 0,
+                 world: int = 1, drop_last: bool = True, multiple_of: int = 1):
         super().__init__(len(images), batch_size, seed, device, rank, world, drop_last, multiple_of)
         self.sampler = _Positions()
         self.loader = DataLoader(
-            _SeededImages(images, labels, cpu_train_transform(recipe, img_size)), batch_size=self.local_batch,
-            sampler=self.sampler, drop_last=drop_last, num_workers=num_workers, pin_memory=device.type == "cuda",
-            persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+            _SeededImages(images, labels, cpu_train_transform(recipe, img_size)),
+            batch_size=self.local_batch, sampler=self.sampler, drop_last=drop_last,
+            num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+            prefetch_factor=4 if num_workers > 0 else None)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `epoch` from step `start_step` on, already on the device."""
         order = epoch_order(self.n, self.seed, epoch)
         pos = self.positions(start_step)
         self.sampler.items = [(int(order[p]), sample_seed(self.seed, epoch, int(p))) for p in pos]
-        # the loader draws a base seed for its workers; from its own generator, not the global RNG that a
-        # mid-epoch resume restores (our per-sample seeds make the base seed irrelevant otherwise)
+        # the loader draws a base seed for its workers; from its own generator, not the global RNG
+        # that a mid-epoch resume restores (our per-sample seeds make the base seed irrelevant
+        # otherwise)
         self.loader.generator = torch.Generator().manual_seed(epoch)
         for x, y in self.loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 class DeviceTrainStream(TrainStream):
-    """Batches gathered and augmented on the device; the whole split stays resident as uint8 (150 MB).
+    """Batches gathered and augmented on the device; the whole split stays resident as uint8 (150
+    MB).
 
-    Random choices for a chunk of batches are drawn on the CPU from a generator seeded by (seed, epoch,
-    chunk, rank), so a run resumed mid-epoch augments exactly as an uninterrupted one. Chunks amortise the
-    per-op launches of small images; at large sizes a chunk is one batch (the ops are big enough alone)."""
+    Random choices for a chunk of batches are drawn on the CPU from a generator seeded by (seed,
+    epoch, chunk, rank), so a run resumed mid-epoch augments exactly as an uninterrupted one. Chunks
+    amortise the per-op launches of small images; at large sizes a chunk is one batch (the ops are
+    big enough alone)."""
 
     name = "device"
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int, batch_size: int,
-                 seed: int, device: torch.device, rank: int = 0, world: int = 1, drop_last: bool = True,
-                 multiple_of: int = 1):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int,
+                 batch_size: int, seed: int, device: torch.device, rank: int = 0, world: int = 1,
+                 drop_last: bool = True, multiple_of: int = 1):
         super().__init__(len(images), batch_size, seed, device, rank, world, drop_last, multiple_of)
         self.images = images.to(device, non_blocking=True).contiguous()
         self.labels = labels.to(device, non_blocking=True)
         self.augment = make_device_augment(recipe, img_size)
-        work = img_size if recipe.family == "timm" else 32  # where the per-op work happens: 4 batches at 224
+        # where the per-op work happens: 4 batches at 224
+        work = img_size if recipe.family == "timm" else 32
         self.chunk = max(1, min(8, (4 * 224 * 224) // (work * work)))
         self.gen = torch.Generator()
 
@@ -155,12 +171,14 @@ class DeviceTrainStream(TrainStream):
                 yield self.augment.finish(x[j:j + b]), labels[j:j + b]
 
 
-def make_train_stream(pipeline: str, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int,
-                      batch_size: int, seed: int, num_workers: int, device: torch.device, rank: int = 0,
-                      world: int = 1, drop_last: bool = True, multiple_of: int = 1) -> TrainStream:
-    """The training batch source: 'cpu' (DataLoader workers) or 'device' (batched ops where the model is)."""
+def make_train_stream(pipeline: str, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
+                      img_size: int, batch_size: int, seed: int, num_workers: int,
+                      device: torch.device, rank: int = 0, world: int = 1, drop_last: bool = True,
+                      multiple_of: int = 1) -> TrainStream:
+    """The training batch source: 'cpu' (DataLoader workers) or 'device' (batched ops where the
+    model is)."""
     if pipeline == "device":
-        return DeviceTrainStream(images, labels, recipe, img_size, batch_size, seed, device, rank, world, drop_last,
-                                 multiple_of)
-    return CpuTrainStream(images, labels, recipe, img_size, batch_size, seed, num_workers, device, rank, world,
-                          drop_last, multiple_of)
+        return DeviceTrainStream(images, labels, recipe, img_size, batch_size, seed, device, rank,
+                                 world, drop_last, multiple_of)
+    return CpuTrainStream(images, labels, recipe, img_size, batch_size, seed, num_workers, device,
+                          rank, world, drop_last, multiple_of)
