@@ -63,7 +63,8 @@ def parse_args(argv):
     p.add_argument("--smoke-keep", metavar="DIR",
                    help="Keep the --smoke run folders in DIR (default: a temp folder, removed).")
     args = p.parse_args(argv)
-    for flag in ("bench_img_size", "bench_batch_size", "bench_steps", "bench_suite", "smoke_img_size"):
+    for flag in ("bench_img_size", "bench_batch_size", "bench_steps", "bench_suite",
+                 "smoke_img_size"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "bench_suite" else 1):
             raise UserError(f"--{flag.replace('_', '-')} must be a number >= 1")
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         from common.smoke import run_smoke
 
         gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        return run_smoke(args.data_dir, gpu, args.smoke_img_size or (224 if gpu else 32), args.smoke_keep,
-                         only=args.smoke_only)
+        size = args.smoke_img_size or (224 if gpu else 32)
+        return run_smoke(args.data_dir, gpu, size, args.smoke_keep, only=args.smoke_only)
     if args.bench_profile == "augment":
         from common.bench import augment_profile
 

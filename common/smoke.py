@@ -1,10 +1,11 @@
-"""check.py --smoke: does every path of a run work on this machine? For each model x data pipeline x AMP
-dtype, a short real run (training steps, validation, checkpoints, the final test) in a temp folder, then a
-kill in the middle of an epoch and its --resume, then --compile. Each case is one PASS/FAIL line with the
-failure's last error line, so a first GPU session knows in two minutes what works, before it spends more.
+"""check.py --smoke: does every path of a run work on this machine? For each model x data
+pipeline x AMP dtype, a short real run (training steps, validation, checkpoints, the final test) in
+a temp folder; then a SIGTERM in the middle of an epoch and a SIGKILL in the second, each
+followed by --resume; then --compile. Each case is one PASS/FAIL line with the failure's last
+error line, so a first GPU session knows in minutes what works, before it spends more.
 
-Every case is an ordinary train command (printed with --smoke-verbose), run as its own process, so a crash
-of one (a CUDA error, a kill) cannot take the others down."""
+Every case is an ordinary train command, run as its own process, so a crash of one (a CUDA error, a
+kill) cannot take the others down."""
 from __future__ import annotations
 
 import logging
@@ -33,11 +34,12 @@ class Case:
 
 
 def plan(data_dir: str, on_gpu: bool, img_size: int, models=tuple(SCRIPTS)) -> list[Case]:
-    """The cases: on a GPU both pipelines x bf16 and fp16 (GradScaler); on a CPU both pipelines in fp32 (the
-    CPU runs no AMP by default). Then, per model, a kill mid-epoch + --resume and a --compile run."""
-    base = ["--no-pretrained", "--data-dir", data_dir, "--img-size", str(img_size), "--epochs", "2",
-            "--train-subset", "512", "--val-size", "256", "--test-subset", "256", "--batch-size", "64",
-            "--num-workers", "2", "--device", "cuda" if on_gpu else "cpu"]
+    """The cases: on a GPU both pipelines x bf16 and fp16 (GradScaler); on a CPU both pipelines in
+    fp32 (the CPU runs no AMP by default). Then, per model, two interrupts + --resume and a
+    --compile run."""
+    base = ["--no-pretrained", "--data-dir", data_dir, "--img-size", str(img_size),
+            "--epochs", "2", "--train-subset", "512", "--val-size", "256", "--test-subset", "256",
+            "--batch-size", "64", "--num-workers", "2", "--device", "cuda" if on_gpu else "cpu"]
     dtypes = ["bf16", "fp16"] if on_gpu else ["fp32"]
     cases = []
     for arch in models:
@@ -46,11 +48,15 @@ def plan(data_dir: str, on_gpu: bool, img_size: int, models=tuple(SCRIPTS)) -> l
         for pipeline in ("device", "cpu"):
             for dtype in dtypes:
                 amp = ["--no-amp"] if dtype == "fp32" else ["--amp-dtype", dtype]
-                cases.append(Case(f"{arch} {pipeline} pipeline {dtype}",
-                                  [([*base, *model, "--data-pipeline", pipeline, *amp], {})], script))
-        for point, what in (("step:5@term", "SIGTERM mid-epoch (step 5)"), ("step:13@kill", "SIGKILL in epoch 2")):
-            cases.append(Case(f"{arch} {what}, then --resume", [([*base, *model], {"CIFAR_FAILPOINT": point}),
-                                                                 ([*base, *model, "--resume"], {})], script))
+                flags = [*base, *model, "--data-pipeline", pipeline, *amp]
+                cases.append(Case(f"{arch} {pipeline} pipeline {dtype}", [(flags, {})], script))
+        # 512 images / 64 = 8 steps an epoch: step 5 is mid-epoch 1, step 13 mid-epoch 2
+        interrupts = (("step:5@term", "SIGTERM mid-epoch (step 5)"),
+                      ("step:13@kill", "SIGKILL in epoch 2"))
+        for point, what in interrupts:
+            steps = [([*base, *model], {"CIFAR_FAILPOINT": point}),
+                     ([*base, *model, "--resume"], {})]
+            cases.append(Case(f"{arch} {what}, then --resume", steps, script))
         cases.append(Case(f"{arch} --compile", [([*base, *model, "--compile"], {})], script))
     return cases
 
@@ -59,14 +65,17 @@ def run_case(case: Case, folder: Path, verbose: bool = False) -> Case:
     out = folder / case.name.replace(" ", "_").replace(",", "").replace("-", "")
     start = time.perf_counter()
     for flags, env in case.steps:
-        argv = [sys.executable, case.script, *flags, "--output-dir", str(out), "--progress-every", "60"]
+        argv = [sys.executable, case.script, *flags, "--output-dir", str(out),
+                "--progress-every", "60"]
         if verbose:
-            log.info("  $ " + " ".join(argv[1:]) + "".join(f"  ({k}={v})" for k, v in env.items()))
-        r = subprocess.run(argv, cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True)
-        if "CIFAR_FAILPOINT" in env:  # interrupted on purpose: a checkpoint to resume from, no result yet
+            log.info("  $ " + " ".join(argv[1:])
+                     + "".join(f"  ({k}={v})" for k, v in env.items()))
+        r = subprocess.run(argv, cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                           text=True)
+        if "CIFAR_FAILPOINT" in env:  # interrupted on purpose: a checkpoint to resume, no result
             if (out / "summary.json").is_file() or not (out / "last.pt").is_file():
-                case.result = (f"FAIL: after {env['CIFAR_FAILPOINT']} expected a last.pt and no summary.json "
-                               f"(exit {r.returncode}: {_last_error(r.stderr)})")
+                case.result = (f"FAIL: after {env['CIFAR_FAILPOINT']} expected a last.pt and no "
+                               f"summary.json (exit {r.returncode}: {_last_error(r.stderr)})")
                 break
             continue
         if r.returncode != 0:
@@ -90,8 +99,8 @@ def _last_error(stderr: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "no output")[:300]
 
 
-def run_smoke(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = None, verbose: bool = False,
-              models=tuple(SCRIPTS), only: str | None = None) -> int:
+def run_smoke(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = None,
+              verbose: bool = False, models=tuple(SCRIPTS), only: str | None = None) -> int:
     """Run every case; print one line each and a last line with the count. 0 when all pass."""
     cases = [c for c in plan(data_dir, on_gpu, img_size, models) if not only or only in c.name]
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cifar-smoke-"))
@@ -107,5 +116,6 @@ def run_smoke(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = Non
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
-    print(f"smoke: {len(cases) - failed} of {len(cases)} cases pass" + (f" (run folders in {folder})" if keep else ""))
+    kept = f" (run folders in {folder})" if keep else ""
+    print(f"smoke: {len(cases) - failed} of {len(cases)} cases pass{kept}")
     return 1 if failed else 0

@@ -332,8 +332,9 @@ def test_a_run_and_its_resume_work_with_spawned_dataloader_workers(cifar_dir, tm
 
 
 def test_check_smoke_plans_every_gpu_case_and_reports_each_as_one_line(cifar_dir, tmp_path, capsys):
-    """check.py --smoke: the GPU plan covers both models x both pipelines x bf16 / fp16, two interrupts with
-    --resume, and --compile; a case that passes and one that fails are each reported on its own line."""
+    """check.py --smoke: the GPU plan covers both models x both pipelines x bf16 / fp16, two
+    interrupts with --resume, and --compile; a failing case is its line and the error's line (a
+    passing one: the slow tier)."""
     from common.smoke import plan, run_smoke
 
     cases = plan(str(cifar_dir), on_gpu=True, img_size=224)
@@ -341,12 +342,13 @@ def test_check_smoke_plans_every_gpu_case_and_reports_each_as_one_line(cifar_dir
     flags = [" ".join(f) for c in cases for f, _ in c.steps]
     assert all("--device cuda" in f and "--img-size 224" in f for f in flags)
     assert sum("--data-pipeline device --amp-dtype fp16" in f for f in flags) == 2
-    assert [env for c in cases for _, env in c.steps if env] == [{"CIFAR_FAILPOINT": "step:5@term"},
-                                                               {"CIFAR_FAILPOINT": "step:13@kill"}] * 2
+    envs = [env for c in cases for _, env in c.steps if env]
+    assert envs == [{"CIFAR_FAILPOINT": "step:5@term"}, {"CIFAR_FAILPOINT": "step:13@kill"}] * 2
     assert run_smoke(str(tmp_path / "missing.tar.gz"), False, 32, None, models=("test_resnet",),
                      only="cpu pipeline") == 1
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("FAIL test_resnet cpu pipeline fp32") and "no such file" in out[1], out
+    assert out[0].startswith("FAIL test_resnet cpu pipeline fp32"), out
+    assert "no such file" in out[1], out
     assert out[-1] == "smoke: 0 of 1 cases pass"
 
 
@@ -357,5 +359,6 @@ def test_a_smoke_case_interrupted_and_resumed_passes(cifar_dir, tmp_path, capsys
     assert run_smoke(str(cifar_dir), False, 32, str(tmp_path / "keep"), models=("test_resnet",),
                      only="SIGTERM") == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("PASS test_resnet SIGTERM mid-epoch (step 5), then --resume") and "2 epochs" in out[0]
+    assert out[0].startswith("PASS test_resnet SIGTERM mid-epoch (step 5), then --resume"), out
+    assert "2 epochs" in out[0], out
     assert out[-1].startswith("smoke: 1 of 1 cases pass")
