@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
         gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         size = args.smoke_img_size or (224 if gpu else 32)
-        return run_smoke(args.data_dir, gpu, size, args.smoke_keep, only=args.smoke_only)
+        return run_smoke(args.data_dir, gpu, size, args.smoke_keep, only=args.smoke_only,
+                         emit=lambda line: print(line, flush=True))
     if args.bench_profile == "augment":
         from common.bench import augment_profile
 

@@ -99,9 +99,10 @@ def _last_error(stderr: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "no output")[:300]
 
 
-def run_smoke(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = None,
-              verbose: bool = False, models=tuple(SCRIPTS), only: str | None = None) -> int:
-    """Run every case; print one line each and a last line with the count. 0 when all pass."""
+def smoke_lines(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = None,
+                verbose: bool = False, models=tuple(SCRIPTS), only: str | None = None):
+    """Run every case, yielding its line(s) as it ends, then the count line; check.py prints them
+    (stdout is the script's, as for the benchmarks). The generator's return value: 0 when all pass."""
     cases = [c for c in plan(data_dir, on_gpu, img_size, models) if not only or only in c.name]
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cifar-smoke-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,11 +112,24 @@ def run_smoke(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = Non
             run_case(case, folder, verbose)
             failed += case.result != "PASS"
             note = f"  ({'; '.join(case.notes)})" if case.notes else ""
-            print(f"{case.result.split(':')[0]:4s} {case.name}  {case.seconds:.0f} s{note}"
-                  + ("" if case.result == "PASS" else f"\n     {case.result[6:]}"), flush=True)
+            yield f"{case.result.split(':')[0]:4s} {case.name}  {case.seconds:.0f} s{note}"
+            if case.result != "PASS":
+                yield f"     {case.result[6:]}"
     finally:
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
     kept = f" (run folders in {folder})" if keep else ""
-    print(f"smoke: {len(cases) - failed} of {len(cases)} cases pass{kept}")
+    yield f"smoke: {len(cases) - failed} of {len(cases)} cases pass{kept}"
     return 1 if failed else 0
+
+
+def run_smoke(*args, emit=None, **kwargs) -> int:
+    """smoke_lines, each line handed to `emit` (check.py: print) as it comes. 0 when all pass."""
+    lines = smoke_lines(*args, **kwargs)
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration as done:
+            return done.value
+        if emit is not None:
+            emit(line)

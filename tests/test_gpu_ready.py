@@ -331,7 +331,7 @@ def test_a_run_and_its_resume_work_with_spawned_dataloader_workers(cifar_dir, tm
     assert_same_run(straight, out, epochs=2)
 
 
-def test_check_smoke_plans_every_gpu_case_and_reports_each_as_one_line(cifar_dir, tmp_path, capsys):
+def test_check_smoke_plans_every_gpu_case_and_reports_each_as_one_line(cifar_dir, tmp_path):
     """check.py --smoke: the GPU plan covers both models x both pipelines x bf16 / fp16, two
     interrupts with --resume, and --compile; a failing case is its line and the error's line (a
     passing one: the slow tier)."""
@@ -344,21 +344,21 @@ def test_check_smoke_plans_every_gpu_case_and_reports_each_as_one_line(cifar_dir
     assert sum("--data-pipeline device --amp-dtype fp16" in f for f in flags) == 2
     envs = [env for c in cases for _, env in c.steps if env]
     assert envs == [{"CIFAR_FAILPOINT": "step:5@term"}, {"CIFAR_FAILPOINT": "step:13@kill"}] * 2
+    out = []
     assert run_smoke(str(tmp_path / "missing.tar.gz"), False, 32, None, models=("test_resnet",),
-                     only="cpu pipeline") == 1
-    out = capsys.readouterr().out.splitlines()
+                     only="cpu pipeline", emit=out.append) == 1
     assert out[0].startswith("FAIL test_resnet cpu pipeline fp32"), out
     assert "no such file" in out[1], out
     assert out[-1] == "smoke: 0 of 1 cases pass"
 
 
 @pytest.mark.slow
-def test_a_smoke_case_interrupted_and_resumed_passes(cifar_dir, tmp_path, capsys):
+def test_a_smoke_case_interrupted_and_resumed_passes(cifar_dir, tmp_path):
     from common.smoke import run_smoke
 
+    out = []
     assert run_smoke(str(cifar_dir), False, 32, str(tmp_path / "keep"), models=("test_resnet",),
-                     only="SIGTERM") == 0
-    out = capsys.readouterr().out.splitlines()
+                     only="SIGTERM", emit=out.append) == 0
     assert out[0].startswith("PASS test_resnet SIGTERM mid-epoch (step 5), then --resume"), out
     assert "2 epochs" in out[0], out
     assert out[-1].startswith("smoke: 1 of 1 cases pass")
