@@ -102,7 +102,7 @@ def _last_error(stderr: str) -> str:
 def smoke_lines(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = None,
                 verbose: bool = False, models=tuple(SCRIPTS), only: str | None = None):
     """Run every case, yielding its line(s) as it ends, then the count line; check.py prints them
-    (stdout is the script's, as for the benchmarks). The generator's return value: 0 when all pass."""
+    (stdout is the script's, as for the benchmarks). The generator returns 0 when all pass."""
     cases = [c for c in plan(data_dir, on_gpu, img_size, models) if not only or only in c.name]
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cifar-smoke-"))
     folder.mkdir(parents=True, exist_ok=True)
