@@ -289,18 +289,24 @@ def reliability_figure(plt, styles: list[dict], calibration: dict, title: str, f
 
 def data_efficiency_figure(plt, sc, footnote: str):
     """Test accuracy against training images (log x) for each setting, with 95% interval bands;
-    below it each model's pre-training gain and the difference of the gains, with theirs. Same
+    below it (when a model has a pretrained and a scratch setting) each model's pre-training gain
+    and the difference of the gains, with theirs. Same
     colours and line styles as the curves (colour = model, solid = pretrained, dashed = scratch)."""
     from matplotlib.ticker import FuncFormatter
 
     from .analysis import setting_interval
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 9.5), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 2]})
     labels: dict[str, dict] = {}
     for n in sc.sizes:
         for st in series_style(sc.by_size[n].settings):
             labels.setdefault(st["setting"].label, st)
+    has_gains = any(g.default for n in sc.sizes for g in sc.by_size[n].gains)
+    if has_gains:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 9.5), sharex=True,
+                                          gridspec_kw={"height_ratios": [3, 2]})
+    else:  # no pretrained/scratch pair yet: the accuracies alone, no empty gain panel
+        fig, top = plt.subplots(figsize=(9, 6))
+        bottom = top
     for label, st in labels.items():
         xs, ys, lo, hi = [], [], [], []
         for n in sc.sizes:
@@ -318,39 +324,44 @@ def data_efficiency_figure(plt, sc, footnote: str):
     top.yaxis.set_major_formatter(percent_formatter())
     top.legend(fontsize=8.5, loc="lower right")
     top.grid(alpha=0.3)
-    arch_style = {}
-    for st in labels.values():
-        arch_style.setdefault(st["setting"].arch, (st["color"], st["setting"].display))
-    series = [(f"{name} gain", color, "-", "o",
-               lambda c, a=a: _gain(c, a)) for a, (color, name) in arch_style.items()]
-    series.append(("difference of the gains", "#000000", ":", "D",
-                   lambda c: (c.gain_difference.estimate, c.gain_difference.interval)
-                   if c.gain_difference else None))
-    diff = next((sc.by_size[n].gain_difference for n in sc.sizes if sc.by_size[n].gain_difference),
-                None)
-    if diff is not None:
-        series[-1] = (f"difference ({diff.vit.display} − {diff.cnn.display})",
-                      *series[-1][1:])
-    for name, color, style, marker, get in series:
-        pts = [(n, get(sc.by_size[n])) for n in sc.sizes]
-        pts = [(n, v) for n, v in pts if v is not None]
-        if not pts:
-            continue
-        xs = [n for n, _ in pts]
-        bottom.plot(xs, [100 * v[0] for _, v in pts], color=color, linestyle=style, marker=marker,
-                    label=name)
-        bottom.fill_between(xs, [100 * v[1].lo for _, v in pts], [100 * v[1].hi for _, v in pts],
-                            color=color, alpha=0.12, lw=0)
-    bottom.axhline(0, color="#999999", lw=0.8)
-    bottom.set_ylabel("points of test accuracy")
-    bottom.set_xlabel("training images (log scale)")
-    bottom.legend(fontsize=8.5)
-    bottom.grid(alpha=0.3)
+    if has_gains:
+        arch_style = {}
+        for st in labels.values():
+            arch_style.setdefault(st["setting"].arch, (st["color"], st["setting"].display))
+        series = [(f"{name} gain", color, "-", "o",
+                   lambda c, a=a: _gain(c, a)) for a, (color, name) in arch_style.items()]
+        series.append(("difference of the gains", "#000000", ":", "D",
+                       lambda c: (c.gain_difference.estimate, c.gain_difference.interval)
+                       if c.gain_difference else None))
+        diff = next((sc.by_size[n].gain_difference for n in sc.sizes
+                     if sc.by_size[n].gain_difference), None)
+        if diff is not None:
+            series[-1] = (f"difference ({diff.vit.display} − {diff.cnn.display})",
+                          *series[-1][1:])
+        for name, color, style, marker, get in series:
+            pts = [(n, get(sc.by_size[n])) for n in sc.sizes]
+            pts = [(n, v) for n, v in pts if v is not None]
+            if not pts:
+                continue
+            xs = [n for n, _ in pts]
+            bottom.plot(xs, [100 * v[0] for _, v in pts], color=color, linestyle=style,
+                        marker=marker, label=name)
+            bottom.fill_between(xs, [100 * v[1].lo for _, v in pts],
+                                [100 * v[1].hi for _, v in pts], color=color, alpha=0.12, lw=0)
+        bottom.axhline(0, color="#999999", lw=0.8)
+        bottom.set_ylabel("points of test accuracy")
+        bottom.set_xlabel("training images (log scale)")
+        bottom.legend(fontsize=8.5)
+        bottom.grid(alpha=0.3)
+    else:
+        top.set_xlabel("training images (log scale)")
     bottom.set_xscale("log")
     bottom.set_xticks(sc.sizes)
     bottom.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
     bottom.minorticks_off()
-    fig.suptitle("Pre-training gain against the number of training images", fontsize=12)
+    fig.suptitle("Pre-training gain against the number of training images" if has_gains else
+                 "Test accuracy against the number of training images (no pretrained/scratch pair: "
+                 "no gain)", fontsize=12)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     add_footnote(fig, footnote + "; bands: 95% intervals (over images and seeds with 2+ seeds, "
                  "over images alone with one)")

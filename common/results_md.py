@@ -269,24 +269,24 @@ def sizes_markdown(sc) -> str:
     for n in sc.sizes:
         archs += [(g.arch, g.display) for g in sc.by_size[n].gains
                   if g.default and (g.arch, g.display) not in archs]
+    header = ["training images", *labels, *(f"{d} gain" for _, d in archs),
+              "difference of the gains"]
     lines += ["## Test accuracy and gains by training-set size", "",
-              "| training images | " + " | ".join(labels) + " | "
-              + " | ".join(f"{d} gain" for _, d in archs)
-              + " | difference of the gains |", "|---:|" + "---:|" * (len(labels) + len(archs) + 1)]
+              "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for n in sc.sizes:
         c = sc.by_size[n]
-        cells = []
+        cells = [f"{n:,}"]
         for label in labels:
             s = next((x for x in c.settings if x.label == label), None)
             i = setting_interval(s) if s else None
             cells.append("–" if s is None else f"{_pct(np.mean(s.test_acc()), 1)}" + (
                 f" [{_pct(i.lo)}, {_pct(i.hi)}]" if i else ""))
         gains = {g.arch: g for g in c.gains if g.default}
-        gain_cells = [f"{_points(gains[a].gain)}{_ci(gains[a].interval)}" if a in gains else "–"
-                      for a, _ in archs]
+        cells += [f"{_points(gains[a].gain)}{_ci(gains[a].interval)}" if a in gains else "–"
+                  for a, _ in archs]
         d = c.gain_difference
-        lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {' | '.join(gain_cells)} | "
-                     f"{_points(d.estimate) + _ci(d.interval) if d else '–'} |")
+        cells.append(_points(d.estimate) + _ci(d.interval) if d else "–")
+        lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Intervals: 95%, over the test images and the seeds where a setting has 2 or "
               "more seeds, over the test images alone with one seed (which then says nothing "
               "about training noise).", ""]

@@ -1,7 +1,7 @@
 """Plant realistic bugs, one at a time, and report which ones the tests catch. Not part of the test
 run:
 
-    python tests/mutation_audit.py            # all mutations (about 15 minutes on 2 cores)
+    python tests/mutation_audit.py            # all mutations (about 11 minutes on 2 cores)
     python tests/mutation_audit.py lr adamw   # only those whose name contains a word
 
 Each mutation replaces one snippet of one file (it must occur exactly once), runs the tests that

@@ -14,7 +14,7 @@ from PIL import Image
 
 from common.data import device_ops as D
 from common.data.augment import resolve_recipe
-from common.data.streams import DeviceTrainStream
+from common.data.streams import CpuTrainStream, DeviceTrainStream
 from conftest import SMALL, real_photos, train
 from test_analysis import N_TEST, write_run
 
@@ -131,6 +131,16 @@ def test_the_device_stream_draws_anew_every_epoch(photos):
         list(stream.epoch(epoch))
     assert not set(seeds[0]) & set(seeds[1]) and len(seeds[0]) == len(set(seeds[0]))
 
+
+
+def test_the_cpu_stream_draws_anew_every_epoch(photos):
+    """The per-sample seed depends on the epoch: a photo at the same place in two epochs (here the
+    only photo) is augmented differently, and the same epoch drawn twice is the same."""
+    x, y = photos
+    stream = CpuTrainStream(x[:1], y[:1], resolve_recipe("reference"), 32, 1, 0, 0, CPU)
+    first, second, again = (next(iter(stream.epoch(e)))[0] for e in (0, 1, 1))
+    assert not torch.equal(first, second)
+    assert torch.equal(second, again)
 
 # ---------------------------------------------------------------------------- the split, end to end
 

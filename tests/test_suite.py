@@ -100,8 +100,10 @@ def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_interrupted_on
     assert e.value.code == 130
     runs = S.plan_grid(["test_resnet"], ["pretrained", "scratch"], [200], [0, 1], root, [], {})
     assert [S.status_of(r) for r in runs] == ["done", "done", "interrupted", "new"]
-    monkeypatch.setattr(S, "_run_in_process", real)
+    restarted = []
+    monkeypatch.setattr(S, "_run_in_process", lambda run: restarted.append(run) or real(run))
     assert run_suite.main(suite(cifar_dir, root, one, "--no-analysis", **grid)) == 0
+    assert [r.folder for r in restarted] == [r.folder for r in runs[2:]], "finished runs skipped"
     for r in runs:
         assert_same_run(straight / r.folder.relative_to(root), r.folder, epochs=2)
 
@@ -302,3 +304,24 @@ def test_the_status_board_redraws_a_terminal_in_place_and_logs_only_changes(
     assert screen.count("\x1b[3F\x1b[J") == 2, ("the 3-line table is redrawn in place, once per "
                                                 "change")
     assert screen.rstrip().endswith("queued   test_resnet scratch n=200 seed 1")
+
+
+@pytest.mark.parametrize("modes", [("pretrained", "scratch"), ("scratch",)])
+def test_the_size_table_is_well_formed_markdown_with_or_without_gains(tmp_path, modes):
+    """Every row of the size table has the header's cells (a scratch-only sweep has no gain
+    columns, and once drew an empty header cell that broke the table)."""
+    import plot_four_panels
+
+    paths = sweep_folders(tmp_path / "runs", {1000: (0.05, 0.30), 5000: (0.04, 0.20)})
+    if modes == ("scratch",):
+        paths = [p for p in paths if "_False_" in p]
+    assert plot_four_panels.main(["--runs", *paths, "--output", str(tmp_path / "f.png"),
+                                  "--safe"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    table = text.split("## Test accuracy and gains by training-set size")[1].split(
+        "\n\n")[1].splitlines()
+    cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table]
+    assert len({len(c) for c in cells}) == 1 and all(cells[0]), table
+    gains = [h for h in cells[0] if h.endswith(" gain")]
+    assert gains == (["ResNet-18 gain", "TinyViT-5M gain"] if len(modes) == 2 else []), cells[0]
+    assert [c[0] for c in cells[2:]] == ["1,000", "5,000"]
