@@ -317,7 +317,9 @@ def test_bench_suite_times_real_epochs_and_projects_the_suite(tmp_path):
     assert (res["projected_suite_s"]
             == pytest.approx(2 * sum(x["projected_run_s"] for x in res["runs"].values())))
     assert "epoch   2/2" in r.stderr, "the epoch lines go to stderr, not into the JSON"
-    assert not list(tmp_path.iterdir()), "the timed runs leave nothing behind"
+    saved = tmp_path / "runs" / "bench_suite.json"
+    assert json.loads(saved.read_text()) == res, "run_suite.py --dry-run reads its projection there"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [saved], "the timed runs leave nothing"
 
 
 @pytest.mark.parametrize("flags, words", [("--batch-size 0", "--batch-size must be"),
