@@ -71,6 +71,9 @@ def parse_args(argv):
     args.weights = weights
     if any(n < 0 for n in args.train_sizes):
         raise UserError("--train-sizes must be >= 0 (0 = all)")
+    for flag in ("time", "max_parallel", "gpus_per_run"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 1")
     return args
 
 
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
         report(done, None, root / "four_panels.png", root / "results.md", False, "minmax", True,
                None, extra_figures=True)
-        print(f"results: {root / 'results.md'}, {root / 'data_efficiency.png'}")
+        figure = root / "data_efficiency.png"
+        print(f"results: {root / 'results.md'}" + (f", {figure}" if figure.is_file() else ""))
     return 1 if failed else 0
 
 

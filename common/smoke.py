@@ -21,6 +21,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"resnet18": "train_resnet_cifar.py", "tiny_vit_5m_224": "train_tinyvit_cifar.py"}
+CASE_TIMEOUT_S = 300
 
 
 @dataclass
@@ -70,8 +71,12 @@ def run_case(case: Case, folder: Path, verbose: bool = False) -> Case:
         if verbose:
             log.info("  $ " + " ".join(argv[1:])
                      + "".join(f"  ({k}={v})" for k, v in env.items()))
-        r = subprocess.run(argv, cwd=REPO, env={**os.environ, **env}, capture_output=True,
-                           text=True)
+        try:
+            r = subprocess.run(argv, cwd=REPO, env={**os.environ, **env}, capture_output=True,
+                               text=True, timeout=CASE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:  # a hung case must not eat a GPU session
+            case.result = f"FAIL: no result after {CASE_TIMEOUT_S} s (killed)"
+            break
         if "CIFAR_FAILPOINT" in env:  # interrupted on purpose: a checkpoint to resume, no result
             if (out / "summary.json").is_file() or not (out / "last.pt").is_file():
                 case.result = (f"FAIL: after {env['CIFAR_FAILPOINT']} expected a last.pt and no "
@@ -104,6 +109,11 @@ def smoke_lines(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = N
     """Run every case, yielding its line(s) as it ends, then the count line; check.py prints them
     (stdout is the script's, as for the benchmarks). The generator returns 0 when all pass."""
     cases = [c for c in plan(data_dir, on_gpu, img_size, models) if not only or only in c.name]
+    if not cases:
+        from .errors import UserError
+
+        names = "; ".join(c.name for c in plan(data_dir, on_gpu, img_size, models))
+        raise UserError(f"--smoke-only {only}: no case's name contains it (the cases: {names})")
     folder = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="cifar-smoke-"))
     folder.mkdir(parents=True, exist_ok=True)
     failed = 0

@@ -40,6 +40,9 @@ class Run:
     folder: Path
     script: str
     argv: tuple[str, ...]
+    # where the suite was started: the run's relative paths (--root, --data-dir, weights) mean the
+    # same in the train process as in run_suite.py
+    cwd: str = field(default_factory=os.getcwd, compare=False)
 
     @property
     def name(self) -> str:
@@ -116,6 +119,9 @@ def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
             raise UserError(f"--models {arch}: not a model of this repository "
                             f"({', '.join(MODELS)}) nor of timm")
     if n_train is not None:
+        if 0 in {r.size for r in runs} and n_train in {r.size for r in runs}:
+            raise UserError(f"--train-sizes 0 and {n_train} are the same training set (0 = all "
+                            f"{n_train} images left after the validation split); give one of them")
         too_big = sorted({r.size for r in runs if r.size > n_train})
         if too_big:
             raise UserError(f"--train-sizes {', '.join(map(str, too_big))}: larger than the "
@@ -166,9 +172,13 @@ class TrainJob:
             return _run_in_process(self.run)
         with open(self.run.folder / "train.log", "a") as logfile:
             self.child = subprocess.Popen(self.run.command, stdout=logfile,
-                                          stderr=subprocess.STDOUT, cwd=REPO)
-            code = self.child.wait()
-        return code, _last_error(self.run.folder / "train.log")
+                                          stderr=subprocess.STDOUT, cwd=self.run.cwd,
+                                          preexec_fn=_ignore_usr2 if _USR2 else None)
+            # poll, not wait(): checkpoint() runs as a signal handler on this thread and must be
+            # able to wait for the child itself (a blocking wait() would hold Popen's lock)
+            while self.child.poll() is None:
+                time.sleep(0.5)
+        return self.child.returncode, _last_error(self.run.folder / "train.log")
 
     def checkpoint(self):
         """Preempted or timed out (Slurm's signal, some time before the kill): the run saves at its
@@ -180,6 +190,15 @@ class TrainJob:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.child.wait(timeout=60)
         return submitit.helpers.DelayedSubmission(TrainJob(self.run, self.in_process))
+
+
+_USR2 = getattr(signal, "SIGUSR2", None)
+
+
+def _ignore_usr2() -> None:
+    """In the train process: Slurm's --signal USR2 reaches every process of the job; the suite's
+    checkpoint() answers it (SIGTERM to the trainer, which saves), so the trainer ignores it."""
+    signal.signal(_USR2, signal.SIG_IGN)
 
 
 def _run_in_process(run: Run) -> tuple[int, str]:
@@ -256,9 +275,17 @@ class Progress:
 
 
 def visible_gpus() -> list[int]:
+    """The GPUs to pin runs to, as CUDA_VISIBLE_DEVICES numbers them: the user's own
+    CUDA_VISIBLE_DEVICES=2,3 gives [2, 3], not [0, 1]."""
     import torch
 
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    if not torch.cuda.is_available():
+        return []
+    n = torch.cuda.device_count()
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if listed and all(g.isdigit() for g in listed):
+        return [int(g) for g in listed[:n]]
+    return list(range(n))
 
 
 def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board,
@@ -268,6 +295,9 @@ def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board,
     the slots queue them)."""
     import submitit
 
+    if os.name == "nt":  # submitit's local worker uses SIGCONT and SIGKILL, which Windows lacks
+        raise UserError("--launcher local does not run on Windows; use --launcher debug (the runs "
+                        "one after the other in this process)")
     gpus = visible_gpus()
     slots = [Slot(g) for g in gpus] or [Slot(None)]
     queue = [r for r in runs if progress.state[r.folder] == "queued"]

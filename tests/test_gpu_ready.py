@@ -11,6 +11,7 @@ import textwrap
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT, SMALL, one_line_error_in_process, real_photos, run_cli, train
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 
@@ -19,9 +20,9 @@ from common.data import device_ops
 from common.data.augment import EvalTransform, resolve_recipe
 from common.data.streams import DeviceTrainStream
 from common.distributed import DistInfo
+from common.errors import UserError
 from common.models import create_model
 from common.specs import resolve_model
-from conftest import ROOT, SMALL, one_line_error_in_process, real_photos, run_cli, train
 
 CUDA = torch.device("cuda")
 
@@ -350,6 +351,8 @@ def test_check_smoke_plans_every_gpu_case_and_reports_each_as_one_line(cifar_dir
     assert out[0].startswith("FAIL test_resnet cpu pipeline fp32"), out
     assert "no such file" in out[1], out
     assert out[-1] == "smoke: 0 of 1 cases pass"
+    with pytest.raises(UserError, match="--smoke-only nope: no case's name contains it"):
+        run_smoke(str(cifar_dir), False, 32, None, only="nope")
 
 
 @pytest.mark.slow

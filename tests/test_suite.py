@@ -5,20 +5,23 @@ requeues), resumable, refusing bad grids up front; and the analysis across train
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_run, one_line_error_in_process, run_cli
+from test_analysis import right, write_run
 
 import run_suite
 from common import suite as S
 from common.models import create_model
 from common.specs import resolve_model
-from conftest import assert_same_run, one_line_error_in_process, run_cli
-from test_analysis import right, write_run
 
 TRAIN = ["--epochs", "2", "--img-size", "32", "--batch-size", "32", "--val-size", "400",
          "--test-subset", "100", "--num-workers", "0", "--aug", "light", "--device", "cpu"]
@@ -179,7 +182,9 @@ def test_bad_grids_are_one_line_errors_before_anything_starts(
             "seeds": suite(cifar_dir, root, {}, seeds=("1", "1")),
             "clash": suite(cifar_dir, root, {}) + ["--seed", "3"],
             "weights": ["--data-dir", str(cifar_dir), "--weights", "resnet18"],
-            "slurm": suite(cifar_dir, root, {}, "--launcher", "slurm")}.get(case)
+            "slurm": suite(cifar_dir, root, {}, "--launcher", "slurm"),
+            "same": suite(cifar_dir, root, {}, sizes=("0", "1600")),
+            "time": suite(cifar_dir, root, {}, "--time", "0")}.get(case)
     if case == "slurm":
         monkeypatch.setenv("PATH", str(tmp_path))  # this machine is no login node
     if case == "recipe":
@@ -325,3 +330,65 @@ def test_the_size_table_is_well_formed_markdown_with_or_without_gains(tmp_path, 
     gains = [h for h in cells[0] if h.endswith(" gain")]
     assert gains == (["ResNet-18 gain", "TinyViT-5M gain"] if len(modes) == 2 else []), cells[0]
     assert [c[0] for c in cells[2:]] == ["1,000", "5,000"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="Slurm's USR2 exists on POSIX only")
+def test_slurms_usr2_makes_the_train_process_save_and_the_job_requeue_promptly(tmp_path):
+    """Slurm sends USR2 to every process of the job before its limit: the train process ignores it,
+    submitit's handler (checkpoint(), on the job's main thread, interrupting __call__) sends it
+    SIGTERM, the trainer saves and exits, and checkpoint() sees that at once, not after its 60 s
+    timeout. The train process is started in the suite's working directory."""
+    import threading
+
+    import submitit
+
+    child = tmp_path / "fake_train.py"
+    child.write_text(
+        "import os, pathlib, signal, sys, time\n"
+        "pathlib.Path('cwd.txt').write_text(os.getcwd())\n"
+        "def save(*_):\n"
+        "    pathlib.Path('last.pt').write_text('saved')\n"
+        "    sys.exit(143)\n"
+        "signal.signal(signal.SIGTERM, save)\n"
+        "pathlib.Path('started').write_text('')\n"
+        "while True:\n"
+        "    time.sleep(0.05)\n")
+    folder = tmp_path / "run"
+    run = S.Run("test_resnet", "scratch", 0, 0, folder, str(child), (), cwd=str(folder))
+    job = S.TrainJob(run)
+    requeued = []
+
+    def on_usr2(signum, frame):  # what submitit's handler does: checkpoint(), then requeue
+        start = time.monotonic()
+        requeued.append((job.checkpoint(), time.monotonic() - start))
+
+    def slurm():  # USR2 to the job and to the train process, once the latter runs
+        while not (folder / "started").exists():
+            time.sleep(0.05)
+        os.kill(job.child.pid, signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, on_usr2)
+    sender = threading.Thread(target=slurm, daemon=True)
+    try:
+        sender.start()
+        code, _ = job()
+    finally:
+        sender.join(timeout=60)  # its signals are sent before the handler goes
+        signal.signal(signal.SIGUSR2, previous)
+    assert code == 143 and (folder / "last.pt").read_text() == "saved", "saved on SIGTERM, not USR2"
+    assert (folder / "cwd.txt").read_text() == str(folder)
+    (delayed, seconds), = requeued
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function.run == run
+    assert seconds < 30, f"checkpoint() waited {seconds:.0f} s for a child that had exited"
+
+
+def test_runs_are_pinned_to_the_gpus_the_user_made_visible(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert S.visible_gpus() == [2, 3]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert S.visible_gpus() == [0, 1]
