@@ -479,6 +479,3 @@ def load_bench(path: Path) -> dict | None:
 def shell_line(run: Run) -> str:
     return shlex.join(["python", run.script, *run.argv])
 
-
-def env_for_gpu(gpu: int | None) -> dict[str, str]:
-    return {**os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {})}
