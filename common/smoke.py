@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import runfolder as RF
+from .specs import MODELS
+
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = {"resnet18": "train_resnet_cifar.py", "tiny_vit_5m_224": "train_tinyvit_cifar.py"}
 CASE_TIMEOUT_S = 300
 
 
@@ -34,7 +36,7 @@ class Case:
     notes: list[str] = field(default_factory=list)
 
 
-def plan(data_dir: str, on_gpu: bool, img_size: int, models=tuple(SCRIPTS)) -> list[Case]:
+def plan(data_dir: str, on_gpu: bool, img_size: int, models=tuple(MODELS)) -> list[Case]:
     """The cases: on a GPU both pipelines x bf16 and fp16 (GradScaler); on a CPU both pipelines in
     fp32 (the CPU runs no AMP by default). Then, per model, two interrupts + --resume and a
     --compile run."""
@@ -44,7 +46,7 @@ def plan(data_dir: str, on_gpu: bool, img_size: int, models=tuple(SCRIPTS)) -> l
     dtypes = ["bf16", "fp16"] if on_gpu else ["fp32"]
     cases = []
     for arch in models:
-        script = SCRIPTS.get(arch, "train_resnet_cifar.py")
+        script = MODELS[arch].script if arch in MODELS else "train_resnet_cifar.py"
         model = ["--model", arch]
         for pipeline in ("device", "cpu"):
             for dtype in dtypes:
@@ -78,7 +80,7 @@ def run_case(case: Case, folder: Path, verbose: bool = False) -> Case:
             case.result = f"FAIL: no result after {CASE_TIMEOUT_S} s (killed)"
             break
         if "CIFAR_FAILPOINT" in env:  # interrupted on purpose: a checkpoint to resume, no result
-            if (out / "summary.json").is_file() or not (out / "last.pt").is_file():
+            if (out / RF.SUMMARY).is_file() or not (out / RF.LAST).is_file():
                 case.result = (f"FAIL: after {env['CIFAR_FAILPOINT']} expected a last.pt and no "
                                f"summary.json (exit {r.returncode}: {_last_error(r.stderr)})")
                 break
@@ -87,13 +89,12 @@ def run_case(case: Case, folder: Path, verbose: bool = False) -> Case:
             case.result = "FAIL: " + _last_error(r.stderr)
             break
     else:
-        summary = out / "summary.json"
-        case.result = "PASS" if summary.is_file() else "FAIL: no summary.json written"
-        if case.result == "PASS":
-            import json
+        from .record import read_summary
 
-            s = json.loads(summary.read_text())
-            case.notes.append(f"test acc {s['test_acc']:.3f}, {s['epochs_run']} epochs")
+        summary = read_summary(out / RF.SUMMARY)
+        case.result = "PASS" if summary is not None else "FAIL: no summary.json written"
+        if summary is not None:
+            case.notes.append(f"test acc {summary.test_acc:.3f}, {summary.epochs_run} epochs")
     case.seconds = time.perf_counter() - start
     return case
 
@@ -105,7 +106,7 @@ def _last_error(stderr: str) -> str:
 
 
 def smoke_lines(data_dir: str, on_gpu: bool, img_size: int, keep: str | None = None,
-                verbose: bool = False, models=tuple(SCRIPTS), only: str | None = None):
+                verbose: bool = False, models=tuple(MODELS), only: str | None = None):
     """Run every case, yielding its line(s) as it ends, then the count line; check.py prints them
     (stdout is the script's, as for the benchmarks). The generator returns 0 when all pass."""
     cases = [c for c in plan(data_dir, on_gpu, img_size, models) if not only or only in c.name]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import runfolder as RF
 from .config import TrainConfig, build_parser, config_from_args, identity_differences
 from .errors import UserError
 from .specs import MODELS
@@ -129,7 +130,7 @@ def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
                             "of them)")
     for r in runs:
         planned = r.config()
-        existing = r.folder / "config.json"
+        existing = r.folder / RF.CONFIG
         if existing.is_file():
             from .record import read_record
 
@@ -146,9 +147,9 @@ def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
 
 def status_of(run: Run) -> str:
     """done (tested), interrupted (a checkpoint, no summary) or new."""
-    if (run.folder / "summary.json").is_file():
+    if (run.folder / RF.SUMMARY).is_file():
         return "done"
-    if (run.folder / "last.pt").is_file():
+    if (run.folder / RF.LAST).is_file():
         return "interrupted"
     return "new"
 
