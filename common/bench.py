@@ -17,7 +17,7 @@ from .distributed import DistInfo
 from .engine import (EpochSums, Evaluator, GracefulStop, TrainStep, build_optimizer,
                      build_scheduler, train_one_epoch)
 from .models import build_model, flops_per_image
-from .runtime import (configure_backends, default_workers, dtype_name, make_scaler, resolve_amp,
+from .runtime import (backends, default_workers, dtype_name, make_scaler, resolve_amp,
                       resolve_device)
 from .specs import MODELS, resolve_model
 
@@ -124,49 +124,51 @@ def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | Non
                                        batch_size or CPU_DEFAULTS["batch_size"],
                                        steps or CPU_DEFAULTS["steps"])
     img_size, batch_size, steps = img_size or 224, batch_size or 128, steps or 50
-    configure_backends(device)
-    amp_dtype = resolve_amp(True, "auto", device)
-    peak, peak_note = peak_tflops(device)
-    x_np, y_np = synthetic_images(max(2_000, batch_size * (steps + 8)), seed=0)
-    images, labels = torch.from_numpy(x_np), torch.from_numpy(y_np)
-    import os
+    with backends(device):  # the numerics a run uses
+        amp_dtype = resolve_amp(True, "auto", device)
+        peak, peak_note = peak_tflops(device)
+        x_np, y_np = synthetic_images(max(2_000, batch_size * (steps + 8)), seed=0)
+        images, labels = torch.from_numpy(x_np), torch.from_numpy(y_np)
+        import os
 
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-               f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-               "img_size": img_size, "batch_size": batch_size, "steps": steps,
-               "amp": dtype_name(amp_dtype), "torch": str(torch.__version__),
-               "compile": compile_model, "channels_last": channels_last, "chosen_for_cpu": chosen,
-               "peak": peak_note, "data": {}, "models": {}}
-    if chosen:
-        log.info(f"CPU: chose {' '.join(chosen)} so that this takes about a minute (224 px at "
-                 "batch 128 would take tens of minutes); set them to override")
-    for recipe_name in ("reference", "light"):
-        recipe = resolve_recipe(recipe_name)
-        for pipeline in ("cpu", "device"):
-            results["data"][f"{recipe_name}/{pipeline}"] = bench_data(
-                pipeline, recipe, images, labels, img_size, batch_size, device, steps)
-    recipe = resolve_recipe("reference")
-    for arch, spec in MODELS.items():
-        model = bench_model(arch, img_size, device, channels_last, compile_model)
-        step = make_step(model, device, amp_dtype, channels_last)
-        x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-        y = torch.randint(0, 10, (batch_size,), device=device)
-        row = {"ceiling": bench_train(step, itertools.repeat((x, y)), steps, device)}
-        for pipeline in ("cpu", "device"):
-            stream = make_train_stream(pipeline, images, labels, recipe, img_size, batch_size, 0,
-                                       default_workers(), device)
-            row[f"fed_{pipeline}"] = bench_train(step, itertools.chain.from_iterable(
-                stream.epoch(e) for e in itertools.count()), steps, device)
-        evaluator = Evaluator(EvalTransform(recipe, img_size), batch_size * 2, device, amp_dtype,
-                              channels_last)
-        n_eval = min(len(images), batch_size * steps * 2)
-        evaluator(model, images[:batch_size], labels[:batch_size])  # warm-up
-        row["eval"] = evaluator(model, images[:n_eval], labels[:n_eval])["img_per_s"]
-        train_flops = 3 * flops_per_image(model, img_size)  # forward + backward ~ 3x forward
-        row["mfu"] = row["fed_device"] * train_flops / (peak * 1e12) if peak else None
-        row["peak_mem_gb"] = peak_train_memory_gb(step, x, y, device)
-        results["models"][spec.display] = row
-    return results
+        results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                   f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+                   "img_size": img_size, "batch_size": batch_size, "steps": steps,
+                   "amp": dtype_name(amp_dtype), "torch": str(torch.__version__),
+                   "compile": compile_model, "channels_last": channels_last,
+                   "chosen_for_cpu": chosen,
+                   "peak": peak_note, "data": {}, "models": {}}
+        if chosen:
+            log.info(f"CPU: chose {' '.join(chosen)} so that this takes about a minute (224 px at "
+                     "batch 128 would take tens of minutes); set them to override")
+        for recipe_name in ("reference", "light"):
+            recipe = resolve_recipe(recipe_name)
+            for pipeline in ("cpu", "device"):
+                results["data"][f"{recipe_name}/{pipeline}"] = bench_data(
+                    pipeline, recipe, images, labels, img_size, batch_size, device, steps)
+        recipe = resolve_recipe("reference")
+        for arch, spec in MODELS.items():
+            model = bench_model(arch, img_size, device, channels_last, compile_model)
+            step = make_step(model, device, amp_dtype, channels_last)
+            x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+            y = torch.randint(0, 10, (batch_size,), device=device)
+            row = {"ceiling": bench_train(step, itertools.repeat((x, y)), steps, device)}
+            for pipeline in ("cpu", "device"):
+                stream = make_train_stream(pipeline, images, labels, recipe, img_size,
+                                           batch_size, 0, default_workers(), device)
+                row[f"fed_{pipeline}"] = bench_train(step, itertools.chain.from_iterable(
+                    stream.epoch(e) for e in itertools.count()), steps, device)
+            # fp32, as a run evaluates by default
+            evaluator = Evaluator(EvalTransform(recipe, img_size), batch_size * 2, device, None,
+                                  channels_last)
+            n_eval = min(len(images), batch_size * steps * 2)
+            evaluator(model, images[:batch_size], labels[:batch_size])  # warm-up
+            row["eval"] = evaluator(model, images[:n_eval], labels[:n_eval])["img_per_s"]
+            train_flops = 3 * flops_per_image(model, img_size)  # forward + backward ~ 3x forward
+            row["mfu"] = row["fed_device"] * train_flops / (peak * 1e12) if peak else None
+            row["peak_mem_gb"] = peak_train_memory_gb(step, x, y, device)
+            results["models"][spec.display] = row
+        return results
 
 
 def format_table(r: dict) -> str:

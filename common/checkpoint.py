@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .distributed import DistInfo
 from .errors import LoadError
 from .files import atomic_write
 
@@ -22,25 +23,53 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, buffer.getbuffer().tobytes())
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every RNG a training step touches, as tensors and plain values (weights_only-safe)."""
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG a training step touches in this process, as tensors and plain values
+    (weights_only-safe): Python's, NumPy's, torch's CPU generator and, on a GPU, the generator of
+    the device this process trains on (not every visible GPU's: a run resumed under another
+    CUDA_VISIBLE_DEVICES sees fewer)."""
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
              "python_pos": random.getstate()[2],
              "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": int(np_state[2])}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any]) -> None:
+def gather_rng(dist: DistInfo, device: torch.device) -> dict[str, Any]:
+    """What last.pt stores as "rng": this process's states, and under torchrun every rank's, so
+    that rank k resumes with its own (all ranks call it: it is a collective)."""
+    own = capture_rng(device)
+    if not dist.enabled:
+        return own
+    import torch.distributed
+
+    ranks: list[Any] = [None] * dist.world
+    torch.distributed.all_gather_object(ranks, own)
+    return {**own, "ranks": ranks}
+
+
+def restore_rng(saved: dict[str, Any], device: torch.device | None = None, rank: int = 0) -> None:
+    """Put back the states capture_rng / gather_rng saved: rank `rank`'s own under torchrun, and
+    the CUDA state onto `device` only."""
+    ranks = saved.get("ranks") or []
+    # a run resumed with more processes than it had: the extra ranks take rank 0's states
+    state = ranks[rank] if rank < len(ranks) else saved
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
                          state["numpy_pos"], 0, 0.0))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU
+        index = device.index or 0
+        if index >= len(cuda):
+            return
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def load_error_reason(e: Exception, path: str | Path | None = None) -> str:

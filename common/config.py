@@ -176,6 +176,11 @@ class TrainConfig:
     amp_eval: bool = opt(False, "Evaluate under autocast too; by default validation and test run "
                          "in fp32, as in the experiment.", MACHINE, identity=True)
     channels_last: bool = opt(True, "Use the channels-last memory format.", MACHINE)
+    deterministic: bool = opt(False, "Bit-exact repeats on a GPU: cuDNN's deterministic "
+                              "algorithms without autotuning, no TF32, torch's deterministic "
+                              "algorithms (a warning names an op that has none); slower. "
+                              "Without it a resumed GPU run equals an uninterrupted one in "
+                              "distribution, not bit for bit (README).", MACHINE, switch=True)
     compile: bool = opt(False, "torch.compile the model.", MACHINE)
     data_pipeline: str = opt("auto", "device: the data set lives on the training device and is "
                              "augmented there in batches; cpu: DataLoader workers with timm's own "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -13,11 +14,20 @@ import torch.distributed as dist
 from .errors import ReportedByAnotherRank, UserError
 
 
+# How long the other ranks may wait while rank 0 alone downloads CIFAR-10 and the weights, decodes
+# the images or runs the final test: NCCL's own timeout (10 minutes) is too short for a slow
+# download, so those waits run on a gloo group of their own with this timeout, and the training
+# collectives keep NCCL's
+SLOW_WAIT = timedelta(hours=2)
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    # the gloo group with SLOW_WAIT for rank-0-alone phases (None: one process)
+    slow_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -39,6 +49,7 @@ def init_distributed(device_kind: str) -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(info.local_rank)
         dist.init_process_group(backend=backend)
+    info.slow_group = dist.new_group(backend="gloo", timeout=SLOW_WAIT)
     return info
 
 
@@ -58,13 +69,14 @@ def max_over_ranks(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def together(info: DistInfo) -> Iterator[None]:
+def together(info: DistInfo, slow: bool = False) -> Iterator[None]:
     """Run a block that can raise a UserError on some ranks only (rank 0's download or checkpoint
     write); every rank enters it. If any rank failed, every rank raises: the lowest failed rank its
     own error, the others quietly. So torchrun shows one clear line, and no rank is left waiting in
     a later collective for a peer that has exited (gloo: a crash with a traceback; NCCL: blocked
     until torchrun stops it). The block itself must hold no collective: a rank that failed early
-    would skip it."""
+    would skip it. `slow`: rank 0 may take long in it alone (a download, the decode, the final
+    test), so the others wait on the gloo group with SLOW_WAIT, not in an NCCL collective."""
     err: UserError | None = None
     try:
         yield
@@ -74,11 +86,12 @@ def together(info: DistInfo) -> Iterator[None]:
         if err is not None:
             raise err
         return
-    device = (torch.device("cuda", info.local_rank) if dist.get_backend() == "nccl"
+    group = info.slow_group if slow else None
+    device = (torch.device("cuda", info.local_rank) if dist.get_backend(group) == "nccl"
               else torch.device("cpu"))
     failed = torch.zeros(info.world, device=device)
     failed[info.rank] = float(err is not None)
-    dist.all_reduce(failed, op=dist.ReduceOp.SUM)
+    dist.all_reduce(failed, op=dist.ReduceOp.SUM, group=group)
     ranks = failed.nonzero().flatten().tolist()
     if not ranks:
         return

@@ -19,7 +19,8 @@ from . import distributed as D
 from .errors import UserError
 from .faults import failpoint
 from .models import head_module, set_train_mode, unwrap_model
-from .runtime import autocast
+from .runtime import autocast, full_fp32
+from .transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class EpochSums:
 
     @classmethod
     def from_state(cls, s: dict[str, float], device: torch.device) -> "EpochSums":
-        return cls(*(torch.tensor(float(s[k]), device=device, dtype=torch.float64)
+        return cls(*(torch.full((), float(s[k]), device=device, dtype=torch.float64)
                      for k in cls.KEYS))
 
 
@@ -206,15 +207,16 @@ class TrainStep:
         target = y
         if self.mixup is not None:
             x, target = self.mixup(x, y)
-        loss, logits = self.forward_loss(x, target)
         if self.micro == 0:
             self.optimizer.zero_grad(set_to_none=True)
         self.micro += 1
         update = self.micro == self.accum_steps
-        scaled = loss / self.accum_steps if self.accum_steps > 1 else loss
-        # DDP: all-reduce the gradients once, at the update
+        # DDP all-reduces the gradients once, at the update: no_sync must hold the forward too
+        # (DDP's forward arms the reducer for the backward that follows)
         no_sync = getattr(self.model, "no_sync", None)
         with no_sync() if no_sync is not None and not update else contextlib.nullcontext():
+            loss, logits = self.forward_loss(x, target)
+            scaled = loss / self.accum_steps if self.accum_steps > 1 else loss
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
         if update:
             self.micro = 0
@@ -282,8 +284,8 @@ def _check_in(sums: EpochSums, streak: int, scheduler, stop: GracefulStop,
     skips have finite losses and never count); return whether a stop was asked. Under DDP both are a
     max over ranks (one collective), so the ranks stop or fail together."""
     flags = D.max_over_ranks(torch.stack([sums.bad_streak.double(),
-                                          torch.tensor(float(stop.requested), dtype=torch.float64,
-                                                       device=sums.bad_streak.device)]), dist)
+                                          torch.full((), float(stop.requested), dtype=torch.float64,
+                                                     device=sums.bad_streak.device)]), dist)
     bad_streak, stop_any = flags.tolist()
     if bad_streak >= streak:
         err = NonFiniteLoss(f"the loss was NaN/Inf for {int(bad_streak)} steps in a row "
@@ -311,6 +313,11 @@ class Evaluator:
     def __post_init__(self) -> None:
         self._compiled: dict[int, Callable] = {}
 
+    def numerics(self):
+        """fp32 evaluation is true fp32 on a GPU (no TF32 in matmuls and convolutions: the
+        experiment's fp32 evaluation); under --amp-eval the autocast dtype decides."""
+        return full_fp32(self.device) if self.amp_dtype is None else contextlib.nullcontext()
+
     def _forward(self, model: nn.Module) -> Callable:
         if not self.compile:
             return model
@@ -320,7 +327,7 @@ class Evaluator:
         return self._compiled[id(model)]
 
     def logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """Float logits of one batch of uint8 images (already on any device)."""
+        """Float logits of one batch of uint8 images (on the CPU, or already on the device)."""
         x = self.transform(images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -331,8 +338,11 @@ class Evaluator:
     def predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities (on the CPU) of every image, in eval mode."""
         model.eval()
-        return torch.cat([torch.softmax(self.logits(model, images[i:i + self.batch_size]), 1).cpu()
-                          for i in range(0, len(images), self.batch_size)])
+        images = to_device(images, self.device)  # one copy, not one per batch
+        with self.numerics():
+            probs = [torch.softmax(self.logits(model, images[i:i + self.batch_size]), 1)
+                     for i in range(0, len(images), self.batch_size)]
+        return torch.cat(probs).cpu() if probs else torch.empty(0, 0)
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -345,25 +355,29 @@ class Evaluator:
         if dist.enabled:
             images, labels = images[dist.rank::dist.world], labels[dist.rank::dist.world]
         device = self.device
+        start = time.perf_counter()
+        # the images and labels in one copy each (pinned, non-blocking), not one per batch; sums and
+        # probabilities stay on the device until the end: no host sync per batch
+        images, labels = to_device((images, labels), device)
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         correct = torch.zeros((), device=device, dtype=torch.float64)
         probs = []
-        start = time.perf_counter()
-        for i in range(0, len(images), self.batch_size):
-            if stop is not None and stop.requested:
-                return None
-            logits = self.logits(model, images[i:i + self.batch_size])
-            y = labels[i:i + self.batch_size].to(device, non_blocking=True)
-            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
-            correct += (logits.argmax(1) == y).sum()
-            if keep_probs:
-                probs.append(torch.softmax(logits, 1).cpu())
-        totals = D.all_reduce_sum(torch.stack([loss_sum, correct,
-                                               torch.tensor(float(len(images)), device=device,
-                                                              dtype=torch.float64)]), dist)
-        n = max(1.0, float(totals[2]))
-        out = {"loss": float(totals[0]) / n, "acc": float(totals[1]) / n, "n": int(n),
+        with self.numerics():
+            for i in range(0, len(images), self.batch_size):
+                if stop is not None and stop.requested:
+                    return None
+                logits = self.logits(model, images[i:i + self.batch_size])
+                y = labels[i:i + self.batch_size]
+                loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+                correct += (logits.argmax(1) == y).sum()
+                if keep_probs:
+                    probs.append(torch.softmax(logits, 1))
+        count = torch.full((), float(len(images)), device=device, dtype=torch.float64)
+        totals = D.all_reduce_sum(torch.stack([loss_sum, correct, count]), dist)
+        loss_sum, correct, n = totals.tolist()  # the one host read of an evaluation
+        n = max(1.0, n)
+        out = {"loss": loss_sum / n, "acc": correct / n, "n": int(n),
                "img_per_s": n / max(1e-9, time.perf_counter() - start)}
         if keep_probs:
-            out["probs"] = torch.cat(probs) if probs else torch.empty(0, 0)
+            out["probs"] = torch.cat(probs).cpu() if probs else torch.empty(0, 0)
         return out

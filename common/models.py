@@ -36,6 +36,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def forget_cached_weights(model: nn.Module) -> None:
+    """Drop what a model computed from its weights and kept: timm's TinyViT caches its attention
+    biases per device in eval mode, and load_state_dict (which copies into the parameters) leaves
+    that cache as it was; timm 1.0.9 to 1.0.20 clear it only in train(), so best.pt would be scored
+    with the biases of the weights it replaced. Called after every weight load."""
+    for m in unwrap_model(model).modules():
+        if isinstance(getattr(m, "attention_bias_cache", None), dict):
+            m.attention_bias_cache = {}
+
+
 def head_module(model: nn.Module) -> nn.Module:
     """The classifier layer that is replaced by a fresh 10-way one."""
     model = unwrap_model(model)
@@ -314,6 +324,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], label: str) -
     dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if k not in dropped}
     result = target.load_state_dict(state, strict=False)
+    forget_cached_weights(target)
     loaded = len(state) - len(result.unexpected_keys)
     if loaded == 0 or loaded < 0.5 * len(own):
         raise UserError(f"{label} does not match {type(target).__name__}: only {loaded} of "

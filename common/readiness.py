@@ -72,7 +72,7 @@ def readiness(data_dir: str) -> tuple[list[str], list[str]]:
             lines.append(f"GPU {i}        {p.name}, {p.total_memory / 2**30:.1f} GiB, compute "
                          f"{p.major}.{p.minor}, CUDA {torch.version.cuda}")
         lines.append(f"cuDNN        {torch.backends.cudnn.version()}")
-        lines.append(f"bf16         {'supported' if torch.cuda.is_bf16_supported() else 'not supported: fp16 + GradScaler'}")
+        lines.append(bf16_line(torch.device("cuda", 0)))
     data_lines, data_missing = data_report(data_dir)
     lines += data_lines
     missing += data_missing
@@ -84,6 +84,20 @@ def readiness(data_dir: str) -> tuple[list[str], list[str]]:
             missing.append(f"{spec.display} ImageNet weights not cached: downloaded on the first "
                            "--pretrained run, or pass --weights PATH")
     return lines, missing
+
+
+def bf16_line(device) -> str:
+    """What the runs' AMP will be on this GPU: bf16 where it is native (compute capability 8.0 and
+    newer), else fp16 with a GradScaler (emulated bf16 is slower)."""
+    import torch
+
+    from .runtime import native_bf16
+
+    major, minor = torch.cuda.get_device_capability(device)
+    if native_bf16(device):
+        return f"bf16         native (compute {major}.{minor}): training runs in bf16 autocast"
+    return (f"bf16         not native (compute {major}.{minor}, emulated at best): training runs "
+            "in fp16 + GradScaler")
 
 
 def _hub_cached(repo: str) -> bool:

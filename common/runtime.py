@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,9 +33,18 @@ def resolve_amp(amp: bool, amp_dtype: str, device: torch.device) -> torch.dtype 
         return None
     if amp_dtype == "fp16":
         return torch.float16
-    if amp_dtype == "bf16" or device.type == "cpu" or torch.cuda.is_bf16_supported():
+    if amp_dtype == "bf16" or device.type == "cpu" or native_bf16(device):
         return torch.bfloat16
     return torch.float16
+
+
+def native_bf16(device: torch.device | None = None) -> bool:
+    """Whether the GPU computes bf16 in hardware: NVIDIA compute capability 8.0 (Ampere) and newer,
+    and the AMD GPUs of PyTorch's ROCm build. torch.cuda.is_bf16_supported() also counts emulated
+    bf16 by default (V100, T4, RTX 20xx), which is far slower there than fp16 + GradScaler."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported()
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
@@ -58,12 +68,53 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def configure_backends(device: torch.device) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA (the fixed input shape makes autotuning pay
-    off)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+def _backend_state() -> tuple:
+    return (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled())
+
+
+def _set_backend_state(state: tuple) -> None:
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) = state[:4]
+    torch.use_deterministic_algorithms(state[4], warn_only=state[5])
+
+
+@contextlib.contextmanager
+def backends(device: torch.device, deterministic: bool = False) -> Iterator[None]:
+    """The numerics of a run, restored on exit. On CUDA by default: cuDNN autotuning (the fixed
+    input shape makes it pay off) and TF32 in training matmuls (evaluation turns TF32 off:
+    full_fp32). With `deterministic` (--deterministic): cuDNN's deterministic algorithms, no
+    autotuning, no TF32, torch's deterministic algorithms (a warning names an op that has none) and
+    cuBLAS's fixed workspace, so a resumed run repeats an uninterrupted one bit for bit on the same
+    GPU, driver and versions."""
+    saved = _backend_state()
+    try:
+        if deterministic:
+            # read when cuBLAS makes its handle, so before the first matmul on the device
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            _set_backend_state((False, True, False, False, True, True))
+        elif device.type == "cuda":
+            _set_backend_state((True, False, True, True, *saved[4:]))
+        yield
+    finally:
+        _set_backend_state(saved)
+
+
+@contextlib.contextmanager
+def full_fp32(device: torch.device) -> Iterator[None]:
+    """Float32 products in full precision inside (no TF32 in matmuls and cuDNN convolutions);
+    nothing to do off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def seed_everything(seed: int) -> None:

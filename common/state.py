@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .checkpoint import capture_rng
 from .errors import UserError
-from .models import unwrap_model
+from .models import forget_cached_weights, unwrap_model
 
 
 @dataclass
@@ -41,14 +40,14 @@ class RunState:
     best: Best = field(default_factory=Best)
     finished: bool = False
 
-    def full_checkpoint(self, record: dict[str, Any]) -> dict[str, Any]:
+    def full_checkpoint(self, record: dict[str, Any], rng: dict[str, Any]) -> dict[str, Any]:
         """last.pt: everything an exact resume needs (tensors and plain values: weights_only=True
-        loads it)."""
+        loads it); `rng` from checkpoint.gather_rng (every rank's states under torchrun)."""
         return {"model": unwrap_model(self.model).state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "epoch": self.epoch, "step": self.step, "partial": self.partial,
-                "best": asdict(self.best), "finished": self.finished, "rng": capture_rng(),
+                "best": asdict(self.best), "finished": self.finished, "rng": rng,
                 "record": record}
 
     def weights_checkpoint(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -92,3 +91,4 @@ def load_model_state(model, state: dict[str, Any], path: str) -> None:
                         "tensors; was it written by another model or image size? (pass the "
                         "matching --model / --img-size)")
     target.load_state_dict(state)
+    forget_cached_weights(target)

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import distributed as D
 from . import runfolder as RF
-from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import capture_rng, gather_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, identity_differences, strip_flags
 from .data.augment import EvalTransform, Recipe, resolve_recipe
 from .data.sources import DataSource, open_source
@@ -33,7 +33,7 @@ from .models import (apply_weights, count_parameters, create_model, flops_per_im
 from .progress import Progress
 from .provenance import environment
 from .record import DataInfo, ModelInfo, RunInfo, RunRecord, SplitInfo, Summary, WeightsInfo
-from .runtime import (Runtime, configure_backends, dtype_name, make_scaler, resolve_runtime,
+from .runtime import (Runtime, backends, dtype_name, make_scaler, resolve_runtime,
                       seed_everything)
 from .specs import ModelChoice, resolve_model
 from .state import RunState, load_model_state
@@ -81,7 +81,8 @@ def run_training(cfg: TrainConfig) -> int:
         if done:
             failed = False
             return 0
-        code = train_and_test(prepare(cfg, rt, ckpt))
+        with backends(rt.device, cfg.deterministic):
+            code = train_and_test(prepare(cfg, rt, ckpt))
         failed = False
         return code
     finally:
@@ -242,7 +243,6 @@ def _short(v: Any) -> str:
 def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
     """Data, model, optimiser, the state to start from, and the run record (config.json)."""
     out = Path(cfg.output_dir)
-    configure_backends(rt.device)
     recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude,
                             cfg.re_prob, cfg.eval_crop, cfg.re_mode)
     source, splits = rank0_first(rt.dist, lambda downloader: load_data(cfg, downloader))
@@ -275,13 +275,14 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
         torch.cuda.reset_peak_memory_stats(rt.device)
     # mid-epoch: continue the interrupted random streams, last of all
     if ckpt is not None and state.step:
-        restore_rng(ckpt["rng"])
+        restore_rng(ckpt["rng"], rt.device, rt.dist.rank)
     test_only = ckpt is not None and (state.finished or state.epoch >= cfg.epochs)
     # --epochs lowered to the epochs done: end the run here
     if test_only and not state.finished and rt.is_main:
         state.finished = True
         with hint(WriteError, WRITE_HINT):
-            save_checkpoint(out / RF.LAST, state.full_checkpoint(record.to_dict()))
+            save_checkpoint(out / RF.LAST,
+                            state.full_checkpoint(record.to_dict(), capture_rng(rt.device)))
     return Context(cfg, rt, out, splits, stream, evaluator, state, step_fn, record, metrics,
                    test_only)
 
@@ -291,7 +292,7 @@ def rank0_first(dist: D.DistInfo, fn: Callable[[bool], Any]) -> Any:
     copies); inside D.together, so a failure on any rank stops every rank."""
     result = None
     for downloader in (True, False):
-        with D.together(dist):
+        with D.together(dist, slow=True):
             if dist.is_main == downloader:
                 result = fn(downloader)
     return result
@@ -477,10 +478,12 @@ def out_of_memory_hint(ctx: Context, doing: str):
 def save_interrupted(ctx: Context, epoch: int, result: EpochResult, stop: GracefulStop) -> int:
     """Ctrl+C / SIGTERM mid-epoch: a last.pt at this step, and the command that continues."""
     ctx.state.partial = result.sums.state()
+    rng = gather_rng(ctx.rt.dist, ctx.rt.device)  # every rank's, before rank 0 alone writes
     with D.together(ctx.rt.dist):
         if ctx.rt.is_main:
             with hint(WriteError, WRITE_HINT):
-                save_checkpoint(ctx.out / RF.LAST, ctx.state.full_checkpoint(ctx.record.to_dict()))
+                save_checkpoint(ctx.out / RF.LAST,
+                                ctx.state.full_checkpoint(ctx.record.to_dict(), rng))
             resume_hint(ctx.out, ctx.rt.dist.world,
                         f"stopped in epoch {epoch + 1} at step {ctx.state.step}/"
                         f"{len(ctx.stream)}")
@@ -515,6 +518,7 @@ def close_epoch(ctx: Context, epoch: int, val_acc: float) -> tuple[bool, bool]:
 def write_epoch(ctx: Context, row: dict[str, float], improved: bool) -> None:
     """The epoch's writes, in the order that a kill between any two leaves repairable (design.md):
     the row, best.pt (if better), last.pt."""
+    rng = gather_rng(ctx.rt.dist, ctx.rt.device)
     with D.together(ctx.rt.dist), hint(WriteError, WRITE_HINT):
         if ctx.rt.is_main:
             ctx.log.append(row)
@@ -522,7 +526,7 @@ def write_epoch(ctx: Context, row: dict[str, float], improved: bool) -> None:
             if improved:
                 save_checkpoint(ctx.out / RF.BEST,
                                 ctx.state.weights_checkpoint(ctx.record.to_dict()))
-            save_checkpoint(ctx.out / RF.LAST, ctx.state.full_checkpoint(ctx.record.to_dict()))
+            save_checkpoint(ctx.out / RF.LAST, ctx.state.full_checkpoint(ctx.record.to_dict(), rng))
 
 
 def log_epoch(cfg: TrainConfig, row: dict[str, float], improved: bool, early: bool,
@@ -553,8 +557,8 @@ def test_and_summarise(ctx: Context, stop: GracefulStop) -> int:
         load_model_state(model, best_ckpt["model"], str(out / RF.BEST))
         best = None if final is None else ctx.evaluator(model, splits.test_x, splits.test_y,
                                                         keep_probs=True, stop=stop)
-        unwrap_model(model).load_state_dict(final_weights)
-    with D.together(ctx.rt.dist):
+        load_model_state(model, final_weights, "the final epoch's weights")
+    with D.together(ctx.rt.dist, slow=True):  # the others wait while rank 0 tests
         if ctx.rt.is_main:
             if best is None:
                 resume_hint(out, ctx.rt.dist.world,

@@ -153,7 +153,7 @@ MUTATIONS = [
      '    if False:',
      'tests/test_analysis.py -k mismatch'),
     ('mid-epoch resume without the RNG state', 'common/trainer.py',
-     '        restore_rng(ckpt["rng"])',
+     '        restore_rng(ckpt["rng"], rt.device, rt.dist.rank)',
      '        pass',
      'tests/test_resilience.py -k ctrl_c'),
     ('no run-folder lock', 'common/runfolder.py',

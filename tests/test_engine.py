@@ -131,16 +131,38 @@ def test_our_optimizer_steps_exactly_as_adamw_over_model_parameters():
         assert torch.allclose(p, q, atol=1e-7, rtol=0), k
 
 
-@pytest.mark.parametrize("amp,dtype,device,bf16,expected", [
-    (True, "auto", "cuda", True, torch.bfloat16), (True, "auto", "cuda", False, torch.float16),
-    (True, "fp16", "cuda", True, torch.float16), (True, "bf16", "cuda", False, torch.bfloat16),
-    (False, "auto", "cuda", True, None), (True, "auto", "cpu", True, None),
-    (True, "bf16", "cpu", False, torch.bfloat16), (True, "fp16", "cpu", False, torch.float16)])
-def test_amp_decision(amp, dtype, device, bf16, expected):
-    with mock.patch("torch.cuda.is_bf16_supported", return_value=bf16):
-        assert R.resolve_amp(amp, dtype, torch.device(device)) == expected
+@pytest.mark.parametrize("amp,dtype,device,capability,expected", [
+    (True, "auto", "cuda", (8, 0), torch.bfloat16), (True, "auto", "cuda", (7, 0), torch.float16),
+    (True, "fp16", "cuda", (9, 0), torch.float16), (True, "bf16", "cuda", (7, 5), torch.bfloat16),
+    (False, "auto", "cuda", (8, 6), None), (True, "auto", "cpu", (8, 0), None),
+    (True, "bf16", "cpu", (7, 0), torch.bfloat16), (True, "fp16", "cpu", (7, 0), torch.float16)])
+def test_amp_decision(amp, dtype, device, capability, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: ("GradScaler", device))
+    assert R.resolve_amp(amp, dtype, torch.device(device)) == expected
     scaler = R.make_scaler(expected, torch.device(device))
     assert (scaler is not None) == (expected == torch.float16), "a GradScaler exactly for fp16"
+
+
+@pytest.mark.parametrize("capability,gpu,native", [
+    ((7, 0), "V100", False), ((7, 5), "T4 / RTX 20xx", False), ((8, 6), "RTX 30xx", True),
+    ((8, 9), "RTX 4070", True), ((9, 0), "H100", True)])
+def test_bf16_is_chosen_only_where_the_gpu_has_it_in_hardware(capability, gpu, native,
+                                                              monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on a V100 or T4 (it counts emulated bf16, slower
+    than fp16 there): the decision reads the compute capability instead, and check.py says the
+    same."""
+    from common import readiness
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    cuda = torch.device("cuda", 0)
+    assert R.native_bf16(cuda) is native, gpu
+    assert R.resolve_amp(True, "auto", cuda) == (torch.bfloat16 if native else torch.float16), gpu
+    line = readiness.bf16_line(cuda)
+    assert line.startswith("bf16         native") if native else "fp16 + GradScaler" in line, line
 
 
 def _step(model, amp_dtype, scaler, grad_clip=0.0):

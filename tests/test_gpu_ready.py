@@ -4,18 +4,22 @@ breaks, no host sync in the hot loop, gradient accumulation, out-of-memory as on
 macOS (no fcntl, spawned workers)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import textwrap
 
 import pandas as pd
 import pytest
 import torch
+import cuda_standins as standins
 from conftest import ROOT, SMALL, one_line_error_in_process, real_photos, run_cli, train
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 
 from common import engine as E
+from common import transfer
 from common.data import device_ops
 from common.data.augment import EvalTransform, resolve_recipe
 from common.data.streams import DeviceTrainStream
@@ -24,27 +28,22 @@ from common.errors import UserError
 from common.models import create_model
 from common.specs import resolve_model
 
-CUDA = torch.device("cuda")
+CUDA = standins.CUDA
 
 
 @pytest.fixture
 def fake_cuda(monkeypatch):
     """FakeTensorMode makes device="cuda" tensors on a machine without a GPU and raises on a
-    CPU/CUDA mix. The erasing noise's CUDA generator cannot be made without a driver: a CPU one
-    stands in (its device is not checked by fake tensors)."""
-    monkeypatch.setattr(device_ops, "noise_generator",
-                        lambda device, seed: torch.Generator().manual_seed(seed))
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        yield mode
+    CPU/CUDA mix; inside it, a counter of host syncs (tests/cuda_standins.py)."""
+    with standins.fake_cuda(monkeypatch) as (mode, syncs):
+        yield syncs
 
 
 @pytest.mark.parametrize("recipe", ["reference", "light"])
 def test_the_device_augmentation_runs_on_fake_cuda_tensors(recipe, monkeypatch):
     aug = device_ops.make_device_augment(resolve_recipe(recipe, re_prob=1.0), 224)
     plan = aug.sample(16, torch.Generator().manual_seed(0))  # the CPU draws, real tensors
-    monkeypatch.setattr(device_ops, "noise_generator",
-                        lambda device, seed: torch.Generator().manual_seed(seed))
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with standins.fake_cuda(monkeypatch):
         images = torch.empty(16, 3, 32, 32, dtype=torch.uint8, device=CUDA)
         out = aug.finish(aug.apply(images, plan))
         assert (out.device.type == "cuda" and out.shape == (16, 3, 224, 224)
@@ -52,18 +51,9 @@ def test_the_device_augmentation_runs_on_fake_cuda_tensors(recipe, monkeypatch):
 
 
 def test_the_device_stream_and_the_eval_transform_stay_on_the_device(fake_cuda):
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     x, y = torch.zeros(64, 3, 32, 32, dtype=torch.uint8), torch.arange(64) % 10
     stream = DeviceTrainStream(x, y, resolve_recipe("reference"), 64, 16, 0, CUDA)
-    real_sample = stream.augment.sample
-
-    # sample() is CPU work by design (real tensors); the fake mode covers the device work
-    def cpu_draws(n, gen):
-        with unset_fake_temporarily():
-            return real_sample(n, gen)
-
-    stream.augment.sample = cpu_draws
+    standins.cpu_draws(stream.augment)
     batch, labels = next(iter(stream.epoch(0)))
     assert batch.device.type == labels.device.type == "cuda" and batch.shape == (16, 3, 64, 64)
     ev = EvalTransform(resolve_recipe("reference"),
@@ -181,6 +171,229 @@ def test_the_hot_loop_reads_the_device_only_at_the_check_in(monkeypatch):
     outside = {f for f in reads if f not in allowed}
     assert not outside, f"host reads in the hot loop: {sorted(outside)}"
     assert reads.count("_check_in") == 3, "the check-ins at steps 25 and 50, and the epoch's last"
+
+
+class ForwardOnly:
+    """TrainStep's place in the loop on fake CUDA tensors (a backward needs a driver): the forward
+    and the loss. TrainStep's own reads are counted on the CPU above."""
+
+    def __init__(self, model):
+        self.model, self.scheduler, self.at_update_boundary = model, None, True
+
+    def __call__(self, x, y):
+        logits = self.model(x.contiguous(memory_format=torch.channels_last))
+        return torch.nn.functional.cross_entropy(logits, y).detach(), logits.detach()
+
+
+@pytest.mark.parametrize("recipe", ["reference", "light"])
+def test_the_training_loop_makes_no_host_sync_per_step_on_fake_cuda(recipe, monkeypatch):
+    """The device pipeline at 224 px and the loop's metric sums on fake CUDA tensors, counted the
+    wide way (tests/cuda_standins.py: reads of a CUDA value, copies from pageable CPU memory such
+    as torch.tensor(list, device="cuda") or .to("cuda") of a fresh CPU tensor, data-dependent
+    shapes): none in any step; the CPU draws go as one pinned, non-blocking copy per chunk of
+    batches (and the epoch's order, once); the loop reads the device only at its check-in."""
+    x, y = real_photos()
+    with standins.fake_cuda(monkeypatch) as (_, syncs):
+        stream = DeviceTrainStream(x, y, resolve_recipe(recipe), 224, 4, 0, CUDA)
+        standins.cpu_draws(stream.augment)
+        step = ForwardOnly(standins.fake_cuda_model("test_resnet", 224))
+        syncs.events.clear()
+        steps, _ = E.train_one_epoch(step, stream.epoch(0), E.EpochSums.zeros(CUDA),
+                                     E.GracefulStop(), DistInfo())
+    assert steps == 50
+    for kind in ("pageable copy", "data-dependent shape"):
+        assert not syncs.count(kind), standins.describe(syncs.count(kind))
+    assert not syncs.count("read", outside=("_check_in",)), standins.describe(
+        syncs.count("read", outside=("_check_in",)))
+    chunks = -(-steps // stream.chunk)
+    assert len(syncs.count("pinned copy")) == chunks + 1, standins.describe(syncs.events)
+    assert syncs.count("read"), "the check-in reads the sums (the counter sees reads)"
+
+
+def test_validation_and_the_test_make_no_host_sync_per_batch_on_fake_cuda(monkeypatch):
+    """The Evaluator (eval transform, model, loss and accuracy sums, the test's probabilities, the
+    demo's predict) on fake CUDA tensors: the images and labels go as one pinned copy per call, and
+    the host reads the results once at the end, the same for 2 batches as for 6."""
+    x, y = real_photos()
+    counts = []
+    for batches in (2, 6):
+        with standins.fake_cuda(monkeypatch) as (_, syncs):
+            model = standins.fake_cuda_model("test_resnet", 224)
+            ev = E.Evaluator(EvalTransform(resolve_recipe("reference"), 224), 8, CUDA, None, True)
+            syncs.events.clear()
+            ev(model, x[:8 * batches], y[:8 * batches])                       # validation
+            ev(model, x[:8 * batches], y[:8 * batches], keep_probs=True)      # the final test
+            ev.predict(model, x[:8 * batches])                                # the demo
+        assert not syncs.count("pageable copy"), standins.describe(syncs.count("pageable copy"))
+        assert not syncs.count("data-dependent shape")
+        assert len(syncs.count("pinned copy")) == 3, standins.describe(syncs.events)
+        counts.append(len(syncs.events))
+    assert counts[0] == counts[1], f"host syncs grow with the batches: {counts}"
+
+
+def test_the_cpu_draws_travel_packed_in_one_buffer_and_come_back_whole():
+    """to_device's packing (on a GPU: one pinned buffer, one non-blocking copy per chunk), checked
+    by value on the CPU: every dtype, shape, a non-contiguous and an empty tensor come back equal."""
+    tensors = [torch.arange(5), torch.tensor([True, False, True]), torch.randn(2, 3).double(),
+               torch.randn(4, 3).t(), torch.empty(0, 4, dtype=torch.long), torch.tensor(3.5),
+               torch.randint(0, 255, (7,), dtype=torch.uint8), torch.randn(3).float()]
+    buffer, spans = transfer.pack(tensors)
+    assert buffer.dtype == torch.uint8 and buffer.dim() == 1
+    assert all(start % 8 == 0 for start, _ in spans), "each tensor views back as its dtype"
+    for t, back in zip(tensors, transfer.unpack(buffer, tensors, spans)):
+        assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
+
+
+def test_a_resume_under_fewer_visible_gpus_restores_its_own_devices_rng(monkeypatch):
+    """A run started on GPU 1 of a 4-GPU machine and resumed with one GPU visible (as run_suite.py
+    pins runs with CUDA_VISIBLE_DEVICES): the checkpoint holds the state of the device the run
+    trained on, and the resume puts it onto the one device it has (restoring all four states
+    raised IndexError). A checkpoint of the older layout (a state per visible GPU) resumes too."""
+    from common.checkpoint import capture_rng, restore_rng
+
+    states = [torch.full((8,), i, dtype=torch.uint8) for i in range(4)]
+    visible, restored = [4], []
+
+    def index(device) -> int:
+        return device if isinstance(device, int) else (torch.device(device).index or 0)
+
+    def set_rng_state(state, device="cuda"):
+        if index(device) >= visible[0]:  # torch.cuda.default_generators[index]
+            raise IndexError("tuple index out of range")
+        restored.append((index(device), int(state[0])))
+
+    for module in (torch.cuda, torch.cuda.random):
+        monkeypatch.setattr(module, "get_rng_state", lambda device="cuda": states[index(device)])
+        monkeypatch.setattr(module, "get_rng_state_all", lambda: states[:visible[0]])
+        monkeypatch.setattr(module, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
+    saved = capture_rng(torch.device("cuda", 1))
+    assert torch.equal(saved["cuda"], states[1])
+    visible[0] = 1
+    restore_rng(saved, torch.device("cuda", 0))
+    assert restored == [(0, 1)]
+    restored.clear()
+    restore_rng({**saved, "cuda": states}, torch.device("cuda", 0))  # the older layout
+    assert restored == [(0, 0)]
+
+
+def test_a_tinyvit_scored_after_a_weight_load_uses_the_loaded_attention_biases(monkeypatch):
+    """timm's TinyViT caches its attention biases in eval mode; timm 1.0.9 to 1.0.20 cleared the
+    cache only in train(), so the final test scored best.pt with the final epoch's biases. With that
+    behaviour put back, a model evaluated, then loaded with other weights, must predict as a fresh
+    model holding those weights."""
+    from timm.models import tiny_vit
+
+    from common.state import load_model_state
+
+    def old_train(self, mode=True):  # timm <= 1.0.20
+        torch.nn.Module.train(self, mode)
+        if mode and self.attention_bias_cache:
+            self.attention_bias_cache = {}
+
+    monkeypatch.setattr(tiny_vit.Attention, "train", old_train)
+    torch.manual_seed(0)
+    final = create_model(resolve_model("tiny_vit_5m_224", False), 32, 10).eval()
+    best = create_model(resolve_model("tiny_vit_5m_224", False), 32, 10).eval()
+    with torch.no_grad():
+        for p in best.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final(x)  # the last validation fills the cache
+        load_model_state(final, best.state_dict(), "best.pt")
+        assert torch.allclose(final(x), best(x), atol=1e-5), "the final test scored stale biases"
+
+
+def test_evaluation_runs_in_true_fp32_on_a_gpu_while_training_may_use_tf32(monkeypatch):
+    """The default GPU numerics (cuDNN autotuning, TF32 matmuls for training) do not reach
+    evaluation: inside the Evaluator, TF32 is off for matmuls and convolutions, as the experiment's
+    fp32 evaluation; after it, the training setting is back. --deterministic turns it all off and
+    everything is restored when the run ends."""
+    from common import runtime as R
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = R._backend_state()
+    seen = []
+    with R.backends(CUDA):
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        with standins.fake_cuda(monkeypatch):
+            model = standins.fake_cuda_model("test_resnet", 32)
+            model.fc.register_forward_hook(lambda *a: seen.append(
+                (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+            x, y = real_photos()
+            E.Evaluator(EvalTransform(resolve_recipe("reference"), 32), 100, CUDA)(model, x, y)
+        assert seen == [(False, False)] * 2 and torch.backends.cuda.matmul.allow_tf32
+    assert R._backend_state() == before
+    with R.backends(CUDA, deterministic=True):
+        assert (not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+                and not torch.backends.cuda.matmul.allow_tf32
+                and not torch.backends.cudnn.allow_tf32
+                and torch.are_deterministic_algorithms_enabled()
+                and torch.is_deterministic_algorithms_warn_only_enabled())
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert R._backend_state() == before
+
+
+def test_deterministic_is_a_recorded_flag_that_reaches_the_backends(tmp_path, monkeypatch):
+    from common import trainer
+
+    asked = []
+    real = trainer.backends
+    monkeypatch.setattr(trainer, "backends", lambda device, det: (asked.append((device.type, det)),
+                                                                  real(device, det))[1])
+    out = tmp_path / "run"
+    assert train("train_resnet_cifar", "--model", "test_resnet", "--no-pretrained", "--dummy",
+                 "--epochs", "1", "--img-size", "32", "--batch-size", "32", "--train-subset",
+                 "64", "--val-size", "32", "--test-subset", "32", "--num-workers", "0",
+                 "--deterministic", "--output-dir", str(out)) == 0
+    assert asked == [("cpu", True)]
+    assert json.loads((out / "config.json").read_text())["config"]["deterministic"] is True
+
+
+def test_the_cuda_amp_branches_ask_for_their_dtype_and_drive_the_scaler(monkeypatch):
+    """Fake CUDA tensors switch autocast and the GradScaler off without a word, so these branches
+    are reached with recording stand-ins: the dtype each path asks autocast for on "cuda", and the
+    GradScaler's calls in their order (scale, unscale_ before clipping, step, update)."""
+    from unittest import mock
+
+    from common import runtime as R
+
+    asked = []
+    monkeypatch.setattr(E, "autocast", lambda device, dtype: (
+        asked.append((device.type, dtype)), contextlib.nullcontext())[1])
+    made = []
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: made.append(device) or "scaler")
+    assert R.make_scaler(torch.float16, CUDA) == "scaler" and made == ["cuda"]
+    assert R.make_scaler(torch.bfloat16, CUDA) is None and R.make_scaler(None, CUDA) is None
+
+    model = create_model(resolve_model("test_resnet", False), 32, 10)
+    opt = E.build_optimizer(model, "adamw", 1e-3, 0.05, 0.9, 1.0, torch.device("cpu"))
+    calls = mock.MagicMock()
+    calls.scale.side_effect = lambda loss: loss * 1.0
+    step = E.TrainStep(model, opt, E.build_scheduler(opt, 1, 0, 10), calls,
+                       torch.nn.CrossEntropyLoss(), None, torch.float16, 1.0, False, CUDA,
+                       step_scheduler=False)
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    step(x, y)
+    assert asked == [("cuda", torch.float16)]
+    assert [c[0] for c in calls.method_calls] == ["scale", "unscale_", "step", "update"]
+    asked.clear()
+    with mock.patch.object(opt, "step") as plain_step:
+        E.TrainStep(model, opt, E.build_scheduler(opt, 1, 0, 10), None,
+                    torch.nn.CrossEntropyLoss(), None, torch.bfloat16, 0.0, False, CUDA,
+                    step_scheduler=False)(x, y)
+    assert asked == [("cuda", torch.bfloat16)] and plain_step.call_count == 1
+    asked.clear()
+    with standins.fake_cuda(monkeypatch):
+        fake = standins.fake_cuda_model("test_resnet", 32)
+        images, labels = real_photos()
+        for amp_eval in (None, torch.bfloat16):
+            E.Evaluator(EvalTransform(resolve_recipe("reference"), 32), 200, CUDA, amp_eval)(
+                fake, images, labels)
+    assert asked == [("cuda", None), ("cuda", torch.bfloat16)], "fp32 evaluation by default"
 
 
 # -------------------------------------------------------------------- gradient accumulation, memory

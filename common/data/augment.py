@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..transfer import channel_constant
 from .resample import eval_geometry, resize_center_crop
 
 # both pretrained models expect it; scratch runs lose nothing by it
@@ -102,10 +103,9 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """[0, 255] -> (x / 255 - mean) / std, per channel, as one multiply-add: x * 1/(255 std) -
     mean/std."""
-    scale = torch.tensor([1 / (255.0 * s) for s in std], device=x.device,
-                         dtype=x.dtype).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device,
-                         dtype=x.dtype).view(1, -1, 1, 1)
+    # constants made by fills on x's device: a torch.tensor(list, device=cuda) here was a host sync
+    scale = channel_constant(tuple(1 / (255.0 * s) for s in std), x)
+    shift = channel_constant(tuple(-m / s for m, s in zip(mean, std)), x)
     return torch.addcmul(shift, x, scale)
 
 

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..transfer import channel_constant, to_device
 from .augment import Recipe, normalize
 from .resample import resize_crops
 
@@ -97,8 +98,9 @@ def _blend(degenerate: torch.Tensor, x: torch.Tensor, factor: torch.Tensor) -> t
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
     """ImageFilter.SMOOTH (3x3, centre 5, sum 13), rounded; the one-pixel border is copied."""
-    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device,
-                     dtype=x.dtype) / 13
+    # made on the device (a fill and a pad): no copy from the CPU
+    centre = torch.full((1, 1), 4 / 13, device=x.device, dtype=x.dtype)
+    k = F.pad(centre, (1, 1, 1, 1)) + 1 / 13
     n, c, h, w = x.shape
     inner = F.conv2d(x.reshape(n * c, 1, h, w), k.view(1, 1, 3, 3)).view(n, c, h - 2, w - 2)
     out = x.clone()
@@ -164,8 +166,7 @@ def pil_affine(x: torch.Tensor, mats: torch.Tensor, fill: tuple[float, ...]) -> 
     weights = (wy.unsqueeze(2) * wx.unsqueeze(1)).view(n, 1, 16, h, w)
     taps16 = x.reshape(n, ch, h * w).gather(2, idx.expand(n, ch, 16 * h * w)).view(n, ch, 16, h, w)
     out = (taps16 * weights).sum(2).clamp_(0, 255).floor_()
-    fill_t = torch.tensor(fill, device=dev, dtype=x.dtype).view(1, ch, 1, 1)
-    return torch.where(inside.unsqueeze(1), out, fill_t)
+    return torch.where(inside.unsqueeze(1), out, channel_constant(fill, x))
 
 
 def _affine_matrix(name: str, level: torch.Tensor, size: int) -> torch.Tensor:
@@ -302,31 +303,36 @@ class ReferenceAugment(DeviceAugment):
                     plan.append((name, sel, m, s))
             if geometric_idx:
                 plan.append(("affine", torch.cat(geometric_idx), torch.cat(geometric_mats), None))
+        erased = torch.nonzero(erase_boxes[:, 2] > 0).flatten()
         return {"crops": crops, "flips": flips, "ops": ops, "apply": apply, "magnitude": magnitude,
-                "signs": signs, "erase": erase_boxes,
-                "erased": torch.nonzero(erase_boxes[:, 2] > 0).flatten(), "noise_seed": noise_seed,
-                "plan": plan}
+                "signs": signs, "erase": erase_boxes, "erased": erased,
+                "erase_boxes": erase_boxes[erased], "noise_seed": noise_seed, "plan": plan}
 
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
+        p = to_device(_device_part(p, ("crops", "flips", "plan", "erased", "erase_boxes")),
+                      images.device) | {"noise_seed": p["noise_seed"]}
         x = resize_crops(images, p["crops"], self.size, self.recipe.interpolation, flips=p["flips"])
         for name, sel, magnitude, sign in p["plan"]:
-            dev_sel = sel.to(x.device, non_blocking=True)
             if name == "affine":
-                x[dev_sel] = pil_affine(x[dev_sel], magnitude, self.fill)
+                x[sel] = pil_affine(x[sel], magnitude, self.fill)
             else:
-                x[dev_sel] = timm_op(name, x[dev_sel], magnitude, sign, self.fill)
+                x[sel] = timm_op(name, x[sel], magnitude, sign, self.fill)
         x = normalize(x, self.recipe.mean, self.recipe.std)
         if not len(p["erased"]):
             return x
-        sel = p["erased"].to(x.device, non_blocking=True)  # only the images with a box: a
-                                                           # quarter of them
+        sel = p["erased"]  # only the images with a box: a quarter of them
         noise = None
         if self.recipe.re_mode == "pixel":
             g = noise_generator(x.device, p["noise_seed"])
-            noise = torch.randn((len(p["erased"]), *x.shape[1:]), generator=g, device=x.device,
+            noise = torch.randn((len(sel), *x.shape[1:]), generator=g, device=x.device,
                                 dtype=x.dtype)
-        x[sel] = erase(x[sel], p["erase"][p["erased"]], noise)
+        x[sel] = erase(x[sel], p["erase_boxes"], noise)
         return x
+
+
+def _device_part(p: dict, keys: tuple[str, ...]) -> dict:
+    """The draws that apply() needs on the device (the rest of a plan is for inspection)."""
+    return {k: p[k] for k in keys}
 
 
 # ----------------------------------------------------------------------------- the light recipe
@@ -442,12 +448,12 @@ class LightAugment(DeviceAugment):
     def apply(self, images: torch.Tensor, p: dict) -> torch.Tensor:
         """All random ops at 32x32: uint8 (n, 3, 32, 32) -> normalised float (n, 3, 32, 32); see
         finish()."""
-        n, device = images.shape[0], images.device
+        n = images.shape[0]
+        p = to_device(_device_part(p, ("colour", "theta")), images.device)
         x = images.float().div_(255)
         for op, sel, strength, sign in p["colour"]:
-            dev_sel = sel.to(device, non_blocking=True)
-            x[dev_sel] = tv_colour_op(op, x[dev_sel], strength, sign)
-        theta = p["theta"].to(device, non_blocking=True)
+            x[sel] = tv_colour_op(op, x[sel], strength, sign)
+        theta = p["theta"]
         # sample at 32x32 (black fill outside) and normalise there: normalising is per-channel
         # affine and commutes with the bilinear upsample, so it costs a 32x32 pass, not an img_size
         # one

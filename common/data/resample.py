@@ -7,10 +7,11 @@ uint8), then vertically (rounded again). Upsampling 32 px to 224 is a (224 x 32)
 per crop."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
+
+from ..runtime import full_fp32
 
 SUPPORT = {"bicubic": 2.0, "bilinear": 1.0}
 
@@ -49,22 +50,6 @@ def _round_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.add(0.5).floor_().clamp_(0.0, 255.0)  # Pillow rounds half up and clips
 
 
-@contextlib.contextmanager
-def exact_matmul(device: torch.device):
-    """float32 products without TF32 (10-bit mantissa inputs would move pixels across rounding
-    boundaries): exact enough for Pillow's uint8 rounding, and far cheaper than the float64 this
-    used before."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 def resize_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int, kernel: str,
                  flips: torch.Tensor | None = None) -> torch.Tensor:
     """uint8/float images (n, C, H, W) in [0, 255], crops (n, 4) = (top, left, height, width) ->
@@ -76,7 +61,9 @@ def resize_crops(images: torch.Tensor, boxes: torch.Tensor, out_size: int, kerne
     wy = resample_weights(out_size, top, bh, images.shape[-2], kernel)         # (n, out, H)
     if flips is not None:
         wx = torch.where(flips.to(images.device, non_blocking=True).view(-1, 1, 1), wx.flip(1), wx)
-    with exact_matmul(images.device):
+    # float32 products without TF32 (its 10-bit mantissa would move pixels across Pillow's rounding
+    # boundaries): exact enough, and far cheaper than float64
+    with full_fp32(images.device):
         # horizontal pass, rounded to uint8
         x = _round_uint8(torch.einsum("nchw,now->ncho", images.float(), wx))
         x = _round_uint8(torch.einsum("ncho,nph->ncpo", x, wy))                # vertical pass
@@ -104,6 +91,6 @@ def resize_center_crop(images: torch.Tensor, img_size: int, crop_pct: float,
     wx = resample_weights(resize_to, zero, full, w, kernel, dtype)[0, offset:offset + crop]
     wy = resample_weights(resize_to, zero, torch.full((1,), float(h), device=images.device), h,
                           kernel, dtype)[0, offset:offset + crop]
-    with exact_matmul(images.device):
+    with full_fp32(images.device):
         x = _round_uint8(torch.einsum("nchw,ow->ncho", images.to(dtype), wx))
         return _round_uint8(torch.einsum("ncho,ph->ncpo", x, wy)).contiguous()

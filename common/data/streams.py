@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from ..transfer import to_device
 from .augment import Recipe, cpu_train_transform
 from .device_ops import make_device_augment
 
@@ -158,7 +159,7 @@ class DeviceTrainStream(TrainStream):
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = epoch_order(self.n, self.seed, epoch)
-        mine = order[self.positions(0)].to(self.device)
+        mine = to_device(order[self.positions(0)], self.device)
         b, steps = self.local_batch, len(self)
         for chunk in range(start_step // self.chunk, (steps + self.chunk - 1) // self.chunk):
             first, last = chunk * self.chunk, min(steps, (chunk + 1) * self.chunk)
