@@ -86,7 +86,10 @@ def tiny_vit_window_sizes(arch: str, img_size: int) -> tuple[int, ...] | None:
     native = getattr(timm.models.get_pretrained_cfg(arch), "input_size", (3, 224, 224))[-1]
     if img_size >= native:
         return None
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):  # shapes only: instant
+            probe = timm.create_model(arch, pretrained=False)
+    except (RuntimeError, NotImplementedError):  # timm < 1.0.12 reads a value at construction
         probe = timm.create_model(arch, pretrained=False)
     windows = [7] + [stage.blocks[0].window_size for stage in probe.stages[1:]]
     return tuple(max(1, math.ceil(w * img_size / native)) for w in windows)

@@ -131,6 +131,25 @@ def test_our_optimizer_steps_exactly_as_adamw_over_model_parameters():
         assert torch.allclose(p, q, atol=1e-7, rtol=0), k
 
 
+def test_the_cuda_optimizer_is_fused_adamw_and_steps_as_adamw():
+    """On CUDA the optimizer is the fused AdamW (one kernel); its CPU kernel (torch >= 2.4) is the
+    same algorithm, so the update is checked here against AdamW(model.parameters())."""
+    torch.manual_seed(0)
+    a, b = Tiny(), Tiny()
+    b.load_state_dict(a.state_dict())
+    fused = E.build_optimizer(a, "adamw", 3e-4, 0.05, 0.9, 1.0, torch.device("cuda"))
+    assert fused.defaults["fused"] is True
+    ref = torch.optim.AdamW(b.parameters(), lr=3e-4, weight_decay=0.05)
+    for i in range(3):
+        x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)), torch.arange(8)
+        for model, opt in ((a, fused), (b, ref)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=0), k
+
+
 @pytest.mark.parametrize("amp,dtype,device,capability,expected", [
     (True, "auto", "cuda", (8, 0), torch.bfloat16), (True, "auto", "cuda", (7, 0), torch.float16),
     (True, "fp16", "cuda", (9, 0), torch.float16), (True, "bf16", "cuda", (7, 5), torch.bfloat16),
