@@ -6,6 +6,7 @@
     python check.py --bench-suite 2          # time 2 real epochs of each model; project the four 30-epoch runs
     python check.py --bench-profile tiny_vit_5m_224  # which kernels a training step spends its time in
     python check.py --smoke --data-dir cifar10-jpeg.tar.gz   # every run path, a PASS/FAIL line each
+    python check.py --memory                 # the GPU memory model: parts, card sizes, its check
 """
 from __future__ import annotations
 
@@ -50,12 +51,21 @@ def parse_args(argv):
                    help="Profile training steps of one model (the operators or kernels that take "
                         "the time), or count the device augmentation's ops and bytes per batch "
                         "(augment).")
+    p.add_argument("--memory", action="store_true",
+                   help="The GPU memory model of both models at the defaults: the parts, the "
+                        "micro-batch it chooses on 8 to 80 GB cards, and its check against a real "
+                        "step on this CPU (about a minute).")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="Where to benchmark.")
     p.add_argument("--smoke", action="store_true",
-                   help="Short real runs on --data-dir of each model x data pipeline x AMP dtype "
-                        "(bf16, fp16 on a GPU), a SIGTERM and a SIGKILL each followed by --resume, "
-                        "and --compile: a PASS/FAIL line each (2 s to a minute per case).")
+                   help="Short real runs on --data-dir: on a GPU each model x data pipeline x AMP "
+                        "dtype (bf16, fp16), a SIGTERM and a SIGKILL each followed by --resume, "
+                        "and --compile, a PASS/FAIL line each with host syncs, peak memory and "
+                        "images/s, then whether the four runs fit and how long they take; on a "
+                        "CPU a short subset (4 cases, about 2 minutes on 2 cores). The plan is "
+                        "printed first.")
+    p.add_argument("--smoke-all", action="store_true",
+                   help="On a CPU, all the cases of --smoke (10, at 32 px).")
     p.add_argument("--smoke-img-size", type=int,
                    help="Image size of --smoke (default: 224 on a GPU, 32 on a CPU).")
     p.add_argument("--smoke-only", metavar="WORDS",
@@ -82,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         size = args.smoke_img_size or (224 if gpu else 32)
         return run_smoke(args.data_dir, gpu, size, args.smoke_keep, only=args.smoke_only,
-                         emit=lambda line: print(line, flush=True))
+                         full=args.smoke_all, emit=lambda line: print(line, flush=True))
+    if args.memory:
+        from common.memory import memory_report
+
+        print("\n".join(memory_report()))
+        return 0
     if args.bench_profile == "augment":
         from common.bench import augment_profile
 

@@ -7,7 +7,7 @@ results.md and data_efficiency.png (the pre-training gains against the number of
     python run_suite.py --data-dir D --train-sizes 1000 5000 45000 --seeds 0 1 2 --launcher slurm \\
         --partition gpu --gpus-per-run 1 --time 240 --max-parallel 12
     python run_suite.py --data-dir D --seeds 0 1 2 --dry-run                     # the commands, and the time
-    python run_suite.py --data-dir D -- --epochs 30 --batch-size 64 --grad-accum-steps 2   # train flags
+    python run_suite.py --data-dir D -- --epochs 30 --grad-accum-steps 2         # train flags after --
 
 Run it again at any time: finished runs are skipped, interrupted ones continue (--resume), a grown grid adds
 runs without touching the finished ones. A run that fails is reported with its folder and last error line,
@@ -53,6 +53,11 @@ def parse_args(argv):
                    help="Slurm: time limit of each job; a run that needs longer is requeued and "
                         "continues.")
     p.add_argument("--max-parallel", type=int, default=16, help="Slurm: runs of the array at once.")
+    p.add_argument("--gpu-memory", type=float, metavar="GIB",
+                   help="Free memory of the GPU each run gets, in GiB (default: this machine's "
+                        "first GPU; needed for --launcher slurm from a node without one): one "
+                        "micro-batch is chosen for every run from it, since BatchNorm sees the "
+                        "micro-batch.")
     p.add_argument("--dry-run", action="store_true",
                    help="Print the commands and the projected time; run nothing.")
     p.add_argument("--no-analysis", action="store_true", help="Do not run the analysis at the end.")
@@ -87,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                        args.train_flags, args.weights)
     n_train = training_split_size(runs[0].config())
     S.check_grid(runs, n_train)
+    runs, chosen = S.fix_micro_batch(runs, gpu_memory(args), n_train)
+    if chosen:
+        print(chosen)
     epochs = runs[0].config().epochs
     times = S.projected_seconds(runs, S.load_bench(Path(args.bench)), epochs)
     progress = S.Progress(runs, {r.folder: {"done": "skipped"}.get(S.status_of(r), "queued")
@@ -134,6 +142,26 @@ def main(argv: list[str] | None = None) -> int:
         figure = root / "data_efficiency.png"
         print(f"results: {root / 'results.md'}" + (f", {figure}" if figure.is_file() else ""))
     return 1 if failed else 0
+
+
+def gpu_memory(args) -> tuple[int, int] | None:
+    """(free, total) bytes of the GPU the runs get: --gpu-memory, else this machine's first GPU;
+    None without either (no accumulation needed on a CPU). A Slurm grid from a node without a GPU
+    must say it, so that every run gets the same micro-batch."""
+    if args.gpu_memory is not None:
+        if args.gpu_memory <= 0:
+            raise UserError("--gpu-memory must be > 0 (GiB)")
+        size = int(args.gpu_memory * 2**30)
+        return size, size
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info(0)
+    if args.launcher == "slurm" and "--grad-accum-steps" not in args.train_flags:
+        raise UserError("--launcher slurm from a machine without a GPU: give --gpu-memory GIB "
+                        "(the free memory of the cluster's GPUs) so that every run gets the same "
+                        "micro-batch, or --grad-accum-steps N after --")
+    return None
 
 
 def training_split_size(cfg) -> int | None:

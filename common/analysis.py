@@ -191,8 +191,8 @@ def group_settings(runs: Sequence[Run], labels: Sequence[str] | None = None) -> 
 
 def comparable_values(run: Run) -> dict[str, str]:
     """The settings that must match for a comparison to be fair, as text: the data and its split,
-    the recipe, every flag declared `compare` in common/config.py, the effective batch and the
-    epochs actually run."""
+    the recipe, every flag declared `compare` in common/config.py (the batch per update among
+    them), the micro-batch and the epochs actually run."""
     r = run.record
     split = {k: v for k, v in vars(r.data.splits).items() if k not in TRAINING_SET}
     values = {"data": f"{r.data.label()} {r.data.sha256[:12]}", "data.splits": _text(split),
@@ -200,8 +200,9 @@ def comparable_values(run: Run) -> dict[str, str]:
               "recipe": _text({k: v for k, v in r.recipe.to_dict().items()
                                if k != "departures_from_preset"})}
     values.update({k: _text(getattr(r.config, k)) for k in COMPARE_KEYS})
-    # 128, or 64 x 2 accumulated: the same experiment
-    values["effective batch"] = str(r.config.effective_batch)
+    # the update is --batch-size (compared above); BatchNorm sees the micro-batch, so 128 and 64 x 2
+    # are not quite the same run
+    values["micro-batch (what BatchNorm sees)"] = str(r.run.micro_batch)
     values["epochs run"] = str(run.summary.epochs_run if run.summary
                                else int(run.metrics["epoch"].iloc[-1]))
     return values

@@ -71,18 +71,30 @@ def bench_data(pipeline: str, recipe, images, labels, img_size, batch_size, devi
     return steps * batch_size / seconds
 
 
-def peak_train_memory_gb(step: TrainStep, x: torch.Tensor, y: torch.Tensor,
-                         device: torch.device) -> float | None:
-    """The peak GPU memory of one training step at this batch (weights, optimizer state,
-    activations): whether a run fits before it starts. None on the CPU (no allocator statistics
-    there)."""
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    """The peak GPU memory since reset_peak (None on the CPU: no allocator statistics there)."""
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step(x, y)
-    torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def modelled_gb(model, img_size: int, batch_size: int, amp_dtype, recipe, n_images: int) -> float:
+    """What the memory model (common/memory.py) predicts for the same phases: training at this
+    micro-batch fed by the device pipeline, and an evaluation batch of twice it."""
+    from .data.streams import default_chunk
+    from .memory import GiB, measure_costs
+
+    costs = measure_costs(model, img_size, amp_dtype, None, recipe, True, n_images, n_images)
+    chunk = default_chunk(recipe, img_size)
+    return max(costs.train_bytes(batch_size, batch_size * chunk),
+               costs.eval_bytes(2 * batch_size)) / GiB
 
 
 def make_step(model, device, amp_dtype, channels_last: bool) -> TrainStep:
@@ -153,6 +165,7 @@ def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | Non
             x = torch.randn(batch_size, 3, img_size, img_size, device=device)
             y = torch.randint(0, 10, (batch_size,), device=device)
             row = {"ceiling": bench_train(step, itertools.repeat((x, y)), steps, device)}
+            reset_peak(device)  # the peak of what a run does: training fed, then evaluation
             for pipeline in ("cpu", "device"):
                 stream = make_train_stream(pipeline, images, labels, recipe, img_size,
                                            batch_size, 0, default_workers(), device)
@@ -166,7 +179,9 @@ def run_benchmarks(device_name: str, img_size: int | None, batch_size: int | Non
             row["eval"] = evaluator(model, images[:n_eval], labels[:n_eval])["img_per_s"]
             train_flops = 3 * flops_per_image(model, img_size)  # forward + backward ~ 3x forward
             row["mfu"] = row["fed_device"] * train_flops / (peak * 1e12) if peak else None
-            row["peak_mem_gb"] = peak_train_memory_gb(step, x, y, device)
+            row["peak_mem_gb"] = peak_gb(device)
+            row["modelled_gb"] = (modelled_gb(model, img_size, batch_size, amp_dtype, recipe,
+                                              len(images)) if device.type == "cuda" else None)
             results["models"][spec.display] = row
         return results
 
@@ -180,10 +195,12 @@ def format_table(r: dict) -> str:
     lines += [f"| {k} | {v:,.0f} |" for k, v in r["data"].items()]
     lines += ["", "| model | ceiling (input on device) | fed by cpu path | fed by device path | "
               "device-fed / ceiling | eval | MFU "
-              "(device-fed) | peak memory of a step |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "(device-fed) | peak memory: training fed by both paths, evaluation (memory model) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in r["models"].items():
         mfu = "–" if m["mfu"] is None else f"{m['mfu']:.1%}"
-        mem = "– (CPU)" if m["peak_mem_gb"] is None else f"{m['peak_mem_gb']:.1f} GiB"
+        mem = ("– (CPU)" if m["peak_mem_gb"] is None else f"{m['peak_mem_gb']:.1f} GiB"
+               + (f" ({m['modelled_gb']:.1f})" if m.get("modelled_gb") else ""))
         lines.append(f"| {name} | {m['ceiling']:,.0f} | {m['fed_cpu']:,.0f} | "
                      f"{m['fed_device']:,.0f} | {m['fed_device'] / m['ceiling']:.0%} | "
                      f"{m['eval']:,.0f} | {mfu} | {mem} |")

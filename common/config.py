@@ -83,14 +83,17 @@ class TrainConfig:
     # not part of the identity: a resumed run may change it (the cosine is retargeted)
     epochs: int = opt(30, "Length of the cosine schedule, in epochs.", OPTIM,
                       check=Range(1, 10_000), compare=True)
-    # the identity holds their product (trainer.check_resume)
-    batch_size: int = opt(128, "Images per step (global: split across GPUs under torchrun); with "
-                          "--grad-accum-steps N an optimizer update sees N of these batches.",
-                          OPTIM, check=Range(1, 65_536))
-    grad_accum_steps: int = opt(1, "Accumulate the gradients of this many batches before each "
-                                "optimizer update, so that a GPU that cannot hold batch 128 runs "
-                                "the same experiment with --batch-size 64 --grad-accum-steps 2.",
-                                OPTIM, check=Range(1, 1024))
+    batch_size: int = opt(128, "Images per optimizer update, the experiment's batch (global: "
+                          "split across GPUs under torchrun); --grad-accum-steps splits it into "
+                          "micro-batches that fit the GPU.", OPTIM, check=Range(1, 65_536),
+                          identity=True, compare=True)
+    # not part of the identity: the micro-batch may change at an epoch boundary (the update does not)
+    grad_accum_steps: str = opt("auto", "Split each update's --batch-size into this many "
+                                "micro-batches, their gradients accumulated: auto chooses the "
+                                "fewest that fit the GPU's free memory (1 on the CPU); a number "
+                                "fixes it (--batch-size must divide by it). BatchNorm sees the "
+                                "micro-batch, so it is recorded and compared.", OPTIM,
+                                metavar="N|auto")
     lr: float = opt(3e-4, "Peak learning rate.", OPTIM, check=Range(0, 10, open_lo=True),
                     identity=True, compare=True)
     weight_decay: float = opt(0.05, "Decoupled weight decay (AdamW).", OPTIM, check=Range(0, 10),
@@ -237,7 +240,12 @@ class TrainConfig:
     @property
     def effective_batch(self) -> int:
         """Images per optimizer update."""
-        return self.batch_size * self.grad_accum_steps
+        return self.batch_size
+
+    @property
+    def fixed_accum_steps(self) -> int | None:
+        """--grad-accum-steps as a number, or None for auto (memory decides)."""
+        return None if self.grad_accum_steps == "auto" else int(self.grad_accum_steps)
 
     def validate(self) -> "TrainConfig":
         """Range checks from the declarations, then the checks that involve several settings."""
@@ -245,8 +253,16 @@ class TrainConfig:
             check = f.metadata["check"]
             if check is not None and not check.ok(getattr(self, f.name)):
                 raise UserError(check.message(flag_of(f)))
+        accum = str(self.grad_accum_steps).strip()
+        if accum != "auto" and not (accum.isdigit() and 1 <= int(accum) <= 1024):
+            raise UserError(f"--grad-accum-steps {self.grad_accum_steps}: give auto or a number "
+                            "from 1 to 1024")
+        self.grad_accum_steps = accum
         for ok, message in (
             (0 <= self.warmup_epochs < self.epochs, "--warmup-epochs must be in [0, --epochs)"),
+            (self.fixed_accum_steps is None or self.batch_size % self.fixed_accum_steps == 0,
+             f"--batch-size {self.batch_size} does not split into --grad-accum-steps "
+             f"{self.grad_accum_steps} equal micro-batches: choose a divisor of it"),
             (self.weights_file is None or bool(self.weights_file.strip()),
              "--weights is empty: give the path of a weights file"),
             (not (self.freeze_backbone and not self.pretrained),
@@ -254,9 +270,9 @@ class TrainConfig:
              "--no-pretrained)"),
             (self.output_dir is None or bool(self.output_dir.strip()),
              "--output-dir is empty: give a folder"),
-            (self.drop_last or self.grad_accum_steps == 1,
+            (self.drop_last or self.fixed_accum_steps in (None, 1),
              "--no-drop-last needs --grad-accum-steps 1 (a last partial accumulation would weigh "
-             "its batches wrong)"),
+             "its batches wrong); with auto it is 1"),
         ):
             if not ok:
                 raise UserError(message)

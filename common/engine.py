@@ -20,6 +20,7 @@ from .errors import UserError
 from .faults import failpoint
 from .models import head_module, set_train_mode, unwrap_model
 from .runtime import autocast, full_fp32
+from .syncs import HotLoopSyncs
 from .transfer import to_device
 
 log = logging.getLogger(__name__)
@@ -240,25 +241,30 @@ class TrainStep:
 
 def train_one_epoch(step_fn: Callable, batches: Iterable, sums: EpochSums, stop: GracefulStop,
                     dist: D.DistInfo, start_step: int = 0, progress=None,
-                    frozen_backbone: bool = False, run_step0: int = 0) -> tuple[int, bool]:
+                    frozen_backbone: bool = False, run_step0: int = 0,
+                    syncs: HotLoopSyncs | None = None) -> tuple[int, bool]:
     """Train over `batches` from `start_step`; returns (steps done in the epoch, stopped early). A
     stop is taken at an update boundary only (never with half-accumulated gradients). `run_step0`:
-    the run's steps before this epoch (the fault tests count steps over the whole run)."""
+    the run's steps before this epoch (the fault tests count steps over the whole run); `syncs`
+    counts the host syncs of the steps (check.py --smoke on a GPU)."""
     set_train_mode(step_fn.model, frozen_backbone)
     step = start_step
     pending = False
-    for x, y in batches:
-        loss, logits = step_fn(x, y)
+    syncs = syncs or HotLoopSyncs(torch.device("cpu"))
+    for x, y in syncs.batches(batches):
+        with syncs.counting():
+            loss, logits = step_fn(x, y)
+            with torch.no_grad():
+                finite = torch.isfinite(loss)
+                n = y.shape[0]
+                sums.loss += torch.where(finite, loss.double(), 0.0) * n
+                sums.correct += (logits.argmax(1) == y).sum()
+                sums.count += n
+                # the streak of non-finite losses without a host read: x 0 on a finite loss, + 1
+                # on a bad one
+                sums.bad_streak.mul_(~finite).add_(~finite)
+        syncs.step_done()
         step += 1
-        with torch.no_grad():
-            finite = torch.isfinite(loss)
-            n = y.shape[0]
-            sums.loss += torch.where(finite, loss.double(), 0.0) * n
-            sums.correct += (logits.argmax(1) == y).sum()
-            sums.count += n
-            # the streak of non-finite losses without a host read: x 0 on a finite loss, + 1 on a
-            # bad one
-            sums.bad_streak.mul_(~finite).add_(~finite)
         failpoint(f"step:{run_step0 + step}")
         # one process: a host bool, checked every step
         pending |= stop.requested and not dist.enabled
@@ -366,6 +372,8 @@ class Evaluator:
             for i in range(0, len(images), self.batch_size):
                 if stop is not None and stop.requested:
                     return None
+                if i == 0:
+                    failpoint("eval")
                 logits = self.logits(model, images[i:i + self.batch_size])
                 y = labels[i:i + self.batch_size]
                 loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")

@@ -5,8 +5,9 @@ acts at that point of a run, exactly, instead of a test guessing the moment from
 Points: decode (half-way through decoding images), step:<n> (after the run's n-th training step),
 epoch:<n> (after epoch n's metrics row, before its checkpoints), write:<file> (half-way through
 writing that file: last.pt, best.pt, summary.json, ...), test (during the final test), summary
-(before summary.json). Actions: kill (SIGKILL, the default), int (SIGINT), term (SIGTERM), enospc
-(the write fails as on a full disk)."""
+(before summary.json), eval (at an evaluation's first batch). Actions: kill (SIGKILL, the default),
+int (SIGINT), term (SIGTERM), enospc (the write fails as on a full disk), oom (the GPU's
+out-of-memory error, once)."""
 from __future__ import annotations
 
 import errno
@@ -30,4 +31,8 @@ def failpoint(point: str) -> None:
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     os.environ.pop(ENV)  # once: a signal the run survives must not fire again
+    if action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory ({ENV} at {point})")
     os.kill(os.getpid(), _SIGNALS[action or "kill"])

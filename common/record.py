@@ -15,7 +15,9 @@ from .config import TrainConfig
 from .data.augment import Recipe, recipe_from_dict
 from .errors import UserError
 
-FORMAT = 2  # bump when a field changes meaning; older records are refused, not guessed at
+# bump when a field changes meaning; an older record is read only where its meaning converts exactly
+# (2 -> 3: --batch-size became the batch per update), a newer one is refused
+FORMAT = 3
 
 
 @dataclass
@@ -115,9 +117,15 @@ class RunInfo:
     eval_dtype: str              # evaluation: fp32 unless --amp-eval
     data_pipeline: str           # device | cpu
     world_size: int
-    steps_per_epoch: int
+    steps_per_epoch: int         # micro-batches
     eval_transform: str
     resumed: list[str] = field(default_factory=list)
+    # what the memory plan chose (common/memory.py): per process; BatchNorm sees the micro-batch
+    micro_batch: int = 0
+    accum_steps: int = 1
+    chunk_batches: int = 0       # device pipeline: micro-batches augmented at once
+    eval_batch: int = 0
+    memory: str = ""             # the plan's line, and any out-of-memory retry
 
 
 @dataclass
@@ -168,12 +176,8 @@ class RunRecord:
         format."""
         if not isinstance(d, dict):
             raise UserError(f"{where} does not hold a run record")
-        if d.get("format") != FORMAT:
-            found = (f"format {d['format']}" if "format" in d
-                     else "an older layout without a format number")
-            raise UserError(f"{where} holds a run record of {found}; this version reads format "
-                            f"{FORMAT}: re-run it with this version, or read it with the version "
-                            "that wrote it")
+        check_format(d, where, "a run record")
+        d = _migrate(d)
         try:
             return cls(config=_build(TrainConfig, d["config"], where, "config"),
                        model=_build(ModelInfo, d["model"], where, "model"),
@@ -210,6 +214,33 @@ class RunRecord:
         return (f"{self.data.label()}, {s.train} train / {n_test} test images, {c.img_size} px, "
                 f"{epochs}, recipe {self.recipe.name}, {self.weights.label()}, seed "
                 f"{c.seed}/split {c.split_seed}")
+
+
+def check_format(d: dict, where: str, what: str) -> None:
+    """A one-line refusal of a record this version cannot read: newer, or older than format 2."""
+    version = d.get("format")
+    if version == FORMAT or version == 2:
+        return
+    if isinstance(version, int) and version > FORMAT:
+        raise UserError(f"{where} holds {what} of format {version}, newer than this version reads "
+                        f"({FORMAT}): update this repository (git pull) to read it")
+    found = f"format {version}" if version is not None else "an older layout without a format number"
+    raise UserError(f"{where} holds {what} of {found}; this version reads formats 2 and {FORMAT}: "
+                    "re-run it with this version, or read it with the version that wrote it")
+
+
+def _migrate(d: dict) -> dict:
+    """Format 2 -> 3, exactly: --batch-size was the batch per step and --grad-accum-steps N made
+    an update of N of them; now --batch-size is the batch per update."""
+    if d.get("format") != 2:
+        return d
+    d = {**d, "config": dict(d["config"]), "run": dict(d["run"]), "format": FORMAT}
+    batch, accum = int(d["config"]["batch_size"]), int(d["config"].get("grad_accum_steps", 1))
+    world = int(d["run"].get("world_size", 1))
+    d["config"].update(batch_size=batch * accum, grad_accum_steps=str(accum))
+    d["run"].update(micro_batch=batch // world, accum_steps=accum,
+                    eval_batch=max(256, batch // world * 2))
+    return d
 
 
 def _build(cls, values: Any, where: str, section: str):
@@ -263,10 +294,8 @@ def read_summary(path: str | Path) -> Summary | None:
     if not path.is_file():
         return None
     d = read_json(path)
-    if d.get("format") != FORMAT:
-        raise UserError(f"{path} is a summary of another format ({d.get('format', 'none')}); this "
-                        f"version reads format {FORMAT}")
-    return _build(Summary, d, str(path), "summary")
+    check_format(d, str(path), "a summary")
+    return _build(Summary, {**d, "format": FORMAT}, str(path), "summary")
 
 
 def read_json(path: str | Path, required: bool = False) -> dict:

@@ -132,7 +132,6 @@ class Runtime:
     amp_dtype: torch.dtype | None
     pipeline: str                # device | cpu
     num_workers: int
-    eval_batch: int
 
     @property
     def is_main(self) -> bool:
@@ -140,11 +139,10 @@ class Runtime:
 
 
 def resolve_runtime(cfg, dist: DistInfo) -> Runtime:
-    """Device, AMP dtype, pipeline (auto: device on CUDA), workers (-1: default_workers()),
-    evaluation batch."""
+    """Device, AMP dtype, pipeline (auto: device on CUDA), workers (-1: default_workers()). The
+    batches are the memory plan's (trainer.choose_batches)."""
     device = resolve_device(cfg.device, dist.local_rank)
     pipeline = (cfg.data_pipeline if cfg.data_pipeline != "auto"
                 else ("device" if device.type == "cuda" else "cpu"))
     workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers()
-    return Runtime(dist, device, resolve_amp(cfg.amp, cfg.amp_dtype, device), pipeline, workers,
-                   max(256, cfg.batch_size // dist.world * 2))
+    return Runtime(dist, device, resolve_amp(cfg.amp, cfg.amp_dtype, device), pipeline, workers)

@@ -109,6 +109,55 @@ def plan_grid(models: Sequence[str], modes: Sequence[str], sizes: Sequence[int],
     return runs
 
 
+def fix_micro_batch(runs: Sequence[Run], memory: tuple[int, int] | None,
+                    n_train: int | None) -> tuple[list[Run], str]:
+    """One micro-batch for the whole grid: BatchNorm sees the micro-batch, so every run of one
+    experiment must have the same. The memory plan of each model on the runs' GPU (`memory`:
+    free, total bytes), and the most accumulation steps any of them needs, given to every run as
+    --grad-accum-steps. Train flags that fix --grad-accum-steps, or no GPU (no accumulation), keep
+    the runs as they are. Returns the runs and a line that says what was chosen."""
+    if any(a.split("=")[0] == "--grad-accum-steps" for a in runs[0].argv):
+        return list(runs), ""
+    if memory is None:
+        return list(runs), ""
+    import dataclasses
+
+    import torch
+
+    from .data.augment import resolve_recipe
+    from .data.streams import default_chunk
+    from .memory import measure_costs, plan_memory
+    from .models import create_model
+    from .specs import resolve_model
+
+    needs = {}
+    for r in runs:
+        if r.arch in needs:
+            continue
+        cfg = r.config()
+        recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops,
+                                cfg.randaug_magnitude, cfg.re_prob, cfg.eval_crop, cfg.re_mode)
+        dtype = torch.bfloat16 if cfg.amp else None  # bf16 or fp16: the same two bytes
+        model = create_model(resolve_model(r.arch, False), cfg.img_size, 10)
+        device_pipeline = cfg.data_pipeline != "cpu"
+        costs = measure_costs(model, cfg.img_size, dtype, dtype if cfg.amp_eval else None, recipe,
+                              device_pipeline, n_train or 45_000, 10_000, cfg.optimizer)
+        plan = plan_memory(costs, *memory, cfg.batch_size,
+                           default_chunk(recipe, cfg.img_size) if device_pipeline else 1,
+                           max(256, 2 * cfg.batch_size))
+        needs[r.arch] = plan
+    arch, worst = max(needs.items(), key=lambda kv: kv[1].accum_steps)
+    accum = worst.accum_steps
+    runs = [dataclasses.replace(r, argv=(*r.argv, "--grad-accum-steps", str(accum)))
+            for r in runs]
+    others = "; ".join(f"{MODELS[a].display if a in MODELS else a} alone: {p.micro_batch} x "
+                       f"{p.accum_steps}" for a, p in needs.items() if a != arch)
+    return runs, (f"one micro-batch for every run: {worst.micro_batch} x {accum} accumulation "
+                  f"steps (--grad-accum-steps {accum}), what "
+                  f"{MODELS[arch].display if arch in MODELS else arch} needs on "
+                  f"{worst.free_gb:.1f} GiB free" + (f"; {others}" if others else ""))
+
+
 def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
     """Refuse, before anything starts, what cannot run: an unknown model, a size larger than the
     training split, flags the train scripts reject, a folder under --root that holds a run of
@@ -136,9 +185,8 @@ def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
 
             saved = read_record(existing).config
             diffs = identity_differences(saved.to_dict(), planned.to_dict())
-            if saved.effective_batch != planned.effective_batch or saved.epochs != planned.epochs:
-                diffs.append(f"batch per update / epochs: {saved.effective_batch} / {saved.epochs} "
-                             f"there, {planned.effective_batch} / {planned.epochs} now")
+            if saved.epochs != planned.epochs:
+                diffs.append(f"epochs: {saved.epochs} there, {planned.epochs} now")
             if diffs:
                 raise UserError(f"{r.folder} holds a run of another recipe "
                                 f"({'; '.join(diffs)[:300]}); use another --root, or the flags it "

@@ -4,6 +4,8 @@ validate, log and save; then test the checkpoint chosen on validation, once."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import logging
 import shlex
 import sys
@@ -22,11 +24,12 @@ from .config import TrainConfig, identity_differences, strip_flags
 from .data.augment import EvalTransform, Recipe, resolve_recipe
 from .data.sources import DataSource, open_source
 from .data.splits import Splits, make_splits
-from .data.streams import TrainStream, make_train_stream
+from .data.streams import TrainStream, default_chunk, make_train_stream
 from .engine import (EpochSums, Evaluator, GracefulStop, TrainStep, build_loss_and_mixup,
                      build_optimizer, build_scheduler, schedule_length, train_one_epoch)
 from .errors import LoadError, UserError, WriteError, hint
 from .faults import failpoint
+from .memory import MemoryPlan, measure_costs, plan_memory
 from .files import write_json
 from .models import (apply_weights, count_parameters, create_model, flops_per_image,
                      freeze_backbone, starts_at_zero, unwrap_model)
@@ -37,6 +40,7 @@ from .runtime import (Runtime, backends, dtype_name, make_scaler, resolve_runtim
                       seed_everything)
 from .specs import ModelChoice, resolve_model
 from .state import RunState, load_model_state
+from .syncs import HotLoopSyncs
 
 log = logging.getLogger(__name__)
 WRITE_HINT = "free disk space or choose another --output-dir, then --resume"
@@ -57,6 +61,11 @@ class Context:
     record: RunRecord
     log: RF.MetricsLog | None
     test_only: bool = False
+    plan: MemoryPlan | None = None
+    recipe: Recipe | None = None
+    retried: bool = False          # the micro-batch was halved after an out-of-memory error
+    eval_retried: bool = False     # the evaluation batch was
+    syncs: HotLoopSyncs | None = None
 
 
 def run_training(cfg: TrainConfig) -> int:
@@ -104,16 +113,18 @@ def _remove_if_empty(out: Path) -> None:
 
 def train_and_test(ctx: Context) -> int:
     cfg, state = ctx.cfg, ctx.state
+    first = state.epoch
+    start = Snapshot.take(ctx) if can_halve(ctx) else None  # for an out-of-memory retry
     try:
         with GracefulStop(announce=ctx.rt.is_main,
                           echo_s=2.0 if ctx.rt.dist.enabled else 0.0) as stop:
             for epoch in range(state.epoch, 0 if ctx.test_only else cfg.epochs):
-                result = train_epoch(ctx, epoch, stop)
+                result = train_epoch_or_retry(ctx, epoch, stop, start if epoch == first else None)
                 if result.stopped:
                     return save_interrupted(ctx, epoch, result, stop)
-                with out_of_memory_hint(ctx, f"validating epoch {epoch + 1}"):
-                    val = ctx.evaluator(state.model, ctx.splits.val_x, ctx.splits.val_y,
-                                        ctx.rt.dist)
+                start = None  # the snapshot is of no use past the first epoch
+                val = evaluate(ctx, ctx.splits.val_x, ctx.splits.val_y,
+                               f"validating epoch {epoch + 1}", dist=ctx.rt.dist)
                 row = epoch_row(ctx, epoch, result, val)
                 improved, early = close_epoch(ctx, epoch, val["acc"])
                 # CosineAnnealingLR as the experiment stepped it: after validation
@@ -131,6 +142,8 @@ def train_and_test(ctx: Context) -> int:
                     return 0
                 if early:
                     break
+            if ctx.rt.is_main:
+                ctx.syncs.write(ctx.out)
             return test_and_summarise(ctx, stop)
     finally:
         if ctx.log is not None:
@@ -195,16 +208,11 @@ def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None,
     out = Path(cfg.output_dir)
     saved = RunRecord.from_dict(ckpt["record"], str(out / RF.LAST))
     diffs = identity_differences(saved.config.to_dict(), cfg.to_dict())
-    old, new = saved.config, cfg
-    if old.effective_batch != new.effective_batch:
-        diffs.append(f"batch_size x grad_accum_steps (the batch per update): {old.batch_size} x "
-                     f"{old.grad_accum_steps} in the checkpoint, {new.batch_size} x "
-                     f"{new.grad_accum_steps} now")
-    elif ((old.batch_size, old.grad_accum_steps) != (new.batch_size, new.grad_accum_steps)
-          and ckpt["step"]):
-        diffs.append("--batch-size / --grad-accum-steps changed in the middle of an epoch (step "
-                     f"{ckpt['step']}): the same batch per update may be split differently only "
-                     "from an epoch's start")
+    fixed = cfg.fixed_accum_steps
+    if ckpt["step"] and fixed is not None and fixed != saved.run.accum_steps:
+        diffs.append(f"--grad-accum-steps {fixed} in the middle of an epoch (step {ckpt['step']}, "
+                     f"split into {saved.run.accum_steps}): the batch per update may be split "
+                     "differently only from an epoch's start (or pass --grad-accum-steps auto)")
     if record is not None:
         now = record.resolved_identity()
         diffs += [f"{k} differs ({_short(v)} in the checkpoint, {_short(now[k])} now)"
@@ -249,28 +257,27 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
     choice = resolve_model(cfg.model, cfg.pretrained)
     model, weights, zero_init = rank0_first(
         rt.dist, lambda downloader: load_model(cfg, choice, len(source.classes), ckpt))
+    plan = choose_batches(cfg, rt, model, recipe, splits, ckpt)  # before the weights move
     model = model.to(rt.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    stream = make_train_stream(rt.pipeline, splits.train_x, splits.train_y, recipe, cfg.img_size,
-                               cfg.batch_size, cfg.seed, rt.num_workers, rt.device, rt.dist.rank,
-                               rt.dist.world, cfg.drop_last, cfg.grad_accum_steps)
+    stream = build_stream(cfg, rt, splits, recipe, plan)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum,
                                 cfg.head_lr_mult, rt.device, cfg.decay_norm_and_bias)
     scheduler = build_scheduler(optimizer, cfg.epochs, cfg.warmup_epochs,
-                                len(stream) // cfg.grad_accum_steps, cfg.sched_step == "epoch",
+                                len(stream) // plan.accum_steps, cfg.sched_step == "epoch",
                                 cfg.min_lr_ratio)
     state = RunState(model, optimizer, scheduler, make_scaler(rt.amp_dtype, rt.device))
-    evaluator = Evaluator(EvalTransform(recipe, cfg.img_size), rt.eval_batch, rt.device,
+    evaluator = Evaluator(EvalTransform(recipe, cfg.img_size), plan.eval_batch, rt.device,
                           rt.amp_dtype if cfg.amp_eval else None, cfg.channels_last, cfg.compile)
     record = make_record(cfg, rt, choice, weights, zero_init, source, splits, recipe, evaluator,
-                         model, stream, ckpt)
+                         model, stream, ckpt, plan)
     if ckpt is not None:
         check_resume(cfg, ckpt, record)
         state.restore(ckpt, str(out / RF.LAST))
-        _retarget_schedule(cfg, ckpt, state, len(stream))
+        _retarget_schedule(cfg, ckpt, state, len(stream), plan.accum_steps)
     metrics = open_log(out, record, state, ckpt, rt, len(stream))
-    step_fn = make_step(cfg, rt, model, state, len(source.classes))
+    step_fn = make_step(cfg, rt, model, state, len(source.classes), plan.accum_steps)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     # mid-epoch: continue the interrupted random streams, last of all
@@ -284,7 +291,72 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
             save_checkpoint(out / RF.LAST,
                             state.full_checkpoint(record.to_dict(), capture_rng(rt.device)))
     return Context(cfg, rt, out, splits, stream, evaluator, state, step_fn, record, metrics,
-                   test_only)
+                   test_only, plan, recipe, syncs=HotLoopSyncs(rt.device))
+
+
+def gpu_memory(device: torch.device) -> tuple[int, int] | None:
+    """(free, total) bytes of the GPU, or None off CUDA (the tests stand in a card here)."""
+    return torch.cuda.mem_get_info(device) if device.type == "cuda" else None
+
+
+def choose_batches(cfg: TrainConfig, rt: Runtime, model: nn.Module, recipe: Recipe,
+                   splits: Splits, ckpt: dict | None) -> MemoryPlan:
+    """The micro-batch, accumulation steps, augmentation chunk and evaluation batch of this run:
+    --grad-accum-steps N as given; auto from the GPU's free memory and the memory model (on the CPU:
+    no accumulation). A mid-epoch resume keeps the interrupted epoch's split. Under torchrun every
+    rank plans from its own free memory and all take the smallest micro-batch."""
+    per_rank = cfg.batch_size // rt.dist.world
+    fixed = cfg.fixed_accum_steps if cfg.drop_last else 1
+    if fixed is None and ckpt is not None and ckpt["step"]:
+        fixed = RunRecord.from_dict(ckpt["record"], "last.pt").run.accum_steps
+    if fixed is not None and per_rank % fixed:
+        raise UserError(f"--batch-size {cfg.batch_size} over {rt.dist.world} process(es) is "
+                        f"{per_rank} per process, which does not split into --grad-accum-steps "
+                        f"{fixed} equal micro-batches")
+    chunk = default_chunk(recipe, cfg.img_size) if rt.pipeline == "device" else 1
+    eval_batch = max(256, per_rank * 2)
+    memory = gpu_memory(rt.device)
+    if memory is None:
+        accum = fixed or 1
+        plan = MemoryPlan(per_rank // accum, accum, chunk, eval_batch,
+                          reason="as --grad-accum-steps says" if fixed else "no GPU: no "
+                          "accumulation needed")
+        if rt.is_main:
+            log.info(plan.line(cfg.batch_size))
+        return plan
+    costs = measure_costs(model, cfg.img_size, rt.amp_dtype, rt.amp_dtype if cfg.amp_eval
+                          else None, recipe, rt.pipeline == "device", len(splits.train_x),
+                          max(len(splits.val_x), len(splits.test_x)), cfg.optimizer)
+    plan = plan_memory(costs, *memory, per_rank, chunk, eval_batch, fixed)
+    if rt.dist.enabled:  # the smallest micro-batch, chunk and evaluation batch of all ranks
+        agreed = D.max_over_ranks(torch.tensor([plan.accum_steps, -plan.chunk_batches,
+                                                -plan.eval_batch], device=rt.device), rt.dist)
+        accum, chunk, eval_batch = (int(v) for v in agreed.tolist())
+        plan = dataclasses.replace(plan, accum_steps=accum, micro_batch=per_rank // accum,
+                                   chunk_batches=-chunk, eval_batch=-eval_batch)
+    if not plan.fits and fixed is None:
+        raise UserError(f"{choice_name(cfg)} at {cfg.img_size} px does not fit the "
+                        f"{plan.free_gb:.1f} GiB free on this GPU even in micro-batches of 1 (the "
+                        f"memory model needs about {plan.need_gb:.1f} GiB): free the GPU of other "
+                        "processes, or lower --img-size")
+    if rt.is_main:
+        log.info(plan.line(cfg.batch_size) + ("" if plan.fits else "; the memory model expects "
+                                              "it not to fit: an out-of-memory error would say so"))
+    return plan
+
+
+def choice_name(cfg: TrainConfig) -> str:
+    return resolve_model(cfg.model, cfg.pretrained).display
+
+
+def build_stream(cfg: TrainConfig, rt: Runtime, splits: Splits, recipe: Recipe,
+                 plan: MemoryPlan) -> TrainStream:
+    """The training batches in micro-batches of the plan (global: per process x processes),
+    whole updates per epoch."""
+    return make_train_stream(rt.pipeline, splits.train_x, splits.train_y, recipe, cfg.img_size,
+                             plan.micro_batch * rt.dist.world, cfg.seed, rt.num_workers,
+                             rt.device, rt.dist.rank, rt.dist.world, cfg.drop_last,
+                             plan.accum_steps, plan.chunk_batches)
 
 
 def rank0_first(dist: D.DistInfo, fn: Callable[[bool], Any]) -> Any:
@@ -329,16 +401,15 @@ def load_model(cfg: TrainConfig, choice: ModelChoice, num_classes: int,
 def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: WeightsInfo,
                 zero_init: bool | None, source: DataSource, splits: Splits, recipe: Recipe,
                 evaluator: Evaluator, model: nn.Module, stream: TrainStream,
-                ckpt: dict | None) -> RunRecord:
+                ckpt: dict | None, plan: MemoryPlan) -> RunRecord:
     """config.json: the resolved flags and everything needed to judge the run."""
     previous = RunRecord.from_dict(ckpt["record"], "last.pt") if ckpt else None
     resumed = previous.run.resumed if previous else []
     if ckpt:
-        split = ((previous.config.batch_size, previous.config.grad_accum_steps)
-                 != (cfg.batch_size, cfg.grad_accum_steps))
+        split = previous.run.accum_steps != plan.accum_steps
         resumed = resumed + [f"epoch {ckpt['epoch'] + 1} step {ckpt['step']}" + (
-            f" with --batch-size {cfg.batch_size} x {cfg.grad_accum_steps} accumulated" if split
-            else "")]
+            f" with micro-batch {plan.micro_batch} x {plan.accum_steps} accumulation steps"
+            if split else "")]
     data = source.provenance()
     env = environment(rt.device)
     return RunRecord(
@@ -349,13 +420,16 @@ def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: Wei
         weights=weights, recipe=recipe,
         data=DataInfo(**data, splits=SplitInfo(**splits.provenance())),
         run=RunInfo(dtype_name(rt.amp_dtype), dtype_name(evaluator.amp_dtype), stream.name,
-                    rt.dist.world, len(stream), evaluator.transform.describe(), resumed),
+                    rt.dist.world, len(stream), evaluator.transform.describe(), resumed,
+                    plan.micro_batch, plan.accum_steps,
+                    plan.chunk_batches if stream.name == "device" else 0, plan.eval_batch,
+                    plan.line(cfg.batch_size)),
         environment=previous.environment if previous else env,
         environment_now=env if previous else None)
 
 
 def make_step(cfg: TrainConfig, rt: Runtime, model: nn.Module, state: RunState,
-              num_classes: int) -> TrainStep:
+              num_classes: int, accum_steps: int) -> TrainStep:
     loss_fn, mixup = build_loss_and_mixup(cfg.label_smoothing, cfg.mixup, cfg.cutmix, num_classes)
     train_model = model
     if rt.dist.enabled:
@@ -363,24 +437,27 @@ def make_step(cfg: TrainConfig, rt: Runtime, model: nn.Module, state: RunState,
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     return TrainStep(train_model, state.optimizer, state.scheduler, state.scaler, loss_fn, mixup,
                      rt.amp_dtype, cfg.grad_clip, cfg.channels_last, rt.device,
-                     cfg.grad_accum_steps, cfg.sched_step == "step", cfg.compile)
+                     accum_steps, cfg.sched_step == "step", cfg.compile)
 
 
-def schedule_position(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> int:
-    """Where the schedule stands at (epoch, step in it): in epochs, or in optimizer updates."""
+def schedule_position(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int,
+                      accum_steps: int) -> int:
+    """Where the schedule stands at (epoch, micro-step in it): in epochs, or in optimizer
+    updates."""
     if cfg.sched_step == "epoch":
         return epoch
-    return (epoch * steps_per_epoch + step) // cfg.grad_accum_steps
+    return (epoch * steps_per_epoch + step) // accum_steps
 
 
-def _retarget_schedule(cfg: TrainConfig, ckpt: dict, state: RunState, steps_per_epoch: int) -> None:
+def _retarget_schedule(cfg: TrainConfig, ckpt: dict, state: RunState, steps_per_epoch: int,
+                       accum_steps: int) -> None:
     """A resumed run with another --epochs: the cosine goes on from where it stands to its floor at
     the new end."""
     planned = RunRecord.from_dict(ckpt["record"], "last.pt").config.epochs
     if planned != cfg.epochs:
-        k = schedule_position(cfg, state.epoch, state.step, steps_per_epoch)
+        k = schedule_position(cfg, state.epoch, state.step, steps_per_epoch, accum_steps)
         schedule = state.scheduler.lr_lambdas[0]
-        schedule.retarget(k, schedule_length(cfg.epochs, steps_per_epoch // cfg.grad_accum_steps,
+        schedule.retarget(k, schedule_length(cfg.epochs, steps_per_epoch // accum_steps,
                                              cfg.sched_step == "epoch"))
         log.info(f"--epochs {cfg.epochs} (was {planned}): the cosine schedule continues from lr "
                  f"{cfg.lr * schedule(k):.3g} at epoch {state.epoch + 1} down to its floor at "
@@ -436,14 +513,16 @@ def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
     progress = Progress(len(ctx.stream), f"epoch {epoch + 1}/{ctx.cfg.epochs}", start_step,
                         every_s=ctx.cfg.progress_every or float("inf"), enabled=ctx.rt.is_main)
     lr = ctx.cfg.lr * ctx.state.scheduler.lr_lambdas[0](
-        schedule_position(ctx.cfg, epoch, start_step, len(ctx.stream)))
+        schedule_position(ctx.cfg, epoch, start_step, len(ctx.stream), ctx.plan.accum_steps))
     counted = float(sums.count) if start_step else 0.0
     t0 = time.perf_counter()
-    with out_of_memory_hint(ctx, f"training epoch {epoch + 1}"):
+    try:
         step, stopped = train_one_epoch(ctx.step_fn, ctx.stream.epoch(epoch, start_step), sums,
                                         stop, ctx.rt.dist, start_step, progress,
-                                        ctx.cfg.freeze_backbone, epoch * len(ctx.stream))
-    progress.close()
+                                        ctx.cfg.freeze_backbone, epoch * len(ctx.stream),
+                                        ctx.syncs)
+    finally:
+        progress.close()
     for total in (sums.loss, sums.correct, sums.count):
         D.all_reduce_sum(total, ctx.rt.dist)
     ctx.state.step = step
@@ -451,28 +530,159 @@ def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
                        lr)
 
 
+# ----------------------------------------------------------------------------- out of memory
+
+@dataclass
+class Snapshot:
+    """Where this session's first epoch starts (CPU copies): what an out-of-memory retry goes back
+    to before it runs that epoch again in smaller micro-batches."""
+
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    scaler: dict | None
+    position: tuple
+    rng: dict
+
+    @classmethod
+    def take(cls, ctx: Context) -> "Snapshot":
+        s = ctx.state
+        cpu = lambda tree: _map_tensors(tree, lambda t: t.detach().to("cpu", copy=True))  # noqa
+        return cls(cpu(unwrap_model(s.model).state_dict()), cpu(s.optimizer.state_dict()),
+                   copy.deepcopy(s.scheduler.state_dict()),
+                   copy.deepcopy(s.scaler.state_dict()) if s.scaler is not None else None,
+                   (s.epoch, s.step, copy.deepcopy(s.partial), copy.deepcopy(s.best)),
+                   capture_rng(ctx.rt.device))
+
+    def restore(self, ctx: Context) -> None:
+        s = ctx.state
+        load_model_state(s.model, self.model, "the run's starting weights")
+        s.optimizer.load_state_dict(self.optimizer)
+        s.scheduler.load_state_dict(self.scheduler)
+        if s.scaler is not None and self.scaler is not None:
+            s.scaler.load_state_dict(self.scaler)
+        s.epoch, s.step, s.partial, s.best = (self.position[0], self.position[1],
+                                              copy.deepcopy(self.position[2]),
+                                              copy.deepcopy(self.position[3]))
+        restore_rng(self.rng, ctx.rt.device)
+
+
+def _map_tensors(tree: Any, fn: Callable) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(v, fn) for v in tree)
+    return copy.deepcopy(tree)
+
+
+def can_halve(ctx: Context) -> bool:
+    """An out-of-memory error may halve the micro-batch: once, when the memory plan chose it (auto),
+    in one process (ranks would have to fail together), and while it halves evenly."""
+    return (not ctx.retried and ctx.cfg.fixed_accum_steps is None and ctx.cfg.drop_last
+            and not ctx.rt.dist.enabled and ctx.plan is not None
+            and ctx.plan.micro_batch % 2 == 0)
+
+
+def train_epoch_or_retry(ctx: Context, epoch: int, stop: GracefulStop,
+                         start: Snapshot | None) -> "EpochResult":
+    """One epoch. An out-of-memory error in this session's first epoch (`start` given) means the
+    memory model's micro-batch does not fit after all: the state goes back to `start` and the
+    epoch runs again at half the micro-batch, with twice the accumulation steps (the same update),
+    once and said in one line. Any other out-of-memory error is one line with the fix."""
+    doing = f"training epoch {epoch + 1}"
+    if start is not None:
+        try:
+            return train_epoch(ctx, epoch, stop)
+        except torch.OutOfMemoryError:
+            pass  # retried below, once the failed step's tensors are gone with the exception
+        halve_micro_batch(ctx, start, doing)
+    with out_of_memory_hint(ctx, doing):
+        return train_epoch(ctx, epoch, stop)
+
+
+def halve_micro_batch(ctx: Context, start: Snapshot, doing: str) -> None:
+    old = ctx.plan
+    ctx.stream = None  # its chunk (and, for the device pipeline, the split) on the GPU goes first
+    if ctx.rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    start.restore(ctx)
+    ctx.retried = True
+    ctx.plan = dataclasses.replace(old, micro_batch=old.micro_batch // 2,
+                                   accum_steps=old.accum_steps * 2)
+    ctx.stream = build_stream(ctx.cfg, ctx.rt, ctx.splits, ctx.recipe, ctx.plan)
+    ctx.step_fn = make_step(ctx.cfg, ctx.rt, ctx.state.model, ctx.state,
+                            ctx.record.model.num_classes, ctx.plan.accum_steps)
+    note = (f"out of GPU memory {doing} with micro-batch {old.micro_batch}: it starts again with "
+            f"micro-batch {ctx.plan.micro_batch} x {ctx.plan.accum_steps} accumulation steps = "
+            f"{ctx.cfg.batch_size} per update (the same update; BatchNorm now sees "
+            f"{ctx.plan.micro_batch} images)")
+    run = ctx.record.run
+    run.micro_batch, run.accum_steps, run.steps_per_epoch = (ctx.plan.micro_batch,
+                                                             ctx.plan.accum_steps, len(ctx.stream))
+    run.memory = f"{ctx.plan.line(ctx.cfg.batch_size)}; {note}"
+    _rewrite_record(ctx)
+    log.info(note)
+
+
+def evaluate(ctx: Context, images: torch.Tensor, labels: torch.Tensor, doing: str,
+             **kwargs) -> dict | None:
+    """The Evaluator on the run's model; an out-of-memory error halves the evaluation batch once
+    (evaluation changes nothing, so it simply runs again) and says so in one line."""
+    retry = False
+    try:
+        return ctx.evaluator(ctx.state.model, images, labels, **kwargs)
+    except torch.OutOfMemoryError:
+        retry = ctx.evaluator.batch_size > 1 and not ctx.eval_retried
+        if not retry:
+            raise out_of_memory_error(ctx, doing) from None
+    old = ctx.evaluator.batch_size
+    if ctx.rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    ctx.evaluator.batch_size = old // 2
+    ctx.eval_retried = True
+    ctx.record.run.eval_batch = ctx.evaluator.batch_size
+    ctx.record.run.memory += (f"; out of GPU memory {doing} with evaluation batch {old}: "
+                              f"halved to {ctx.evaluator.batch_size}")
+    _rewrite_record(ctx)
+    log.info(f"out of GPU memory {doing} with evaluation batch {old}: it runs again with "
+             f"{ctx.evaluator.batch_size}")
+    with out_of_memory_hint(ctx, doing):
+        return ctx.evaluator(ctx.state.model, images, labels, **kwargs)
+
+
+def _rewrite_record(ctx: Context) -> None:
+    if ctx.rt.is_main:
+        with hint(WriteError, WRITE_HINT):
+            write_json(ctx.out / RF.CONFIG, ctx.record.to_dict())
+
+
+def out_of_memory_error(ctx: Context, doing: str) -> UserError:
+    """What ran out, and the same experiment in smaller micro-batches. Nothing is written at that
+    point: the checkpoint of the last finished epoch stays as it was."""
+    cfg, plan = ctx.cfg, ctx.plan
+    if ctx.rt.device.type == "cuda":
+        torch.cuda.empty_cache()
+    saved = (f"{ctx.out / RF.LAST} (epoch {ctx.state.epoch}) is intact" if ctx.state.epoch
+             else "nothing is lost")
+    more = plan.accum_steps * 2
+    fix = (f"the same experiment in smaller micro-batches: --grad-accum-steps {more} (then "
+           "--resume)" if (cfg.batch_size // ctx.rt.dist.world) % more == 0
+           else "--img-size lower, or a GPU with more free memory")
+    return UserError(f"out of GPU memory {doing} of {ctx.record.model.display} at "
+                     f"{cfg.img_size} px with micro-batch {plan.micro_batch} x "
+                     f"{plan.accum_steps} accumulation steps = {cfg.batch_size} per update and "
+                     f"evaluation batch {ctx.evaluator.batch_size}; {fix}; {saved}")
+
+
 @contextlib.contextmanager
 def out_of_memory_hint(ctx: Context, doing: str):
-    """A GPU out-of-memory error becomes one line: what ran out, and the same experiment in smaller
-    batches. Nothing is written at that point: the checkpoint of the last finished epoch stays as it
-    was."""
+    """A GPU out-of-memory error becomes one line (out_of_memory_error)."""
     try:
         yield
     except torch.OutOfMemoryError:
-        cfg = ctx.cfg
-        if ctx.rt.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = max(1, cfg.batch_size // 2)
-        saved = (f"{ctx.out / RF.LAST} (epoch {ctx.state.epoch}) is intact" if ctx.state.epoch
-                 else "nothing is lost")
-        raise UserError(f"out of GPU memory {doing} of {ctx.record.model.display} at "
-                        f"{cfg.img_size} px with "
-                        f"--batch-size {cfg.batch_size}" + (f" x {cfg.grad_accum_steps} accumulated"
-                                                             if cfg.grad_accum_steps > 1 else "")
-                        + f"; the same experiment in smaller batches: --batch-size {half} "
-                          "--grad-accum-steps "
-                          f"{cfg.grad_accum_steps * cfg.batch_size // half} (then "
-                          f"--resume); {saved}") from None
+        raise out_of_memory_error(ctx, doing) from None
 
 
 def save_interrupted(ctx: Context, epoch: int, result: EpochResult, stop: GracefulStop) -> int:
@@ -549,14 +759,15 @@ def test_and_summarise(ctx: Context, stop: GracefulStop) -> int:
     out, model, splits = ctx.out, ctx.state.model, ctx.splits
     if ctx.rt.is_main:
         failpoint("test")
-        final = ctx.evaluator(model, splits.test_x, splits.test_y, keep_probs=True, stop=stop)
+        final = evaluate(ctx, splits.test_x, splits.test_y, "in the final test", keep_probs=True,
+                         stop=stop)
         with hint(LoadError, "--resume runs the test again once best.pt is restored (or start over "
                              "with --overwrite)"):
             best_ckpt = load_checkpoint(out / RF.BEST, map_location=ctx.rt.device)
         final_weights = {k: v.clone() for k, v in unwrap_model(model).state_dict().items()}
         load_model_state(model, best_ckpt["model"], str(out / RF.BEST))
-        best = None if final is None else ctx.evaluator(model, splits.test_x, splits.test_y,
-                                                        keep_probs=True, stop=stop)
+        best = None if final is None else evaluate(ctx, splits.test_x, splits.test_y,
+                                                   "in the final test", keep_probs=True, stop=stop)
         load_model_state(model, final_weights, "the final epoch's weights")
     with D.together(ctx.rt.dist, slow=True):  # the others wait while rank 0 tests
         if ctx.rt.is_main:

@@ -80,6 +80,35 @@ def _check_rng(info, folder: Path) -> dict:
             "ranks_saved": len(loaded.get("ranks", []))}
 
 
+def _check_memory_agreement(info) -> dict:
+    """Each rank plans from its own free memory (mocked: rank 1's card is small) and all take the
+    smallest micro-batch."""
+    from common import memory as M
+    from common import trainer
+    from common.config import TrainConfig
+    from common.data.augment import resolve_recipe
+    from common.data.splits import Splits
+    from common.models import create_model
+    from common.runtime import Runtime
+    from common.specs import resolve_model
+
+    recipe = resolve_recipe("reference")
+    model = create_model(resolve_model("test_resnet", False), 32, 10)
+    costs = M.measure_costs(model, 32, None, None, recipe, True, 1000, 1000)
+    small = int((costs.train_bytes(16, 16) + M.HEADROOM) / M.SAFETY) + 1
+    assert costs.train_bytes(32, 32) > M.usable_bytes(small)
+    free = 8 * 2**30 if info.rank == 0 else small
+    trainer.gpu_memory = lambda device: (free, 8 * 2**30)
+    cfg = TrainConfig(model="test_resnet", pretrained=False, img_size=32, batch_size=64,
+                      num_workers=0).validate()
+    rt = Runtime(info, torch.device("cpu"), None, "device", 0)
+    x = torch.zeros(1000, 3, 32, 32, dtype=torch.uint8)
+    splits = Splits.__new__(Splits)
+    splits.train_x, splits.val_x, splits.test_x = x, x[:10], x[:1000]
+    plan = trainer.choose_batches(cfg, rt, model, recipe, splits, None)
+    return {"micro": plan.micro_batch, "accum": plan.accum_steps, "eval": plan.eval_batch}
+
+
 def worker(rank: int, world: int, port: int, folder: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
@@ -94,6 +123,7 @@ def worker(rank: int, world: int, port: int, folder: str) -> None:
         info = init_distributed("cpu")  # joins the group made above
         for name, check in (("slow_phase", _check_slow_phase),
                             ("accumulation", _check_accumulation),
+                            ("memory", _check_memory_agreement),
                             ("rng", lambda i: _check_rng(i, out))):
             try:
                 results[name] = check(info)

@@ -1,7 +1,8 @@
 """torchrun's mechanics with two real gloo processes (no GPU): a slow phase on rank 0 (a download,
 the decode) does not time the other rank out, gradient accumulation all-reduces once per optimizer
-update, and a resume gives each rank its own RNG states. One spawn of two processes runs all three
-checks (tests/ddp_workers.py); the full torchrun runs are in test_distributed.py (slow tier)."""
+update, a resume gives each rank its own RNG states, and the ranks' memory plans agree. One spawn
+of two processes runs every check (tests/ddp_workers.py); the full torchrun runs are in
+test_distributed.py (slow tier)."""
 from __future__ import annotations
 
 import json
@@ -55,3 +56,10 @@ def test_each_rank_resumes_with_its_own_rng_state(two_ranks):
     for rank, rng in enumerate(_check(two_ranks, "rng")):
         assert rng["ranks_saved"] == 2
         assert rng["after_resume"] == rng["after_checkpoint"], f"rank {rank}"
+
+
+def test_every_rank_takes_the_smallest_micro_batch_any_rank_can_hold(two_ranks):
+    """torchrun: each rank plans from its own free memory (rank 1's card is the smaller) and the
+    ranks agree on the smallest micro-batch, so every rank's BatchNorm sees the same."""
+    plans = _check(two_ranks, "memory")
+    assert plans[0] == plans[1] and (plans[0]["micro"], plans[0]["accum"]) == (16, 2), plans

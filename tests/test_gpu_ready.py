@@ -10,6 +10,8 @@ import os
 import sys
 import textwrap
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -399,19 +401,19 @@ def test_the_cuda_amp_branches_ask_for_their_dtype_and_drive_the_scaler(monkeypa
 # -------------------------------------------------------------------- gradient accumulation, memory
 
 @pytest.mark.slow
-def test_two_accumulated_batches_of_32_are_one_batch_of_64(cifar_dir, tmp_path):
-    """timm's test_vit (no BatchNorm, so accumulation is exact up to rounding): --batch-size 32
-    --grad-accum-steps 2 gives the rows and weights of --batch-size 64, per epoch and per update
-    schedule."""
+def test_two_accumulated_micro_batches_of_32_are_one_batch_of_64(cifar_dir, tmp_path):
+    """timm's test_vit (no BatchNorm, so accumulation is exact up to rounding): --batch-size 64
+    --grad-accum-steps 2 gives the rows and weights of --grad-accum-steps 1, per epoch and per
+    update schedule."""
     flags = ["--model", "test_vit", "--no-pretrained", "--epochs", "2", "--data-dir",
              str(cifar_dir), "--img-size", "32", "--num-workers", "0", "--val-size", "400",
-             "--train-subset", "640", "--aug", "light"]
+             "--train-subset", "640", "--aug", "light", "--batch-size", "64"]
     for sched in ("epoch", "step"):
         a, b = tmp_path / f"b64_{sched}", tmp_path / f"b32x2_{sched}"
-        assert train("train_resnet_cifar", *flags, "--sched-step", sched, "--batch-size", "64",
-                     "--output-dir", str(a)) == 0
-        assert train("train_resnet_cifar", *flags, "--sched-step", sched, "--batch-size", "32",
-                     "--grad-accum-steps", "2", "--output-dir", str(b)) == 0
+        assert train("train_resnet_cifar", *flags, "--sched-step", sched, "--grad-accum-steps",
+                     "1", "--output-dir", str(a)) == 0
+        assert train("train_resnet_cifar", *flags, "--sched-step", sched, "--grad-accum-steps",
+                     "2", "--output-dir", str(b)) == 0
         ma, mb = pd.read_csv(a / "metrics.csv"), pd.read_csv(b / "metrics.csv")
         for col in ("lr", "train_loss", "val_loss", "val_acc"):
             assert (mb[col].to_numpy()
@@ -422,19 +424,19 @@ def test_two_accumulated_batches_of_32_are_one_batch_of_64(cifar_dir, tmp_path):
         # updates
         assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa), sched
         record = json.loads((b / "config.json").read_text())
-        assert record["config"]["grad_accum_steps"] == 2 and record["run"]["steps_per_epoch"] == 20
+        assert record["run"]["accum_steps"] == 2 and record["run"]["steps_per_epoch"] == 20
 
 
 @pytest.mark.slow
 def test_a_stop_waits_for_the_update_and_the_resumed_run_is_exact(cifar_dir, tmp_path):
-    """Ctrl+C in the middle of an accumulation (the run's step 11, with 2 batches per update) is
-    taken at the update's end (step 12), so the checkpoint holds no half-accumulated gradient and
-    --resume is exact."""
+    """Ctrl+C in the middle of an accumulation (the run's step 11, with 2 micro-batches per update)
+    is taken at the update's end (step 12), so the checkpoint holds no half-accumulated gradient
+    and --resume is exact."""
     from conftest import assert_same_run
 
     flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
              str(cifar_dir), "--img-size", "32", "--num-workers", "0", "--val-size", "160",
-             "--train-subset", "320", "--batch-size", "16", "--grad-accum-steps", "2", "--device",
+             "--train-subset", "320", "--batch-size", "32", "--grad-accum-steps", "2", "--device",
              "cpu"]
     straight, out = tmp_path / "straight", tmp_path / "run"
     assert train("train_resnet_cifar", *flags, "--output-dir", str(straight)) == 0
@@ -445,35 +447,124 @@ def test_a_stop_waits_for_the_update_and_the_resumed_run_is_exact(cifar_dir, tmp
     assert_same_run(straight, out, epochs=2)
 
 
-def test_out_of_memory_is_one_line_that_suggests_accumulation_and_keeps_the_checkpoint(
+# ----------------------------------------------------------------------------- GPU memory
+
+def _memory_flags(cifar_dir, *extra):
+    return ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
+            str(cifar_dir), *SMALL, "--train-subset", "640", *extra]
+
+
+def _card_for(micro: int, cifar_dir, device_pipeline: bool = False) -> tuple[int, int]:
+    """(free, total) bytes of a mocked GPU on which the memory model fits test_resnet at 32 px in
+    micro-batches of `micro` images but not of twice that."""
+    from common import memory as M
+    from common.data.streams import default_chunk
+
+    recipe = resolve_recipe("reference")
+    model = create_model(resolve_model("test_resnet", False), 32, 10)
+    costs = M.measure_costs(model, 32, None, None, recipe, device_pipeline, 1200, 500)
+    chunk = default_chunk(recipe, 32) if device_pipeline else 1
+    need = costs.train_bytes(micro, micro * chunk)
+    assert costs.train_bytes(2 * micro, 1) > need, "a larger micro-batch needs more memory"
+    free = int((need + M.HEADROOM) / M.SAFETY) + 1
+    return free, 8 * 2**30
+
+
+def test_a_small_gpu_gets_micro_batches_that_fit_and_the_same_update(cifar_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A mocked card on which 32 images fit but 64 do not (the default --batch-size here is 64):
+    the run trains in micro-batches of 32 x 2 accumulation steps, says so in one line, records it,
+    and is the same run as one told --grad-accum-steps 2 (the update is unchanged)."""
+    from common import trainer
+
+    card = _card_for(32, cifar_dir)
+    monkeypatch.setattr(trainer, "gpu_memory", lambda device: card)
+    out, told = tmp_path / "auto", tmp_path / "told"
+    assert train("train_resnet_cifar", *_memory_flags(cifar_dir), "--output-dir", str(out)) == 0
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("micro-batch")]
+    assert len(line) == 1 and line[0].startswith(
+        "micro-batch 32 x 2 accumulation steps = 64 per update"), err[-2000:]
+    assert "chosen for" in line[0] and "GiB free" in line[0]
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert (run["micro_batch"], run["accum_steps"]) == (32, 2) and run["memory"] == line[0]
+    monkeypatch.undo()
+    assert train("train_resnet_cifar", *_memory_flags(cifar_dir, "--grad-accum-steps", "2"),
+                 "--output-dir", str(told)) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv").drop(columns=_TIMES),
+                                  pd.read_csv(told / "metrics.csv").drop(columns=_TIMES))
+
+
+_TIMES = ["epoch_time_s", "train_img_per_s", "val_img_per_s", "peak_mem_gb"]
+
+
+def test_an_out_of_memory_error_in_the_first_epoch_halves_the_micro_batch_once(
+        cifar_dir, tmp_path, capsys):
+    """The memory model's choice does not fit after all (an out-of-memory error at step 3, from
+    the failpoint): the run goes back to its start, trains in halved micro-batches with twice the
+    accumulation steps, says so once, records it, and is the run that started that way."""
+    out, told = tmp_path / "retried", tmp_path / "told"
+    with _failpoint("step:3@oom"):
+        assert train("train_resnet_cifar", *_memory_flags(cifar_dir), "--output-dir",
+                     str(out)) == 0
+    err = capsys.readouterr().err
+    said = [ln for ln in err.splitlines() if ln.startswith("out of GPU memory")]
+    assert said == ["out of GPU memory training epoch 1 with micro-batch 64: it starts again with "
+                    "micro-batch 32 x 2 accumulation steps = 64 per update (the same update; "
+                    "BatchNorm now sees 32 images)"], err[-2000:]
+    run = json.loads((out / "config.json").read_text())["run"]
+    assert (run["micro_batch"], run["accum_steps"]) == (32, 2) and "starts again" in run["memory"]
+    assert train("train_resnet_cifar", *_memory_flags(cifar_dir, "--grad-accum-steps", "2"),
+                 "--output-dir", str(told)) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(out / "metrics.csv").drop(columns=_TIMES),
+                                  pd.read_csv(told / "metrics.csv").drop(columns=_TIMES))
+    assert (json.loads((out / "summary.json").read_text())["test_acc"]
+            == json.loads((told / "summary.json").read_text())["test_acc"])
+
+
+def test_an_out_of_memory_error_in_evaluation_halves_the_evaluation_batch(cifar_dir, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "run"
+    with _failpoint("eval@oom"):
+        assert train("train_resnet_cifar", *_memory_flags(cifar_dir), "--epochs", "1",
+                     "--output-dir", str(out)) == 0
+    err = capsys.readouterr().err
+    assert err.count("out of GPU memory validating epoch 1 with evaluation batch 256: it runs "
+                     "again with 128") == 1, err[-2000:]
+    assert json.loads((out / "config.json").read_text())["run"]["eval_batch"] == 128
+
+
+@contextlib.contextmanager
+def _failpoint(spec: str):
+    os.environ["CIFAR_FAILPOINT"] = spec
+    try:
+        yield
+    finally:
+        os.environ.pop("CIFAR_FAILPOINT", None)
+
+
+def test_out_of_memory_that_the_retry_cannot_fix_is_one_line_and_keeps_the_checkpoint(
         cifar_dir, tmp_path, monkeypatch, capsys):
-    flags = ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
-             str(cifar_dir), *SMALL, "--train-subset", "640"]
+    """With --grad-accum-steps fixed (or after the one retry) an out-of-memory error is one line
+    that names the micro-batch and the flag that halves it; last.pt stays as it was, and the advice
+    works: the same update in smaller micro-batches continues from the epoch boundary."""
+    flags = _memory_flags(cifar_dir, "--grad-accum-steps", "1")
     out = tmp_path / "run"
     assert train("train_resnet_cifar", *flags, "--output-dir", str(out), "--stop-after-epoch",
                  "1") == 0
     before = (out / "last.pt").read_bytes()
-    calls = {"n": 0}
-    real = E.TrainStep.__call__
-
-    def oom_at_step_3(self, x, y):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, x, y)
-
-    monkeypatch.setattr(E.TrainStep, "__call__", oom_at_step_3)
-    one_line_error_in_process(
-        lambda a: train("train_resnet_cifar", *a), [*flags, "--output-dir", str(out), "--resume"],
-        capsys, "out of GPU memory training epoch 2 of test_resnet at 32 px with --batch-size 64",
-        "--batch-size 32 --grad-accum-steps 2", "(epoch 1) is intact")
+    with _failpoint("step:11@oom"):
+        one_line_error_in_process(
+            lambda a: train("train_resnet_cifar", *a), [*flags, "--output-dir", str(out),
+                                                        "--resume"],
+            capsys, "out of GPU memory training epoch 2 of test_resnet at 32 px with micro-batch "
+            "64 x 1 accumulation steps = 64 per update", "--grad-accum-steps 2 (then --resume)",
+            "(epoch 1) is intact")
     assert (out / "last.pt").read_bytes() == before
-    monkeypatch.undo()
-    # the advice works: the same effective batch, split in two, continues from the epoch boundary
-    assert train("train_resnet_cifar", *flags, "--output-dir", str(out), "--resume", "--batch-size",
-                 "32", "--grad-accum-steps", "2") == 0
+    assert train("train_resnet_cifar", *_memory_flags(cifar_dir, "--grad-accum-steps", "2"),
+                 "--output-dir", str(out), "--resume") == 0
     record = json.loads((out / "config.json").read_text())
-    assert record["run"]["resumed"][-1] == "epoch 2 step 0 with --batch-size 32 x 2 accumulated"
+    assert record["run"]["resumed"][-1] == "epoch 2 step 0 with micro-batch 32 x 2 accumulation steps"
 
 
 # ----------------------------------------------------------------------------- Windows and macOS
@@ -547,25 +638,131 @@ def test_a_run_and_its_resume_work_with_spawned_dataloader_workers(cifar_dir, tm
 
 def test_check_smoke_plans_every_gpu_case_and_reports_each_as_one_line(cifar_dir, tmp_path):
     """check.py --smoke: the GPU plan covers both models x both pipelines x bf16 / fp16, two
-    interrupts with --resume, and --compile; a failing case is its line and the error's line (a
-    passing one: the slow tier)."""
-    from common.smoke import plan, run_smoke
+    interrupts with --resume, and --compile, at 224 px and the default batch, each counting its
+    host syncs; the CPU plan is a short subset (4 cases) unless --smoke-all (10). A failing case is
+    its line and the error's line, never a 'continue with' advice (a passing one: slow tier)."""
+    from common.smoke import _last_error, plan, run_smoke
 
     cases = plan(str(cifar_dir), on_gpu=True, img_size=224)
     assert len(cases) == 2 * (2 * 2 + 2 + 1)
     flags = [" ".join(f) for c in cases for f, _ in c.steps]
-    assert all("--device cuda" in f and "--img-size 224" in f for f in flags)
+    assert all("--device cuda" in f and "--img-size 224" in f and "--batch-size 128" in f
+               for f in flags)
     assert sum("--data-pipeline device --amp-dtype fp16" in f for f in flags) == 2
-    envs = [env for c in cases for _, env in c.steps if env]
-    assert envs == [{"CIFAR_FAILPOINT": "step:5@term"}, {"CIFAR_FAILPOINT": "step:13@kill"}] * 2
+    envs = [env for c in cases for _, env in c.steps]
+    assert all(env.get("CIFAR_SYNC_CHECK") == "1" for env in envs)
+    assert [e["CIFAR_FAILPOINT"] for e in envs if "CIFAR_FAILPOINT" in e] == [
+        "step:5@term", "step:13@kill"] * 2
+    assert len(plan(str(cifar_dir), on_gpu=False, img_size=32)) == 4
+    assert len(plan(str(cifar_dir), on_gpu=False, img_size=32, full=True)) == 10
     out = []
     assert run_smoke(str(tmp_path / "missing.tar.gz"), False, 32, None, models=("test_resnet",),
-                     only="cpu pipeline", emit=out.append) == 1
-    assert out[0].startswith("FAIL test_resnet cpu pipeline fp32"), out
-    assert "no such file" in out[1], out
+                     only="device pipeline", emit=out.append) == 1
+    assert out[0].startswith("smoke: 1 cases on the CPU at 32 px; about"), out
+    assert "on a GPU it also checks bf16 and fp16" in out[1]
+    assert out[2].startswith("FAIL test_resnet device pipeline fp32"), out
+    assert "no such file" in out[3], out
     assert out[-1] == "smoke: 0 of 1 cases pass"
+    assert _last_error("error: disk full\ncontinue with: python x --resume\n") == \
+        "error: disk full"
     with pytest.raises(UserError, match="--smoke-only nope: no case's name contains it"):
         run_smoke(str(cifar_dir), False, 32, None, only="nope")
+
+
+def test_an_interrupted_smoke_check_says_what_ran_and_leaves_nothing(cifar_dir, tmp_path,
+                                                                     monkeypatch):
+    """Ctrl+C (or SIGTERM, taken the same way) during the second case: a summary of what passed and
+    what did not run, the temp folder removed, exit 130."""
+    from common import smoke
+
+    made = []
+    real_mkdtemp = smoke.tempfile.mkdtemp
+    monkeypatch.setattr(smoke.tempfile, "mkdtemp",
+                        lambda prefix: made.append(real_mkdtemp(prefix=prefix,
+                                                                dir=tmp_path)) or made[-1])
+
+    def fake_case(case, folder, verbose=False):
+        (folder / "big.bin").write_bytes(b"x" * 1000)
+        if case.name.startswith("test_resnet SIGTERM"):
+            raise KeyboardInterrupt
+        case.result, case.seconds = "PASS", 1.0
+        return case
+
+    monkeypatch.setattr(smoke, "run_case", fake_case)
+    out = []
+    code = smoke.run_smoke(str(cifar_dir), False, 32, None, models=("test_resnet",),
+                           emit=out.append)
+    assert code == 130 and out[-1] == (
+        "smoke: interrupted after 1 of 2 cases: 1 pass, 0 fail; not finished: test_resnet SIGTERM "
+        "mid-epoch (step 5), then --resume"), out
+    assert made and not Path(made[0]).exists()
+
+
+def test_a_gpu_smoke_case_reports_syncs_memory_and_speed_and_a_sync_fails_it(tmp_path):
+    """The figures of a GPU case from its run folder (written here as the trainer writes them): 0
+    host syncs passes with peak memory against the card's and the memory model's and images/s; a
+    sync in the training loop fails the case and says where. The closing line: whether the four
+    runs fit (the memory model on the card's free memory) and how long they take."""
+    from common.smoke import Case, fits_line, gpu_figures
+
+    out = tmp_path / "case"
+    out.mkdir()
+    pd.DataFrame({"epoch": [1, 2], "peak_mem_gb": [2.0, 2.5], "train_img_per_s": [900.0, 5000.0],
+                  "val_img_per_s": [8000.0, 10000.0]}).to_csv(out / "metrics.csv", index=False)
+    (out / "config.json").write_text(json.dumps({"run": {"memory": "micro-batch 128 x 1 ... (peak "
+                                                          "about 2.7 GiB by the memory model)"}}))
+    (out / "sync_check.json").write_text(json.dumps({"steps": 12, "syncs": 0, "where": []}))
+    case = Case("resnet18 device pipeline bf16", [], "x", result="PASS")
+    gpu_figures(case, out, total_gib=79.2)
+    assert case.result == "PASS" and case.notes == [
+        "host syncs 0 in 12 steps", "peak 2.5 of 79.2 GiB (memory model 2.7)", "5,000 img/s"]
+    (out / "sync_check.json").write_text(json.dumps({"steps": 12, "syncs": 3,
+                                                      "where": ["augment.py:105"]}))
+    failing = Case("resnet18 device pipeline bf16", [], "x", result="PASS")
+    gpu_figures(failing, out, total_gib=79.2)
+    assert failing.result == "FAIL: 3 host syncs in 12 training steps (at augment.py:105)"
+    tinyvit = Case("tiny_vit_5m_224 device pipeline bf16", [], "x", result="PASS",
+                   figures={"img_per_s": 2500.0, "val_img_per_s": 5000.0})
+    line = fits_line([case, tinyvit], memory=(int(7.5 * 2**30), 8 * 2**30))
+    # per run: 30 x (45,000 / 5,000 + 5,000 / 10,000) + 2 x 10,000 / 10,000 = 287 s (ResNet-18),
+    # 30 x (18 + 1) + 4 = 574 s (TinyViT-5M); two runs each: 1,722 s = 0.5 h
+    assert line == ("this GPU fits the four-run experiment at the defaults (micro-batch x "
+                    "accumulation steps: ResNet-18 128 x 1, TinyViT-5M 64 x 2); the four 30-epoch "
+                    "runs take about 0.5 h at these cases' images/s (224 px, batch 128; the "
+                    "downloads and the decode aside)"), line
+
+
+def test_the_sync_counter_counts_the_steps_syncs_and_not_the_check_in(monkeypatch):
+    """CIFAR_SYNC_CHECK=1 on a GPU: CUDA's sync debug mode warns at a syncing op; the counter
+    counts the warnings inside steps and the batches' making after 2 warm-up steps, and leaves the
+    check-in (every 25 steps) alone. Stood in on the CPU: the debug mode and a syncing op."""
+    import warnings
+
+    from common import syncs as S
+
+    mode = {"on": 0}
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.update(on=m))
+    monkeypatch.setenv(S.ENV, "1")
+    counter = S.HotLoopSyncs(torch.device("cuda"))
+
+    def syncing_op():
+        if mode["on"] == "warn":
+            warnings.warn("called a synchronizing CUDA operation")
+
+    class Step:
+        model, scheduler, at_update_boundary = torch.nn.Linear(2, 2), None, True
+
+        def __call__(self, x, y):
+            if int(y[0]) in (0, 7, 30):  # steps 1, 8 and 31 sync
+                syncing_op()
+            return torch.tensor(1.0), torch.zeros(len(y), 2)
+
+    real_check_in = E._check_in
+    monkeypatch.setattr(E, "_check_in", lambda *a: (syncing_op(), real_check_in(*a))[1])
+    batches = [(torch.zeros(1, 2), torch.tensor([i])) for i in range(50)]
+    steps, _ = E.train_one_epoch(Step(), batches, E.EpochSums.zeros(torch.device("cpu")),
+                                 E.GracefulStop(), DistInfo(), syncs=counter)
+    assert steps == 50 and (counter.steps, counter.syncs) == (48, 2)
 
 
 @pytest.mark.slow
@@ -575,6 +772,6 @@ def test_a_smoke_case_interrupted_and_resumed_passes(cifar_dir, tmp_path):
     out = []
     assert run_smoke(str(cifar_dir), False, 32, str(tmp_path / "keep"), models=("test_resnet",),
                      only="SIGTERM", emit=out.append) == 0
-    assert out[0].startswith("PASS test_resnet SIGTERM mid-epoch (step 5), then --resume"), out
-    assert "2 epochs" in out[0], out
+    assert out[2].startswith("PASS test_resnet SIGTERM mid-epoch (step 5), then --resume"), out
+    assert "2 epochs" in out[2], out
     assert out[-1].startswith("smoke: 1 of 1 cases pass")

@@ -167,12 +167,44 @@ def test_the_slurm_path_submits_one_array_whose_tasks_run_the_grid_and_requeue(
             and requeued.function.run == runs[3])
 
 
+def test_every_run_of_a_grid_gets_the_micro_batch_its_hungriest_model_needs(cifar_dir, tmp_path):
+    """BatchNorm sees the micro-batch, so the runs of one experiment must share it: on a card where
+    one model needs 2 accumulation steps at --batch-size 32 and the other none, every run of the
+    grid is given --grad-accum-steps 2, and the line says why; train flags that fix it are kept."""
+    from common import memory as M
+    from common.data.augment import resolve_recipe
+    from common.data.streams import default_chunk
+
+    archs = ("test_resnet", "test_vit")
+    runs = S.plan_grid(list(archs), ["scratch"], [200], [0], tmp_path, TRAIN, {})
+    recipe = resolve_recipe(runs[0].config().aug)  # TRAIN's: light, AMP on (as on a GPU)
+    chunk = default_chunk(recipe, 32)
+    costs = {a: M.measure_costs(create_model(resolve_model(a, False), 32, 10), 32,
+                                torch.bfloat16, None, recipe, True, 1600, 10_000) for a in archs}
+    # the plan shrinks the augmentation chunk before the micro-batch: compare at one batch a chunk
+    need = {a: c.train_bytes(32, 32) for a, c in costs.items()}
+    hungry, other = sorted(archs, key=need.get, reverse=True)
+    free = int((max(need[other], costs[hungry].train_bytes(16, 16)) + M.HEADROOM)
+               / M.SAFETY) + 1
+    assert need[hungry] > M.usable_bytes(free) >= need[other] and chunk > 1
+    fixed, line = S.fix_micro_batch(runs, (free, 8 * 2**30), 1600)
+    assert all(r.argv[-2:] == ("--grad-accum-steps", "2") for r in fixed)
+    assert line.startswith("one micro-batch for every run: 16 x 2 accumulation steps "
+                           f"(--grad-accum-steps 2), what {hungry} needs"), line
+    assert f"{other} alone: 32 x 1" in line
+    told = S.plan_grid(["test_resnet"], ["scratch"], [200], [0], tmp_path,
+                       [*TRAIN, "--grad-accum-steps", "4"], {})
+    assert S.fix_micro_batch(told, (free, 8 * 2**30), 1600) == (told, "")
+    assert S.fix_micro_batch(runs, None, 1600) == (runs, ""), "no GPU: no accumulation"
+
+
 @pytest.mark.parametrize("case,words", [
     ("model", "--models nope: not a model"),
     ("size", "--train-sizes 5000: larger than the 1600 training images"),
     ("seeds", "--seeds lists 1 twice"), ("clash", "set --seed, which the suite sets per run"),
     ("weights", "--weights resnet18: give ARCH=PATH"),
     ("slurm", "--launcher slurm: no sbatch/srun on this machine's PATH"),
+    ("no-gpu", "--launcher slurm from a machine without a GPU: give --gpu-memory GIB"),
     ("recipe", "holds a run of another recipe (lr: 0.0003 in the checkpoint, 0.001 now)")])
 def test_bad_grids_are_one_line_errors_before_anything_starts(
         cifar_dir, tmp_path, weights, capsys, monkeypatch, case, words):
@@ -182,7 +214,8 @@ def test_bad_grids_are_one_line_errors_before_anything_starts(
             "seeds": suite(cifar_dir, root, {}, seeds=("1", "1")),
             "clash": suite(cifar_dir, root, {}) + ["--seed", "3"],
             "weights": ["--data-dir", str(cifar_dir), "--weights", "resnet18"],
-            "slurm": suite(cifar_dir, root, {}, "--launcher", "slurm"),
+            "slurm": suite(cifar_dir, root, {}, "--launcher", "slurm", "--gpu-memory", "8"),
+            "no-gpu": suite(cifar_dir, root, {}, "--launcher", "slurm"),
             "same": suite(cifar_dir, root, {}, sizes=("0", "1600")),
             "time": suite(cifar_dir, root, {}, "--time", "0")}.get(case)
     if case == "slurm":

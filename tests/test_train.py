@@ -32,7 +32,7 @@ def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
     assert list(m.columns) == list(METRIC_COLUMNS) and m["epoch"].tolist() == [1, 2]
     assert m["val_acc"].iloc[-1] > 0.3, "10 classes: chance is 0.1; labels and images must line up"
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["format"] == 2 and cfg["config"]["model"] == "test_resnet"
+    assert cfg["format"] == 3 and cfg["config"]["model"] == "test_resnet"
     assert cfg["model"]["name"] == "test_resnet" and cfg["weights"]["init"] == "random init"
     assert cfg["data"]["kind"] == "cifar-batches" and len(cfg["data"]["sha256"]) == 64
     assert cfg["data"]["splits"].pop("indices_sha256") and cfg["data"]["splits"] == {

@@ -147,14 +147,12 @@ class DeviceTrainStream(TrainStream):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe, img_size: int,
                  batch_size: int, seed: int, device: torch.device, rank: int = 0, world: int = 1,
-                 drop_last: bool = True, multiple_of: int = 1):
+                 drop_last: bool = True, multiple_of: int = 1, chunk_batches: int = 0):
         super().__init__(len(images), batch_size, seed, device, rank, world, drop_last, multiple_of)
         self.images = images.to(device, non_blocking=True).contiguous()
         self.labels = labels.to(device, non_blocking=True)
         self.augment = make_device_augment(recipe, img_size)
-        # where the per-op work happens: 4 batches at 224
-        work = img_size if recipe.family == "timm" else 32
-        self.chunk = max(1, min(8, (4 * 224 * 224) // (work * work)))
+        self.chunk = chunk_batches or default_chunk(recipe, img_size)
         self.gen = torch.Generator()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -165,21 +163,33 @@ class DeviceTrainStream(TrainStream):
             first, last = chunk * self.chunk, min(steps, (chunk + 1) * self.chunk)
             self.gen.manual_seed(((self.seed * 1_000_003 + epoch) * 7919 + chunk) * 31 + self.rank)
             idx = mine[first * b:last * b]
+            x = None  # the previous chunk goes before the next is made
             x = self.augment.apply(self.images[idx], self.augment.sample(len(idx), self.gen))
             labels = self.labels[idx]
             for step in range(max(first, start_step), last):
                 j = (step - first) * b
-                yield self.augment.finish(x[j:j + b]), labels[j:j + b]
+                batch = self.augment.finish(x[j:j + b])
+                # the chunk's last batch is a copy: the trainer holds it while the next chunk is
+                # made, and a view would keep the whole previous chunk alive
+                yield (batch.clone() if step == last - 1 and batch._base is not None
+                       else batch), labels[j:j + b]
+
+
+def default_chunk(recipe: Recipe, img_size: int) -> int:
+    """Batches augmented at once by the device pipeline where memory allows: enough to amortise the
+    per-op launches, 4 at 224 px (the light recipe works at 32 px: 8)."""
+    work = img_size if recipe.family == "timm" else 32
+    return max(1, min(8, (4 * 224 * 224) // (work * work)))
 
 
 def make_train_stream(pipeline: str, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe,
                       img_size: int, batch_size: int, seed: int, num_workers: int,
                       device: torch.device, rank: int = 0, world: int = 1, drop_last: bool = True,
-                      multiple_of: int = 1) -> TrainStream:
+                      multiple_of: int = 1, chunk_batches: int = 0) -> TrainStream:
     """The training batch source: 'cpu' (DataLoader workers) or 'device' (batched ops where the
-    model is)."""
+    model is). `batch_size` is the global micro-batch; `multiple_of` the accumulation steps."""
     if pipeline == "device":
         return DeviceTrainStream(images, labels, recipe, img_size, batch_size, seed, device, rank,
-                                 world, drop_last, multiple_of)
+                                 world, drop_last, multiple_of, chunk_batches)
     return CpuTrainStream(images, labels, recipe, img_size, batch_size, seed, num_workers, device,
                           rank, world, drop_last, multiple_of)
