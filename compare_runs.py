@@ -22,8 +22,8 @@ from common.errors import UserError
 def parse_args(argv):
     p = script_parser(__doc__, parents=(analysis_options(),))
     p.add_argument("runs", nargs="*", help="Run folders or metrics.csv files.")
-    p.add_argument("--log-path", action="append", default=[],
-                   help="A run's metrics.csv (same as a positional run).")
+    p.add_argument("--log-path", action="append", metavar="CSV",
+                   help="A run's metrics.csv (the same as giving it as a run; may be repeated).")
     p.add_argument("--output", help="Figure path, .png/.pdf/.svg (default: <run>_curve.png in a "
                                     "single run's folder, else runs/compare.png).")
     p.add_argument("--results", help="Also write the tables to this markdown file.")
@@ -34,7 +34,7 @@ def parse_args(argv):
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths = [*args.runs, *args.log_path]
+    paths = [*args.runs, *(args.log_path or [])]
     if not paths:
         raise UserError("give at least one run: a run folder or its metrics.csv (see --help)")
     from common.report import report

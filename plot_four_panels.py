@@ -34,10 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     from common.report import report
 
     results = Path(args.results) if args.results else Path(args.output).with_name("results.md")
-    print(report(args.runs, args.labels, args.output, results, args.allow_mismatch, args.band,
-                 args.safe, None, extra_figures=True, skip_missing=True,
-                 allow_test_selection=args.allow_test_selection))
+    text = report(args.runs, args.labels, args.output, results, args.allow_mismatch, args.band,
+                  args.safe, None, extra_figures=True, skip_missing=True,
+                  allow_test_selection=args.allow_test_selection)
+    # the answer, not the whole file: the tables are in results.md
+    print("\n".join(answer_lines(text)) + f"\n\nthe tables, intervals and notes: {results}")
     return 0
+
+
+def answer_lines(text: str) -> list[str]:
+    """results.md's answer: its first paragraph after the heading, and the data line."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    return lines[:2]
 
 
 if __name__ == "__main__":

@@ -100,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     progress = S.Progress(runs, {r.folder: {"done": "skipped"}.get(S.status_of(r), "queued")
                                  for r in runs})
     todo = [r for r in runs if progress.state[r.folder] == "queued"]
+    parallel = S.parallelism(args.launcher, args.max_parallel, len(todo))
     if times:
-        progress.projected_s = (sum(times[r.folder] for r in todo)
-                                / max(1, len(S.visible_gpus()) or 1))
+        progress.projected_s = S.makespan([times[r.folder] for r in todo], parallel)
+    for warning in S.preflight_warnings(todo, progress.projected_s if times else None):
+        print(warning, file=sys.stderr)
     if args.dry_run:
         for r in runs:
             state = {"skipped": "done", "queued": S.status_of(r)}[progress.state[r.folder]]
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                   + ("  (done)" if state == "done" else
                    ("  (resumes)" if state ==
                     "interrupted" else "")))
-        print(f"{len(runs)} runs, {len(todo)} to run; projected time " + (
+        print(f"{len(runs)} runs, {len(todo)} to run, {parallel} at a time; projected time " + (
             f"{S._fmt(progress.projected_s)} (check.py --bench-suite figures in {args.bench})"
             if times else
             "unknown: run python check.py --bench-suite 2 on this machine first (it writes "
@@ -124,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
                 if args.launcher == "slurm" else None)
     board = S.StatusBoard()
     board.update(progress)
-    if args.launcher == "debug":
-        S.run_debug(runs, logs, progress, board)
-    elif args.launcher == "local":
-        S.run_local(runs, logs, progress, board)
-    else:
-        S.run_slurm(runs, logs, progress, board, executor)
+    try:
+        with S.sigterm_as_interrupt():
+            if args.launcher == "debug":
+                S.run_debug(runs, logs, progress, board)
+            elif args.launcher == "local":
+                S.run_local(runs, logs, progress, board)
+            else:
+                S.run_slurm(runs, logs, progress, board, executor)
+    except KeyboardInterrupt:
+        print("stopped: the running runs saved their checkpoints; the same command continues them "
+              "(finished runs are skipped)", file=sys.stderr)
+        return 130
     failed = [r for r in runs if progress.state[r.folder] == "failed"]
     for r in failed:
         print(f"failed: {r.name} in {r.folder}: {progress.errors[r.folder]}", file=sys.stderr)

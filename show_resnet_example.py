@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         probs = run.predict(images)
         names = [Path(p).name for p in args.image]
         print("\n".join(P.topk_line(n, p, args.topk, None, classes) for n, p in zip(names, probs)))
-        fig = P.figure_rows(plt, [(o, p, n, None) for o, p, n in zip(originals, probs, names)],
-                            args.topk, classes)
+        fig = P.figure_rows(plt, [(o, p, f"{n}  ({name}, {run.checkpoint.name})", None) for o, p, n
+                                  in zip(originals, probs, names)], args.topk, classes)
         default = (f"predict_{Path(args.image[0]).stem}.png" if len(names) == 1
                    else f"predict_{len(names)}_images.png")
     else:

@@ -35,6 +35,8 @@ def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
              "numpy_pos": int(np_state[2])}
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device is not None and device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -61,6 +63,8 @@ def restore_rng(saved: dict[str, Any], device: torch.device | None = None, rank:
     random.setstate((3, tuple(state["python"]), state["python_pos"]))
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
                          state["numpy_pos"], 0, 0.0))
+    if device is not None and device.type == "mps" and state.get("mps") is not None:
+        torch.mps.set_rng_state(state["mps"])
     cuda = state.get("cuda")
     if cuda is None or device is None or device.type != "cuda":
         return

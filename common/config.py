@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -169,8 +170,9 @@ class TrainConfig:
                           "experiment's DataLoader did.", INPUT,
                           identity=True, compare=True)
     # ---- machine
-    device: str = opt("auto", "Where to train; auto picks CUDA when PyTorch sees a GPU.", MACHINE,
-                      choices=("auto", "cuda", "cpu"))
+    device: str = opt("auto", "Where to train; auto picks a CUDA GPU, else Apple silicon's GPU "
+                      "(mps: the CPU-fed pipeline in fp32), else the CPU.", MACHINE,
+                      choices=("auto", "cuda", "mps", "cpu"))
     amp: bool = opt(True, "Mixed precision for training: on by default on CUDA, on the CPU only "
                     "with an explicit --amp-dtype.", MACHINE)
     amp_dtype: str = opt("auto", "Autocast dtype; auto = bf16 where the GPU supports it, else fp16 "
@@ -197,7 +199,9 @@ class TrainConfig:
                         "test/<class>/, or a .tar.gz, .tgz, .tar or .zip of one.", DATA)
     cache_dir: str | None = opt(None, "Where decoded image folders are cached (default: beside the "
                                 "data, or ~/.cache when that is read-only).", DATA, metavar="DIR")
-    download: bool = opt(True, "Download CIFAR-10 when --data-dir has none.", DATA)
+    download: bool | None = opt(None, "Download CIFAR-10 when --data-dir has none; by default only "
+                                "into the default ./data (another path that does not exist is a "
+                                "typo, not a place to download to); --no-download never.", DATA)
     skip_bad_images: bool = opt(False, "Skip unreadable or wrongly sized images of an image folder "
                                 "(counted in config.json) instead of stopping.", DATA, switch=True)
     train_subset: int = opt(0, "Train on N of the training images, class-stratified and nested (a "
@@ -317,12 +321,36 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, except that a mistake is one line, not the usage: the flag that was meant when one
+    is close (--data_dir, --epoch), and where the list of flags is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.explain(message)}\n")
+
+    def explain(self, message: str) -> str:
+        found = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if found:
+            flags = [a.split("=")[0] for a in found.group(1).split() if a.startswith("-")]
+            words = [self.suggest(f) for f in flags] or [found.group(1)]
+            message = (f"unrecognized flag{'s' if len(words) > 1 else ''} " + ", ".join(words))
+        return f"{message}; python {self.prog} --help lists every flag"
+
+    def suggest(self, flag: str) -> str:
+        import difflib
+
+        known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        normal = flag.replace("_", "-").lower()
+        close = ([normal] if normal in known else
+                 difflib.get_close_matches(normal, known, n=1, cutoff=0.75))
+        return f"{flag} (did you mean {close[0]}?)" if close else flag
+
+
 def new_parser(description: str, epilog: str = "", parents: tuple = ()) -> argparse.ArgumentParser:
     """A parser as every script of this repository builds it: examples verbatim, no abbreviated
-    flags (a typo in a job script must fail, not match another flag)."""
-    return argparse.ArgumentParser(description=description, epilog=epilog,
-                                   formatter_class=HelpFormatter, allow_abbrev=False,
-                                   parents=list(parents))
+    flags (a typo in a job script must fail, not match another flag), mistakes in one line."""
+    return OneLineParser(description=description, epilog=epilog, formatter_class=HelpFormatter,
+                         allow_abbrev=False, parents=list(parents))
 
 
 def build_parser(description: str, default_model: str, epilog: str = "") -> argparse.ArgumentParser:

@@ -34,8 +34,10 @@ def explain_import_error(e: BaseException) -> str | None:
     if "torchvision::" in text or ("torchvision" in text and "operator" in text):
         return (f"torchvision {_version('torchvision') or '?'} does not match torch "
                 f"{_version('torch') or '?'} (built for another torch: "
-                f"{text.splitlines()[0][:80]}); install the matching pair: "
-                f"{matching_install_command()} (env_setup.md)")
+                f"{text.splitlines()[0][:80]}); torchvision 0.N goes with torch 2.(N-15), from the "
+                f"same index as torch (its +cpu / +cuNNN tag; no tag: PyPI): "
+                f"{matching_install_command()} (env_setup.md: other CUDA versions, offline "
+                "machines)")
     missing = getattr(e, "name", None)
     if isinstance(e, ImportError) and missing in ("torch", "torchvision", "timm", "pandas",
                                                   "matplotlib", "tensorboard", "tqdm", "filelock",

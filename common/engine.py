@@ -353,7 +353,7 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                  dist: D.DistInfo = D.DistInfo(), keep_probs: bool = False,
-                 stop: GracefulStop | None = None) -> dict | None:
+                 stop: GracefulStop | None = None, progress=None) -> dict | None:
         """Loss and accuracy over uint8 images (this rank's shard, summed over ranks); with
         keep_probs, also the softmax of every image (single process). None when `stop` was requested
         half-way."""
@@ -380,6 +380,8 @@ class Evaluator:
                 correct += (logits.argmax(1) == y).sum()
                 if keep_probs:
                     probs.append(torch.softmax(logits, 1))
+                if progress is not None:
+                    progress.advance(len(y))
         count = torch.full((), float(len(images)), device=device, dtype=torch.float64)
         totals = D.all_reduce_sum(torch.stack([loss_sum, correct, count]), dist)
         loss_sum, correct, n = totals.tolist()  # the one host read of an evaluation

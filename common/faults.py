@@ -6,8 +6,10 @@ Points: decode (half-way through decoding images), step:<n> (after the run's n-t
 epoch:<n> (after epoch n's metrics row, before its checkpoints), write:<file> (half-way through
 writing that file: last.pt, best.pt, summary.json, ...), test (during the final test), summary
 (before summary.json), eval (at an evaluation's first batch). Actions: kill (SIGKILL, the default),
-int (SIGINT), term (SIGTERM), enospc (the write fails as on a full disk), oom (the GPU's
-out-of-memory error, once)."""
+int (SIGINT), term (SIGTERM), pgint (SIGINT to the whole process group, as a terminal's Ctrl+C
+sends it), enospc (the write fails as on a full disk), oom (the GPU's out-of-memory error, once),
+pause (wait there for a signal, after writing this process's pid to CIFAR_FAILPOINT_MARK: a test
+catches a run mid-step without timing it)."""
 from __future__ import annotations
 
 import errno
@@ -35,4 +37,14 @@ def failpoint(point: str) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory ({ENV} at {point})")
+    if action == "pgint":
+        os.killpg(os.getpgid(0), signal.SIGINT)
+        return
+    if action == "pause":
+        mark = os.environ.get(f"{ENV}_MARK")
+        if mark:
+            with open(mark, "w") as f:
+                f.write(str(os.getpid()))
+        signal.pause()
+        return
     os.kill(os.getpid(), _SIGNALS[action or "kill"])

@@ -104,7 +104,11 @@ def pid_alive(pid: int) -> bool:
         return False
     except (PermissionError, OSError):
         return True
-    return True
+    try:  # Linux: a killed process not yet reaped by its parent (a zombie) runs no more
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_temp(folder: Path, pattern: str, owner_pid=None) -> list[str]:
@@ -118,3 +122,19 @@ def remove_stale_temp(folder: Path, pattern: str, owner_pid=None) -> list[str]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed
+
+
+def die_with_parent(sig: int) -> None:
+    """Have this process receive `sig` when the process that started it dies, even by SIGKILL
+    (Linux's PR_SET_PDEATHSIG); nothing elsewhere. Call it in the child: a preexec_fn, or the start
+    of a worker."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

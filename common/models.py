@@ -22,6 +22,55 @@ from .record import WeightsInfo
 from .specs import ModelChoice
 
 OFFLINE_HINT = "pass --weights PATH (a local weights file) or --no-pretrained to train from scratch"
+
+
+def weights_url(choice: ModelChoice) -> str | None:
+    """Where the ImageNet weights of `choice` can be fetched by hand (env_setup.md's table)."""
+    if choice.tag is None:
+        return None
+    if choice.library == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model_weights(choice.arch)[choice.tag].url
+        except (KeyError, ValueError):
+            return None
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(f"{choice.arch}.{choice.tag}")
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    return f"https://huggingface.co/{cfg.hf_hub_id.split('@')[0]}/resolve/main/model.safetensors"
+
+
+def weights_cached(choice: ModelChoice) -> bool:
+    """Whether the ImageNet weights of `choice` are in the library's cache (no download needed)."""
+    if choice.library == "torchvision":
+        url = weights_url(choice)
+        return bool(url) and (Path(torch.hub.get_dir()) / "checkpoints"
+                              / os.path.basename(url)).is_file()
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(f"{choice.arch}.{choice.tag}")
+    if cfg is None or not cfg.hf_hub_id:
+        return False
+    repo = cfg.hf_hub_id.split("@")[0]
+    return any(isinstance(try_to_load_from_cache(repo, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def offline_hint(choice: ModelChoice) -> str:
+    """The file to fetch on a machine with network and the flag that uses it; or scratch."""
+    url = weights_url(choice)
+    if url is None:
+        return OFFLINE_HINT
+    name = (os.path.basename(url) if choice.library == "torchvision"
+            else f"{choice.arch}.{choice.tag}.safetensors")
+    script = choice.spec.script if choice.spec else "train_resnet_cifar.py"
+    return (f"fetch {url} on a machine with network (save it as {name}), then: python {script} "
+            f"--weights {name} ... (env_setup.md, 'Pretrained weights on an offline machine'); or "
+            "--no-pretrained to train from scratch")
 log = logging.getLogger(__name__)
 
 
@@ -211,7 +260,7 @@ def download_weights(choice: ModelChoice) -> tuple[dict[str, torch.Tensor], Weig
     if expected and not actual.startswith(expected):
         raise UserError(f"{path} does not match its published SHA-256 ({expected[:16]}..., found "
                         f"{actual[:16]}...): it is damaged or was replaced; delete it to download "
-                        f"it again, or {OFFLINE_HINT}")
+                        f"it again, or {offline_hint(choice)}")
     state = read_state_dict(path, flag="pretrained weights")
     source = "torchvision" if choice.library == "torchvision" else "Hugging Face hub (timm)"
     return state, WeightsInfo("ImageNet", source=source, file=str(path), sha256=actual,
@@ -231,14 +280,15 @@ def _torchvision_file(choice: ModelChoice) -> tuple[Path, str]:
     if not path.is_file():
         if not host_reachable(weights.url):
             raise UserError(f"cannot download the ImageNet weights of {choice.arch} from "
-                            f"{weights.url} (no network?): {OFFLINE_HINT}")
+                            f"{weights.url} (no network?): {offline_hint(choice)}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(weights.url, str(path),
                                            hash_prefix=prefix.group(1) if prefix else None,
                                            progress=log.isEnabledFor(logging.INFO))
         except (OSError, RuntimeError) as e:
-            raise UserError(f"downloading {weights.url} failed ({e}): {OFFLINE_HINT}") from None
+            raise UserError(f"downloading {weights.url} failed ({e}): "
+                            f"{offline_hint(choice)}") from None
     return path, prefix.group(1) if prefix else ""
 
 
@@ -259,13 +309,13 @@ def _timm_file(choice: ModelChoice) -> tuple[Path, str]:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or not host_reachable(endpoint):
         raise UserError(f"cannot download the pretrained weights of {name} from the Hugging Face "
-                        f"hub (no network, not cached): {OFFLINE_HINT}")
+                        f"hub (no network, not cached): {offline_hint(choice)}")
     try:
         path = Path(hf_hub_download(repo, "model.safetensors"))
     except Exception as e:  # hub errors: network, missing file, auth; one message
         raise UserError(f"downloading the weights of {name} from the hub failed "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:150]}): "
-                        f"{OFFLINE_HINT}") from None
+                        f"{offline_hint(choice)}") from None
     return path, _hub_blob_hash(path)
 
 

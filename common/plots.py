@@ -70,9 +70,12 @@ def save_figure(fig, output: str | Path) -> Path:
 
 
 def add_footnote(fig, text: str) -> None:
+    """The provenance line under a figure, wrapped to the figure's width (about 16 characters an
+    inch at its size), so that a small figure is not widened by it."""
     import textwrap
 
-    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, 150)), fontsize=7.5, color="#444444",
+    width = max(50, min(150, int(fig.get_figwidth() * 16)))
+    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, width)), fontsize=7.5, color="#444444",
              va="bottom", ha="left")
 
 
@@ -166,6 +169,10 @@ def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str 
                                 marker="x", markersize=6, color=st["color"], linestyle="none",
                                 zorder=5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.relim()
+        ax.autoscale_view()
+        if acc:  # a change of a few images must not look like a plunge
+            floor_span(ax, MIN_ACC_SPAN)
         _annotate_ends(ax, ends, "{:.1f}%" if acc else "{:.3f}")
         ax.set_title(name)
         ax.set_xlabel("epoch")
@@ -188,12 +195,27 @@ def curves_figure(plt, styles: list[dict], title: str, footnote: str, band: str 
     return fig
 
 
+MIN_ACC_SPAN = 5.0  # points of accuracy an axis shows at least
+
+
+def floor_span(ax, span: float, lo_limit: float = 0.0, hi_limit: float = 100.0) -> None:
+    """Widen the y axis to at least `span` around its middle, within [lo_limit, hi_limit]."""
+    lo, hi = ax.get_ylim()
+    if hi - lo >= span:
+        return
+    mid = (lo + hi) / 2
+    lo, hi = mid - span / 2, mid + span / 2
+    if lo < lo_limit:
+        lo, hi = lo_limit, lo_limit + span
+    if hi > hi_limit:
+        lo, hi = hi_limit - span, hi_limit
+    ax.set_ylim(lo, hi)
+
+
 def _annotate_ends(ax, ends, fmt: str) -> None:
     """Final values at the right of each curve, spread so that they do not overlap."""
     if not ends:
         return
-    ax.relim()
-    ax.autoscale_view()
     lo, hi = ax.get_ylim()
     x_max = max(e[0] for e in ends)
     gap = (hi - lo) * 0.075
@@ -246,11 +268,27 @@ def per_class_figure(plt, styles: list[dict], per_class: dict, title: str, footn
     return fig
 
 
+def count_ticks(lo: float, hi: float, most: int = 4) -> list[float]:
+    """Tick values for a log axis of counts from lo to hi: the powers of ten inside, or 1-2-5 values
+    where the range is narrower than that; at most `most`, always the ends' neighbours."""
+    import math
+
+    decades = range(int(math.floor(math.log10(max(lo, 1)))), int(math.ceil(math.log10(hi))) + 1)
+    for subs in ((1,), (1, 2, 5), (1, 1.5, 2, 3, 5, 7)):
+        ticks = [m * 10 ** d for d in decades for m in subs if lo <= m * 10 ** d <= hi]
+        if len(ticks) >= 2:
+            break
+    if len(ticks) < 2:
+        ticks = sorted({float(lo), float(hi)})
+    step = -(-len(ticks) // most)
+    return ticks[::step]
+
+
 def reliability_figure(plt, styles: list[dict], calibration: dict, title: str, footnote: str):
     """One reliability diagram per setting: accuracy against confidence in 15 bins, the diagonal of
     perfect calibration, ECE in the panel title; below each, how many predictions fall in each bin
     (log scale), so a bin of a handful of images is not read like one of thousands."""
-    from matplotlib.ticker import LogLocator
+    from matplotlib.ticker import FuncFormatter, NullFormatter, NullLocator
 
     present = [st for st in styles if st["setting"].label in calibration]
     cols = min(4, len(present))
@@ -277,7 +315,12 @@ def reliability_figure(plt, styles: list[dict], calibration: dict, title: str, f
         ax.set_ylabel("accuracy (%)")
         ax.tick_params(labelbottom=False)
         hist.set_yscale("log")
-        hist.yaxis.set_major_locator(LogLocator(numticks=4))
+        counts = [b["n"] for b in cal.bins if b["n"] > 0]
+        # plain counts (100, 1,000), not 2x10^2; a few ticks, never crowded
+        hist.set_yticks(count_ticks(min(counts), max(counts)) if counts else [1])
+        hist.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        hist.yaxis.set_minor_formatter(NullFormatter())
+        hist.yaxis.set_minor_locator(NullLocator())
         hist.set_ylabel("predictions", fontsize=8)
         hist.set_xlabel("confidence (%)")
     fig.suptitle(title, fontsize=12)

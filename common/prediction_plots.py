@@ -49,7 +49,7 @@ def grid_figure(plt, images: torch.Tensor, labels: torch.Tensor, probs: torch.Te
     """side x side test images, each titled ✓/✗, its predicted class and the model's confidence in
     it."""
     pred, conf = probs.argmax(1).tolist(), probs.max(1).values.tolist()
-    fig, axes = plt.subplots(side, side, figsize=(1.9 * side, 2.0 * side + 0.5), squeeze=False)
+    fig, axes = plt.subplots(side, side, figsize=(1.9 * side, 2.2 * side + 0.5), squeeze=False)
     right = 0
     for ax, img, y, p, c in zip(axes.flat, images, labels.tolist(), pred, conf):
         ok = p == y
@@ -61,9 +61,16 @@ def grid_figure(plt, images: torch.Tensor, labels: torch.Tensor, probs: torch.Te
         ax.axis("off")
     for ax in axes.flat[len(images):]:
         ax.axis("off")
-    fig.suptitle(f"{name}: {right}/{len(images)} right (✓), wrong marked ✗ with the true class; "
-                 "the % is the model's confidence in its prediction", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    import textwrap
+
+    # wrapped to the figure's width, with room above the first row's titles
+    text = (f"{name}: {right}/{len(images)} right (✓), wrong marked ✗ with the true class; the % "
+            "is the model's confidence in its prediction")
+    lines = textwrap.wrap(text, max(30, int(side * 1.9 * 11)))
+    fig.suptitle("\n".join(lines), fontsize=10)
+    top = 1 - (0.1 + 0.16 * len(lines)) / (2.2 * side + 0.5)
+    fig.tight_layout(rect=(0, 0.06, 1, top))
+    fig.subplots_adjust(hspace=0.55)  # the two-line titles of a row clear the images above
     return fig, right
 
 

@@ -10,19 +10,24 @@ from pathlib import Path
 def data_report(data_dir: str) -> tuple[list[str], list[str]]:
     """Lines about --data-dir, and what is missing."""
     from .data import cache, folders
-    from .data.sources import BATCHES, batches_folder, describe_kind, lone_archive, read_batches
+    from .data.sources import (ACCEPTS, DEFAULT_DATA_DIR, batches_folder, describe_kind,
+                               lone_archive, read_batches)
 
     path = Path(data_dir)
     if not path.exists() and path.name.lower().endswith(folders.ARCHIVE_SUFFIXES):
         return [f"CIFAR-10     {path}: no such file"], [f"--data-dir {path}: no such file; give "
                                                         "the archive's path"]
+    if not path.exists() and path != DEFAULT_DATA_DIR:
+        return ([f"CIFAR-10     {path}: no such file or folder"],
+                [f"--data-dir {path}: no such file or folder; give the folder or archive that "
+                 "holds CIFAR-10 (or the train scripts' --download fetches it there)"])
     path = lone_archive(path) or path
     kind = describe_kind(path)
     if kind == "missing":
+        where = ("the train scripts download it there" if path == DEFAULT_DATA_DIR
+                 else "the train scripts' --download fetches it there")
         return ([f"CIFAR-10     not found in {path}"],
-                [f"no CIFAR-10 in {path}: the train scripts download it there, or pass --data-dir "
-                 "an image folder (train/<class>/, test/<class>/), an archive of one, or a "
-                 f"folder holding {BATCHES}/"])
+                [f"no CIFAR-10 in {path}: {where}; --data-dir takes {ACCEPTS}"])
     if kind == "cifar-batches":
         train_x, _, test_x, _ = read_batches(batches_folder(path))
         counts = f"{len(train_x)} train / {len(test_x)} test images"
@@ -55,7 +60,12 @@ def readiness(data_dir: str) -> tuple[list[str], list[str]]:
     lines = [f"python       {platform.python_version()}", f"torch        {torch.__version__}",
              f"torchvision  {torchvision.__version__}", f"timm         {timm.__version__}"]
     missing = []
-    if torch.version.cuda is None:
+    from .runtime import mps_available
+
+    if not torch.cuda.is_available() and mps_available():
+        lines.append("GPU          Apple silicon (MPS): the runs use it, CPU-fed, in fp32 (this path "
+                     "is checked by tests only, not yet run on a Mac)")
+    elif torch.version.cuda is None:
         lines.append("GPU          none: this PyTorch is a CPU-only build")
         missing.append("no GPU for the experiment (four 30-epoch runs at 224 px: hours on a GPU, "
                        "weeks on a CPU): on a machine with an NVIDIA GPU, install PyTorch's CUDA "

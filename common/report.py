@@ -107,5 +107,10 @@ def _title(c: analysis.Comparison) -> str:
     else:
         what = ("Pre-training (weights from local files)" if "ImageNet" not in inits
                 else "Pre-training")
-    return (f"{what} on {' / '.join(sorted(data))}: colour = model, solid = pretrained, dashed = "
-            "from scratch")
+    modes = {s.mode for s in c.settings}
+    styles = ["colour = model"] + [words for mode, words in (
+        ("pretrained", "solid = pretrained"), ("scratch", "dashed = from scratch"),
+        ("linear probe", "dotted = linear probe")) if mode in modes]
+    if any(not s.default_weights for s in c.settings):
+        styles.append("dash-dot = other weights")
+    return f"{what} on {' / '.join(sorted(data))}: {', '.join(styles)}"

@@ -112,6 +112,15 @@ def _os_locking(lock) -> bool:
     return "Soft" not in type(lock).__name__
 
 
+def in_use(folder: Path) -> bool:
+    """Whether a live process (on this host) holds the run folder's lock: it is training there."""
+    try:
+        holder = (Path(folder) / HOLDER).read_text().strip()
+    except OSError:
+        return False
+    return bool(holder) and _holder_alive(holder)
+
+
 def _holder_alive(holder: str) -> bool:
     parts = holder.split()  # "pid 123 on host since ..."
     if len(parts) < 4 or parts[0] != "pid" or parts[3] != socket.gethostname():
@@ -341,6 +350,12 @@ def load_run(path: str | Path) -> Run:
     """A run from its folder or its metrics.csv."""
     csv_path = metrics_path(path)
     folder = csv_path.parent
+    if not folder.exists():
+        raise UserError(f"{path}: no such run folder or metrics.csv (a typo? give a run folder of "
+                        "the train scripts, or its metrics.csv)")
+    if not csv_path.is_file() and Path(path).suffix != ".csv":
+        raise UserError(f"{folder} holds no {METRICS}: not a run folder of the train scripts, or a "
+                        "run stopped before its first epoch ended")
     metrics = read_metrics(csv_path)
     if not (folder / CONFIG).is_file():
         raise UserError(f"{folder} has no {CONFIG}: not a run folder of the train scripts")

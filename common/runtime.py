@@ -15,21 +15,51 @@ from .distributed import DistInfo
 from .errors import UserError
 
 
+def mps_available() -> bool:
+    """Apple silicon's GPU through PyTorch's MPS backend."""
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """auto: a CUDA GPU, else Apple silicon's GPU (MPS), else the CPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else ("mps" if mps_available() else "cpu")
     if name == "cuda":
         if not torch.cuda.is_available():
             raise UserError("--device cuda but PyTorch sees no CUDA GPU (CPU-only build or no "
                             "driver); run python check.py, or use --device cpu")
         return torch.device("cuda", local_rank)
+    if name == "mps":
+        if not mps_available():
+            raise UserError("--device mps but PyTorch sees no Apple-silicon GPU (MPS needs macOS "
+                            "12.3+ on an M-series Mac); use --device cpu")
+        return torch.device("mps")
     return torch.device("cpu")
+
+
+def check_mps(cfg, device: torch.device, world: int) -> None:
+    """What this repository runs on Apple's MPS: the CPU-fed pipeline in fp32, one process. The
+    rest is refused in one line rather than tried (none of it has run on a Mac: the MPS path is
+    checked by tests with mocks only)."""
+    if device.type != "mps":
+        return
+    for bad, why in (
+        (cfg.data_pipeline == "device", "--data-pipeline device: its augmentation computes in "
+         "float64, which MPS lacks; use --data-pipeline cpu (the default there)"),
+        (cfg.amp and cfg.amp_dtype != "auto", f"--amp-dtype {cfg.amp_dtype}: mixed precision on "
+         "MPS is not supported here; train in fp32 (drop --amp-dtype)"),
+        (cfg.compile, "--compile: torch.compile on MPS is not supported here; drop --compile"),
+        (world > 1, "torchrun: several processes on MPS are not supported here; run one process"),
+    ):
+        if bad:
+            raise UserError(f"--device mps (Apple silicon): {why}")
 
 
 def resolve_amp(amp: bool, amp_dtype: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. AMP is a CUDA default; on the CPU only an explicit
-    --amp-dtype turns it on (CPU autocast is slower than fp32 on most CPUs)."""
-    if not amp or (device.type == "cpu" and amp_dtype == "auto"):
+    --amp-dtype turns it on (CPU autocast is slower than fp32 on most CPUs); MPS trains in fp32."""
+    if not amp or (device.type in ("cpu", "mps") and amp_dtype == "auto"):
         return None
     if amp_dtype == "fp16":
         return torch.float16
@@ -142,6 +172,7 @@ def resolve_runtime(cfg, dist: DistInfo) -> Runtime:
     """Device, AMP dtype, pipeline (auto: device on CUDA), workers (-1: default_workers()). The
     batches are the memory plan's (trainer.choose_batches)."""
     device = resolve_device(cfg.device, dist.local_rank)
+    check_mps(cfg, device, dist.world)
     pipeline = (cfg.data_pipeline if cfg.data_pipeline != "auto"
                 else ("device" if device.type == "cuda" else "cpu"))
     workers = cfg.num_workers if cfg.num_workers >= 0 else default_workers()

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 from . import runfolder as RF
 from .config import TrainConfig, build_parser, config_from_args, identity_differences
 from .errors import UserError
+from .files import die_with_parent, pid_alive
 from .specs import MODELS
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,40 @@ def fix_micro_batch(runs: Sequence[Run], memory: tuple[int, int] | None,
                   f"{worst.free_gb:.1f} GiB free" + (f"; {others}" if others else ""))
 
 
+def preflight_warnings(runs: Sequence[Run], projected_s: float | None) -> list[str]:
+    """What will go wrong or slowly, said before anything starts: pretrained runs whose weights are
+    neither cached nor downloadable here (no network), and no GPU (the runs train on the CPU)."""
+    import torch
+
+    from .downloads import host_reachable
+    from .models import offline_hint, weights_cached
+    from .specs import resolve_model
+
+    warnings = []
+    needed = {}
+    for r in runs:
+        if r.mode == "pretrained" and "--weights" not in r.argv:
+            choice = resolve_model(r.argv[r.argv.index("--model") + 1], True)
+            needed.setdefault(choice.name, choice)
+    missing = {n: c for n, c in needed.items() if not weights_cached(c)}
+    if missing:
+        hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "")
+        if offline or not host_reachable(hub):
+            for name, choice in missing.items():
+                runs_of = sum(r.mode == "pretrained" and r.arch == choice.arch for r in runs)
+                warnings.append(f"warning: the {runs_of} pretrained run(s) of {choice.arch} need "
+                                f"{name}, not cached here, and no network reaches the hub: "
+                                f"{offline_hint(choice)} (run_suite.py --weights "
+                                f"{choice.arch}=PATH)")
+    if not torch.cuda.is_available():
+        when = (f"projected {_fmt(projected_s)} on this machine (check.py --bench-suite)"
+                if projected_s else "days at 224 px (python check.py --bench-suite 2 projects it)")
+        warnings.append(f"warning: no GPU here: the {len(runs)} runs would train on the CPU, "
+                        f"{when}")
+    return warnings
+
+
 def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
     """Refuse, before anything starts, what cannot run: an unknown model, a size larger than the
     training split, flags the train scripts reject, a folder under --root that holds a run of
@@ -210,44 +245,63 @@ class TrainJob:
     ask it to save first: checkpoint() sends it SIGTERM, waits for its last.pt, and requeues this
     same job. In this process for the debug launcher. Returns (exit code, last error line)."""
 
-    def __init__(self, run: Run, in_process: bool = False):
+    def __init__(self, run: Run, in_process: bool = False, suite_pid: int | None = None):
         self.run = run
         self.in_process = in_process
         self.child: subprocess.Popen | None = None
+        # the local launcher's run_suite.py: when it is gone (even killed with SIGKILL), the run
+        # stops with a checkpoint rather than train on unsupervised
+        self.suite_pid = suite_pid
 
     def __call__(self) -> tuple[int, str]:
         self.run.folder.mkdir(parents=True, exist_ok=True)
         if self.in_process:
             return _run_in_process(self.run)
+        # this job's process stops its run when its parent dies (a SIGINT, taken below), and the
+        # train process gets a SIGTERM (it saves) when this one dies
+        die_with_parent(signal.SIGINT)
         with open(self.run.folder / "train.log", "a") as logfile:
             self.child = subprocess.Popen(self.run.command, stdout=logfile,
                                           stderr=subprocess.STDOUT, cwd=self.run.cwd,
-                                          preexec_fn=_ignore_usr2 if _USR2 else None)
-            # poll, not wait(): checkpoint() runs as a signal handler on this thread and must be
-            # able to wait for the child itself (a blocking wait() would hold Popen's lock)
-            while self.child.poll() is None:
-                time.sleep(0.5)
+                                          preexec_fn=_child_setup)
+            try:
+                # poll, not wait(): checkpoint() runs as a signal handler on this thread and must
+                # be able to wait for the child itself (a blocking wait() would hold Popen's lock)
+                while self.child.poll() is None:
+                    time.sleep(0.5)
+                    if self.suite_pid is not None and not pid_alive(self.suite_pid):
+                        self.stop_child()
+            except KeyboardInterrupt:  # the suite stops (its cancel() is a SIGINT): save first
+                self.stop_child()
+                raise
         return self.child.returncode, _last_error(self.run.folder / "train.log")
+
+    def stop_child(self, timeout: float = 180) -> None:
+        """SIGTERM to the train process (it saves at its next step) and wait for it."""
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.child.wait(timeout=timeout)
 
     def checkpoint(self):
         """Preempted or timed out (Slurm's signal, some time before the kill): the run saves at its
         next step boundary, then the same job is requeued and continues with --resume."""
         import submitit
 
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.child.wait(timeout=60)
+        self.stop_child(timeout=60)
         return submitit.helpers.DelayedSubmission(TrainJob(self.run, self.in_process))
 
 
 _USR2 = getattr(signal, "SIGUSR2", None)
 
 
-def _ignore_usr2() -> None:
-    """In the train process: Slurm's --signal USR2 reaches every process of the job; the suite's
-    checkpoint() answers it (SIGTERM to the trainer, which saves), so the trainer ignores it."""
-    signal.signal(_USR2, signal.SIG_IGN)
+def _child_setup() -> None:
+    """In the train process, before it starts: Slurm's --signal USR2 reaches every process of the
+    job; the suite's checkpoint() answers it (SIGTERM to the trainer, which saves), so the trainer
+    ignores it. And a SIGTERM when the job's process dies (the trainer saves, then exits)."""
+    if _USR2:
+        signal.signal(_USR2, signal.SIG_IGN)
+    die_with_parent(signal.SIGTERM)
 
 
 def _run_in_process(run: Run) -> tuple[int, str]:
@@ -350,21 +404,57 @@ def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board,
     gpus = visible_gpus()
     slots = [Slot(g) for g in gpus] or [Slot(None)]
     queue = [r for r in runs if progress.state[r.folder] == "queued"]
-    while queue or any(s.job for s in slots):
-        for slot in slots:
-            if slot.job is not None and slot.job.done():
-                _finish(slot.job, slot.run, progress)
-                slot.job = slot.run = None
-            if slot.job is None and queue:
-                run = queue.pop(0)
-                executor = submitit.LocalExecutor(folder=str(logs))
-                executor.update_parameters(timeout_min=60 * 24 * 30,
-                                           gpus_per_node=1 if slot.gpu is not None else 0,
-                                           visible_gpus=() if slot.gpu is None else (slot.gpu,))
-                slot.job, slot.run = executor.submit(TrainJob(run)), run
-                progress.state[run.folder] = "running"
-        board.update(progress)
-        time.sleep(poll_s)
+    try:
+        while queue or any(s.job for s in slots):
+            for slot in slots:
+                if slot.job is not None and slot.job.done():
+                    _finish(slot.job, slot.run, progress)
+                    slot.job = slot.run = None
+                if slot.job is None and queue:
+                    run = queue.pop(0)
+                    executor = submitit.LocalExecutor(folder=str(logs))
+                    executor.update_parameters(timeout_min=60 * 24 * 30,
+                                               gpus_per_node=1 if slot.gpu is not None else 0,
+                                               visible_gpus=() if slot.gpu is None
+                                               else (slot.gpu,))
+                    slot.job, slot.run = executor.submit(TrainJob(run,
+                                                                  suite_pid=os.getpid())), run
+                    progress.state[run.folder] = "running"
+            board.update(progress)
+            time.sleep(poll_s)
+    except KeyboardInterrupt:  # Ctrl+C, or the SIGTERM run_suite.py takes the same way
+        stop_local(slots, progress)
+        raise
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """`kill PID` (SIGTERM) to run_suite.py stops it as Ctrl+C does: its runs save first."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_local(slots, progress: Progress, timeout: float = 240) -> None:
+    """The suite is stopped: every running run saves (its job is cancelled, which sends the train
+    process SIGTERM) and is waited for, so that the same command continues them."""
+    running = [s for s in slots if s.job is not None]
+    if running:
+        log.warning(f"stopping: {len(running)} running run(s) save their checkpoint first")
+    for slot in running:
+        slot.job.cancel(check=False)
+    deadline = time.monotonic() + timeout
+    for slot in running:
+        # the job's process, then the train process it stopped (saving a checkpoint)
+        while ((not slot.job.done() or RF.in_use(slot.run.folder))
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        progress.state[slot.run.folder] = "queued"
 
 
 def run_debug(runs: Sequence[Run], logs: Path, progress: Progress, board) -> None:
@@ -444,20 +534,42 @@ def _finish(job, run: Run, progress: Progress) -> None:
 
 def projected_seconds(runs: Sequence[Run], bench: dict | None,
                       epochs: int) -> dict[Path, float] | None:
-    """Each run's time from check.py --bench-suite figures (runs/bench_suite.json), its epoch time
-    scaled by its training-set size; None without them."""
+    """Each run's time from check.py --bench-suite figures (runs/bench_suite.json): its start-up
+    and test, then per epoch its training images at the training rate and the validation images at
+    the evaluation rate (validation does not shrink with the training set); None without figures
+    for every model of the grid."""
     if not bench:
         return None
     out = {}
-    by_display = bench.get("runs", {})
+    by_name = bench.get("runs", {})
     for r in runs:
         spec = MODELS.get(r.arch)
-        b = by_display.get(spec.display if spec else "", None)
+        b = by_name.get(spec.display if spec else r.arch) or by_name.get(r.arch)
         if b is None:
             return None
-        scale = (r.size or 45_000) / max(1, b["train_images"])
-        out[r.folder] = b["other_s"] + epochs * b["later_epoch_s"] * scale
+        cfg = r.config()
+        n_train = r.size or (45_000 if cfg.val_size == 5000 else 50_000 - cfg.val_size)
+        per_epoch = n_train / b["train_img_per_s"] + cfg.val_size / b["val_img_per_s"]
+        out[r.folder] = b["other_s"] + epochs * per_epoch
     return out
+
+
+def makespan(seconds: Sequence[float], parallel: int) -> float:
+    """The wall time of runs on `parallel` slots: their total over the slots, and never less than
+    the longest run."""
+    if not seconds:
+        return 0.0
+    return max(sum(seconds) / max(1, parallel), max(seconds))
+
+
+def parallelism(launcher: str, max_parallel: int, todo: int) -> int:
+    """Runs at once: one per visible GPU here (local; one on a CPU), --max-parallel on Slurm, one in
+    the debug launcher."""
+    if launcher == "slurm":
+        return max(1, min(max_parallel, todo))
+    if launcher == "local":
+        return max(1, len(visible_gpus()))
+    return 1
 
 
 def _fmt(seconds: float | None) -> str:

@@ -33,7 +33,7 @@ from .memory import MemoryPlan, measure_costs, plan_memory
 from .files import write_json
 from .models import (apply_weights, count_parameters, create_model, flops_per_image,
                      freeze_backbone, starts_at_zero, unwrap_model)
-from .progress import Progress
+from .progress import Progress, RunClock
 from .provenance import environment
 from .record import DataInfo, ModelInfo, RunInfo, RunRecord, SplitInfo, Summary, WeightsInfo
 from .runtime import (Runtime, backends, dtype_name, make_scaler, resolve_runtime,
@@ -66,12 +66,13 @@ class Context:
     retried: bool = False          # the micro-batch was halved after an out-of-memory error
     eval_retried: bool = False     # the evaluation batch was
     syncs: HotLoopSyncs | None = None
+    clock: RunClock | None = None
 
 
 def run_training(cfg: TrainConfig) -> int:
     """Train, validate, checkpoint and test one model; returns the process exit code."""
-    dist = D.init_distributed("cuda" if cfg.device != "cpu" and torch.cuda.is_available()
-                              else "cpu")
+    on_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    dist = D.init_distributed("cuda" if on_cuda else "cpu")
     lock = RF.RunLock(Path(cfg.output_dir))
     created = not Path(cfg.output_dir).exists()
     failed = True
@@ -132,7 +133,7 @@ def train_and_test(ctx: Context) -> int:
                     state.scheduler.step()
                 write_epoch(ctx, row, improved)
                 if ctx.rt.is_main:
-                    log_epoch(cfg, row, improved, early, state)
+                    log_epoch(cfg, row, improved, early, state, ctx.clock)
                 if (cfg.stop_after_epoch and epoch + 1 >= cfg.stop_after_epoch
                         and not state.finished):
                     if ctx.rt.is_main:
@@ -207,7 +208,8 @@ def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None,
     schedule. True when the run is finished and tested: nothing to do."""
     out = Path(cfg.output_dir)
     saved = RunRecord.from_dict(ckpt["record"], str(out / RF.LAST))
-    diffs = identity_differences(saved.config.to_dict(), cfg.to_dict())
+    diffs = [_model_words(saved, cfg) if d.startswith("model:") else d
+             for d in identity_differences(saved.config.to_dict(), cfg.to_dict())]
     fixed = cfg.fixed_accum_steps
     if ckpt["step"] and fixed is not None and fixed != saved.run.accum_steps:
         diffs.append(f"--grad-accum-steps {fixed} in the middle of an epoch (step {ckpt['step']}, "
@@ -218,8 +220,8 @@ def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None,
         diffs += [f"{k} differs ({_short(v)} in the checkpoint, {_short(now[k])} now)"
                   for k, v in saved.resolved_identity().items() if v != now[k]]
     if diffs:
-        raise UserError(f"--resume refused, {out / RF.LAST} was trained with other settings: "
-                        + "; ".join(diffs)
+        raise UserError(f"--resume refused: {out} holds {_held(saved)}, trained with other "
+                        "settings: " + "; ".join(diffs)
                         + ". Use the original flags, or a new --output-dir")
     if record is not None:
         return False
@@ -238,6 +240,19 @@ def check_resume(cfg: TrainConfig, ckpt: dict, record: RunRecord | None = None,
                      f"{ckpt['best']['acc']:.4f}, test result in {RF.SUMMARY}); nothing to resume")
         return True
     return False
+
+
+def _held(record: RunRecord) -> str:
+    """What a run folder holds, as it was made: 'ResNet-18 from scratch (resnet18)'."""
+    if record.weights.init == "random init":
+        return f"{record.model.display} from scratch ({record.model.name}, no pretrained weights)"
+    return f"{record.model.display} fine-tuned from {record.weights.label()}"
+
+
+def _model_words(saved: RunRecord, cfg: TrainConfig) -> str:
+    """The model difference as the runs' own names (a scratch run's name carries no weights tag)."""
+    now = resolve_model(cfg.model, cfg.pretrained).name
+    return f"model: {saved.model.name} in the checkpoint, {now} now"
 
 
 def _short(v: Any) -> str:
@@ -291,7 +306,8 @@ def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
             save_checkpoint(out / RF.LAST,
                             state.full_checkpoint(record.to_dict(), capture_rng(rt.device)))
     return Context(cfg, rt, out, splits, stream, evaluator, state, step_fn, record, metrics,
-                   test_only, plan, recipe, syncs=HotLoopSyncs(rt.device))
+                   test_only, plan, recipe, syncs=HotLoopSyncs(rt.device),
+                   clock=RunClock(cfg.epochs, len(stream)))
 
 
 def gpu_memory(device: torch.device) -> tuple[int, int] | None:
@@ -371,7 +387,8 @@ def rank0_first(dist: D.DistInfo, fn: Callable[[bool], Any]) -> Any:
 
 
 def load_data(cfg: TrainConfig, downloader: bool) -> tuple[DataSource, Splits]:
-    source = open_source(cfg.data_dir, dummy=cfg.dummy, download=cfg.download and downloader,
+    source = open_source(cfg.data_dir, dummy=cfg.dummy, download=cfg.download if downloader
+                         else False,
                          cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images)
     splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset,
                          cfg.val_split)
@@ -510,8 +527,14 @@ def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
     sums = (EpochSums.from_state(ctx.state.partial, ctx.rt.device)
             if ctx.state.partial and ctx.rt.is_main
             else EpochSums.zeros(ctx.rt.device))
+    def current() -> dict[str, str]:  # read when a progress line is printed: one sync a line
+        count = max(1.0, float(sums.count))
+        return {"loss": f"{float(sums.loss) / count:.3f}",
+                "acc": f"{float(sums.correct) / count:.3f}"}
+
     progress = Progress(len(ctx.stream), f"epoch {epoch + 1}/{ctx.cfg.epochs}", start_step,
-                        every_s=ctx.cfg.progress_every or float("inf"), enabled=ctx.rt.is_main)
+                        every_s=ctx.cfg.progress_every or float("inf"), enabled=ctx.rt.is_main,
+                        values=current, suffix=lambda done: ctx.clock.text(epoch, done))
     lr = ctx.cfg.lr * ctx.state.scheduler.lr_lambdas[0](
         schedule_position(ctx.cfg, epoch, start_step, len(ctx.stream), ctx.plan.accum_steps))
     counted = float(sums.count) if start_step else 0.0
@@ -526,8 +549,9 @@ def train_epoch(ctx: Context, epoch: int, stop: GracefulStop) -> EpochResult:
     for total in (sums.loss, sums.correct, sums.count):
         D.all_reduce_sum(total, ctx.rt.dist)
     ctx.state.step = step
-    return EpochResult(sums, stopped, time.perf_counter() - t0, int(float(sums.count) - counted),
-                       lr)
+    seconds = time.perf_counter() - t0
+    ctx.clock.trained(step - start_step, seconds)
+    return EpochResult(sums, stopped, seconds, int(float(sums.count) - counted), lr)
 
 
 # ----------------------------------------------------------------------------- out of memory
@@ -628,9 +652,24 @@ def halve_micro_batch(ctx: Context, start: Snapshot, doing: str) -> None:
 
 def evaluate(ctx: Context, images: torch.Tensor, labels: torch.Tensor, doing: str,
              **kwargs) -> dict | None:
-    """The Evaluator on the run's model; an out-of-memory error halves the evaluation batch once
-    (evaluation changes nothing, so it simply runs again) and says so in one line."""
+    """The Evaluator on the run's model, with its own progress line (or bar); an out-of-memory
+    error halves the evaluation batch once (evaluation changes nothing, so it simply runs again)
+    and says so in one line."""
+    start = time.perf_counter()
+    progress = Progress(len(images) // (ctx.rt.dist.world or 1), doing, unit="image",
+                        every_s=ctx.cfg.progress_every or float("inf"), enabled=ctx.rt.is_main)
+    try:
+        return _evaluate(ctx, images, labels, doing, progress, **kwargs)
+    finally:
+        progress.close()
+        if doing.startswith("validating"):
+            ctx.clock.validated(time.perf_counter() - start)
+
+
+def _evaluate(ctx: Context, images: torch.Tensor, labels: torch.Tensor, doing: str, progress,
+              **kwargs) -> dict | None:
     retry = False
+    kwargs["progress"] = progress
     try:
         return ctx.evaluator(ctx.state.model, images, labels, **kwargs)
     except torch.OutOfMemoryError:
@@ -740,11 +779,12 @@ def write_epoch(ctx: Context, row: dict[str, float], improved: bool) -> None:
 
 
 def log_epoch(cfg: TrainConfig, row: dict[str, float], improved: bool, early: bool,
-              state: RunState) -> None:
+              state: RunState, clock: RunClock | None = None) -> None:
+    where = f"  ({clock.text(row['epoch'], 0)})" if clock is not None else ""
     log.info(f"epoch {row['epoch']:3d}/{cfg.epochs}  lr {row['lr']:.2e}  train loss "
              f"{row['train_loss']:.4f} acc {row['train_acc']:.4f}  val loss {row['val_loss']:.4f} "
              f"acc {row['val_acc']:.4f}{' *' if improved else '  '}  {row['epoch_time_s']:.1f}s  "
-             f"{row['train_img_per_s']:.0f} img/s")
+             f"{row['train_img_per_s']:.0f} img/s{where}")
     if early:
         log.info(f"early stop: no better val acc for {cfg.patience} epochs (best "
                  f"{state.best.acc:.4f} at epoch {state.best.epoch})")
@@ -759,15 +799,16 @@ def test_and_summarise(ctx: Context, stop: GracefulStop) -> int:
     out, model, splits = ctx.out, ctx.state.model, ctx.splits
     if ctx.rt.is_main:
         failpoint("test")
-        final = evaluate(ctx, splits.test_x, splits.test_y, "in the final test", keep_probs=True,
-                         stop=stop)
+        final = evaluate(ctx, splits.test_x, splits.test_y,
+                         "in the final test (the final epoch's weights)", keep_probs=True, stop=stop)
         with hint(LoadError, "--resume runs the test again once best.pt is restored (or start over "
                              "with --overwrite)"):
             best_ckpt = load_checkpoint(out / RF.BEST, map_location=ctx.rt.device)
         final_weights = {k: v.clone() for k, v in unwrap_model(model).state_dict().items()}
         load_model_state(model, best_ckpt["model"], str(out / RF.BEST))
         best = None if final is None else evaluate(ctx, splits.test_x, splits.test_y,
-                                                   "in the final test", keep_probs=True, stop=stop)
+                                                   "in the final test (best.pt)", keep_probs=True,
+                                                   stop=stop)
         load_model_state(model, final_weights, "the final epoch's weights")
     with D.together(ctx.rt.dist, slow=True):  # the others wait while rank 0 tests
         if ctx.rt.is_main:

@@ -41,7 +41,9 @@ def to_device(tree: Any, device: torch.device) -> Any:
     moved: dict[int, torch.Tensor] = {}
     if leaves:
         buffer, spans = pack(leaves)
-        on_device = pinned(buffer).to(device, non_blocking=True)
+        # pinned memory is CUDA's (MPS shares memory with the CPU: a plain copy)
+        on_device = (pinned(buffer) if device.type == "cuda" else buffer).to(device,
+                                                                              non_blocking=True)
         moved = {id(t): v for t, v in zip(leaves, unpack(on_device, leaves, spans))}
 
     def rebuild(node: Any) -> Any:

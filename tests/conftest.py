@@ -72,10 +72,12 @@ def archive_cache(archive, tmp_path_factory) -> str:
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None,
             cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """Run a repository script as a user would; returns the finished process (text output)."""
+    """Run a repository script as a user would, as the leader of its own process group (as a
+    terminal starts it: a signal to "the group" reaches it and its workers, never pytest); returns
+    the finished process (text output)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+                          timeout=timeout, env=full_env, start_new_session=True)
 
 
 def train(script: str, *argv: str) -> int:

@@ -138,3 +138,37 @@ def test_a_synthetic_run_is_not_shown_as_cifar10(tmp_path, capsys):
                 str(tmp_path / "e.png")) == 0
     text = capsys.readouterr().out
     assert "ground truth class" in text and "airplane" not in text
+
+
+def test_your_photos_figure_names_the_model_and_the_grid_title_clears_the_images(run, tmp_path,
+                                                                                monkeypatch):
+    """predict_*.png says which model made the predictions; the grid's title, wrapped to the
+    figure's width, stays inside it and above the first row's labels at 3x3 and 6x6."""
+    import torch
+
+    from common import prediction_plots as P
+    from common.plots import setup_matplotlib
+
+    titles = []
+    real_rows = P.figure_rows
+    monkeypatch.setattr(P, "figure_rows", lambda plt, rows, *a: (
+        titles.extend(r[2] for r in rows), real_rows(plt, rows, *a))[1])
+    photo = sorted(PHOTOS.glob("*/*.png"))[0]
+    assert main("--checkpoint", str(run / "best.pt"), "--image", str(photo), "--output",
+                str(tmp_path / "p.png")) == 0
+    assert titles == [f"{photo.name}  (test_resnet, best.pt)"]
+    monkeypatch.undo()
+    plt = setup_matplotlib(True)
+    for side in (3, 6):
+        n = side * side
+        images, labels = torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n) % 10
+        probs = torch.softmax(torch.randn(n, 10, generator=torch.Generator().manual_seed(0)), 1)
+        fig, _ = P.grid_figure(plt, images, labels, probs, [f"class{i}" for i in range(10)], side,
+                               "ResNet-18")
+        fig.canvas.draw()
+        title = fig._suptitle.get_window_extent()
+        width = fig.get_size_inches()[0] * fig.dpi
+        top_labels = max(ax.title.get_window_extent().y1 for ax in fig.axes[:side])
+        assert 0 <= title.x0 and title.x1 <= width, side
+        assert title.y0 > top_labels, f"{side}x{side}: the title crowds the first row"
+        plt.close(fig)

@@ -280,3 +280,39 @@ def test_device_cuda_without_a_gpu_is_a_clear_error():
         return
     with pytest.raises(UserError, match="--device cuda but PyTorch sees no CUDA GPU"):
         R.resolve_device("cuda")
+
+
+# ----------------------------------------------------------------------------- Apple silicon (MPS)
+
+@pytest.fixture
+def a_mac(monkeypatch):
+    """A Mac with Apple silicon, as PyTorch sees it: MPS available, no CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+
+
+def test_on_apple_silicon_auto_picks_mps_with_the_cpu_fed_pipeline_in_fp32(a_mac):
+    """The MPS path is checked here with mocks only (no Mac has run it): auto picks the MPS device,
+    the CPU-fed pipeline (the device pipeline's float64 ops do not run on MPS) and fp32, and what it
+    cannot do is one line each."""
+    from common.config import TrainConfig
+    from common.distributed import DistInfo as Dist
+
+    rt = R.resolve_runtime(TrainConfig().validate(), Dist())
+    assert (rt.device.type, rt.pipeline, rt.amp_dtype) == ("mps", "cpu", None)
+    assert R.resolve_device("mps").type == "mps"
+    for flags, words in ((dict(data_pipeline="device"), "--data-pipeline device: its augmentation "
+                          "computes in float64"),
+                         (dict(amp_dtype="bf16"), "--amp-dtype bf16: mixed precision on MPS"),
+                         (dict(compile=True), "--compile: torch.compile on MPS")):
+        with pytest.raises(UserError, match=f"--device mps \\(Apple silicon\\): {words}"):
+            R.resolve_runtime(TrainConfig(**flags).validate(), Dist())
+    with pytest.raises(UserError, match="torchrun: several processes on MPS"):
+        R.resolve_runtime(TrainConfig().validate(), Dist(0, 2, 0))
+    assert R.resolve_runtime(TrainConfig(device="cpu").validate(), Dist()).device.type == "cpu"
+
+
+def test_mps_asked_for_without_it_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserError, match="--device mps but PyTorch sees no Apple-silicon GPU"):
+        R.resolve_device("mps")

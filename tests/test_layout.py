@@ -76,3 +76,20 @@ def test_importing_common_has_no_side_effects(tmp_path):
                        timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_the_tracked_top_level_files_are_the_ones_the_layout_documents():
+    """README's Layout section names every top-level file and folder; anything else tracked there
+    (a stray cwd.txt, an empty `started`) fails here."""
+    import re
+
+    git = ROOT / ".git"
+    assert git.exists(), f"{ROOT} is not a git checkout: the tracked files cannot be listed"
+    r = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    tracked = {line.split("/")[0] for line in r.stdout.splitlines() if line}
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    documented = {name.rstrip("/") for name in re.findall(r"`([^`\s]+)`", section)
+                  if "/" not in name.rstrip("/")}
+    assert tracked == documented, (f"tracked but not in README's Layout: {tracked - documented}; "
+                                   f"documented but not tracked: {documented - tracked}")

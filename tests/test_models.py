@@ -235,7 +235,9 @@ def test_offline_pretrained_fails_fast_and_says_what_to_do(tmp_path):
     r = run_cli(script, "--pretrained", "--dummy", "--output-dir", str(tmp_path / "run"),
                 "--img-size", "32", env={"TORCH_HOME": str(tmp_path / "th"),
                                          "HF_HOME": str(tmp_path / "hf")}, timeout=300)
-    one_line_error(r, "--weights PATH", "--no-pretrained")
+    one_line_error(r, "fetch https://huggingface.co/timm/tiny_vit_5m_224.dist_in22k_ft_in1k/"
+                      "resolve/main/model.safetensors", "python train_tinyvit_cifar.py --weights "
+                      "tiny_vit_5m_224.dist_in22k_ft_in1k.safetensors", "--no-pretrained")
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -250,9 +252,21 @@ def test_an_unreachable_hub_is_refused_before_any_download_is_tried(monkeypatch)
                         lambda *a, **k: pytest.fail("tried to download"))
     monkeypatch.setattr(models, "host_reachable",
                         lambda url, timeout=4.0: probes.append(url) or False)
-    with pytest.raises(UserError, match="no network, not cached.*--weights PATH"):
+    with pytest.raises(UserError, match=r"no network, not cached\): fetch https://huggingface.co/"
+                       "timm/tiny_vit_5m_224.dist_in22k_ft_in1k/resolve/main/model.safetensors.*"
+                       "--weights tiny_vit_5m_224.dist_in22k_ft_in1k.safetensors"):
         models.build_model(resolve_model("tiny_vit_5m_224", True), 32, 10)
     assert probes == ["https://huggingface.co"]
+
+
+def test_the_file_to_fetch_offline_is_named_for_each_source():
+    assert models.weights_url(resolve_model("resnet18", True)) == (
+        "https://huggingface.co/timm/resnet18.a1_in1k/resolve/main/model.safetensors")
+    assert models.weights_url(resolve_model("tv/resnet18", True)) == (
+        "https://download.pytorch.org/models/resnet18-f37072fd.pth")
+    hint = models.offline_hint(resolve_model("tv/resnet18", True))
+    assert "--weights resnet18-f37072fd.pth" in hint and "train_resnet_cifar.py" in hint
+    assert models.weights_url(resolve_model("resnet18", False)) is None
 
 
 def test_flops_and_params_are_counted():

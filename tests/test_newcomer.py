@@ -30,7 +30,8 @@ def test_a_torchvision_built_for_another_torch_is_one_line_with_the_fix(
     r = run_cli(*script, *(["--output-dir", str(tmp_path / "r")] if "--dummy" in script else []),
                 env=broken_torchvision)
     one_line_error(r, "does not match torch", "pip install --force-reinstall --no-deps",
-                   "torchvision==0.")
+                   "torchvision==0.", "torchvision 0.N goes with torch 2.(N-15), from the same "
+                   "index as torch", "offline machines")
 
 
 def test_check_on_a_machine_without_gpu_says_what_works_here(capsys):
@@ -103,11 +104,111 @@ def test_help_keeps_the_usage_examples_verbatim(script):
     assert ".tar.gz, .tgz, .tar or .zip" in " ".join(r.stdout.split())
 
 
-def test_an_abbreviated_flag_is_refused_not_guessed(tmp_path):
+def test_an_abbreviated_or_mistyped_flag_is_one_line_with_the_flag_meant(tmp_path, capsys):
+    """Not 40 lines of usage and then the complaint: one line, the closest flag, and where the list
+    is; an abbreviation is refused, not guessed."""
     r = run_cli("train_resnet_cifar.py", "--epoch", "3", "--dummy", "--no-pretrain", "--output-dir",
                 str(tmp_path / "r"))
-    assert r.returncode == 2 and "unrecognized arguments: --epoch 3 --no-pretrain" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "r").exists()
+    one_line_error(r, "unrecognized flags --epoch (did you mean --epochs?), --no-pretrain (did "
+                   "you mean --no-pretrained?)", "python train_resnet_cifar.py --help lists every "
+                   "flag")
+    assert "usage:" not in r.stderr and not (tmp_path / "r").exists()
+    import check
+    import compare_runs
+    import run_suite
+
+    for main, argv, words in (
+            (lambda a: train("train_resnet_cifar", *a), ["--data_dir", "x"],
+             "unrecognized flag --data_dir (did you mean --data-dir?)"),
+            (check.main, ["--smok"], "unrecognized flag --smok (did you mean --smoke?)"),
+            (compare_runs.main, ["--nothing-like-it"], "unrecognized flag --nothing-like-it; "),
+            (run_suite.main, ["--data-dir", "x", "--seed", "1"],
+             "unrecognized flag --seed (did you mean --seeds?)"),
+            (lambda a: train("train_resnet_cifar", *a), ["--aug", "heavy"],
+             "argument --aug: invalid choice: 'heavy'")):
+        one_line_error_in_process(main, argv, capsys, words, "--help lists every flag")
+        assert "usage:" not in capsys.readouterr().err
+
+
+def test_a_data_dir_typo_is_no_such_folder_and_an_empty_folder_says_what_it_takes(tmp_path,
+                                                                                   capsys):
+    """A --data-dir that does not exist is a typo, not a place to download to (that is only the
+    default ./data, or --download); an existing folder without CIFAR-10 lists what --data-dir
+    takes."""
+    from common.data import sources
+
+    train_ = lambda a: train("train_resnet_cifar", *a)  # noqa: E731
+    typo = tmp_path / "cifar10_jpg"
+    one_line_error_in_process(train_, ["--no-pretrained", "--data-dir", str(typo), "--output-dir",
+                                       str(tmp_path / "r")],
+                              capsys, f"--data-dir {typo}: no such file or folder",
+                              f"--download to fetch it into {typo}")
+    assert not typo.exists(), "nothing downloaded, nothing created"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error_in_process(train_, ["--no-pretrained", "--data-dir", str(empty), "--output-dir",
+                                       str(tmp_path / "r")],
+                              capsys, f"--data-dir {empty} holds no CIFAR-10; it takes "
+                              "cifar-10-batches-py/", "train/<class>/ and test/<class>/ image "
+                              "folders", ".tar.gz")
+    asked = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sources, "ensure_batches", lambda path, download: asked.append((path, download))
+                  or (_ for _ in ()).throw(sources.UserError("stop here")))
+        for where, download in ((sources.DEFAULT_DATA_DIR, None), (typo, True)):
+            with pytest.raises(sources.UserError, match="stop here"):
+                sources.open_source(where, download=download)
+    assert asked == [(sources.DEFAULT_DATA_DIR, True), (typo, True)], (
+        "the default ./data, and an explicit --download, are downloaded into")
+    import check
+
+    assert check.main(["--data-dir", str(typo)]) == 1
+    assert f"CIFAR-10     {typo}: no such file or folder" in capsys.readouterr().out
+
+
+def test_compare_runs_says_a_missing_folder_is_missing_and_one_run_gets_only_its_notes(
+        tmp_path, capsys):
+    """A run folder that does not exist is named as such (not as a missing metrics.csv); one run's
+    results carry no four-run confound paragraphs; --log-path's help shows no '(default: [])'."""
+    import compare_runs
+    from test_analysis import right, write_run
+
+    one_line_error_in_process(compare_runs.main, [str(tmp_path / "resnet_ft"), "--safe"], capsys,
+                              f"{tmp_path / 'resnet_ft'}: no such run folder or metrics.csv")
+    run = write_run(tmp_path / "r", "resnet18", False, right(0.5), epochs=2)
+    assert compare_runs.main(["--log-path", str(run / "metrics.csv"), "--safe"]) == 0
+    out = capsys.readouterr().out
+    assert "The confound" not in out and "zero-init" not in out.lower() and "| ResNet-18" in out
+    with pytest.raises(SystemExit):
+        compare_runs.main(["--help"])
+    assert "(default: [])" not in capsys.readouterr().out
+
+
+def test_plot_four_panels_prints_the_answer_and_where_the_rest_went(tmp_path, capsys):
+    import plot_four_panels
+    from test_analysis import right, write_run
+
+    runs = [str(write_run(tmp_path / f"{a}_{p}", a, p, right(acc), epochs=2))
+            for a, p, acc in (("resnet18", True, 0.8), ("resnet18", False, 0.6),
+                              ("tiny_vit_5m_224", True, 0.9), ("tiny_vit_5m_224", False, 0.5))]
+    out_png = tmp_path / "figs" / "four.png"
+    assert plot_four_panels.main(["--runs", *runs, "--output", str(out_png), "--safe"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[0].startswith("**ImageNet pre-training helps TinyViT-5M by"), out
+    assert out[1].startswith("Data and budget:") and len(out) == 4, out
+    assert out[-1] == f"the tables, intervals and notes: {out_png.with_name('results.md')}"
+
+
+def test_resuming_into_another_models_folder_says_what_the_folder_holds(tmp_path, capsys):
+    flags = ["--no-pretrained", "--dummy", "--epochs", "2", "--img-size", "32", "--batch-size",
+             "32", "--train-subset", "128", "--val-size", "64", "--test-subset", "64",
+             "--num-workers", "0", "--output-dir", str(tmp_path / "r")]
+    assert train("train_resnet_cifar", *flags, "--stop-after-epoch", "1") == 0
+    one_line_error_in_process(lambda a: train("train_tinyvit_cifar", *a), [*flags, "--resume"],
+                              capsys, f"{tmp_path / 'r'} holds ResNet-18 from scratch (resnet18, "
+                              "no pretrained weights)", "model: resnet18 in the checkpoint, "
+                              "tiny_vit_5m_224 now")
+    assert "a1_in1k" not in capsys.readouterr().err
 
 
 def test_percent_ticks_stay_distinct_on_a_narrow_range():

@@ -164,3 +164,30 @@ def test_a_synthetic_and_a_real_run_are_never_pooled(tmp_path, capsys):
     assert ("CIFAR-10 (tar) cccccccccccc" in err
             and "epochs run: 1 (" in err), "the differences, whole"
     assert "because of --allow-mismatch" not in err
+
+
+def test_figures_say_only_what_they_draw_and_keep_small_changes_small(tmp_path):
+    """The curves' title names the line styles of the settings drawn (no "solid = pretrained"
+    without a pretrained run); an accuracy axis spans at least 5 points, so two images' difference
+    does not look like a plunge; the calibration counts are plain numbers on a few ticks."""
+    from common import analysis, plots, report
+
+    scratch = write_run(tmp_path / "s", "resnet18", False, right(0.5), epochs=2)
+    ft = write_run(tmp_path / "f", "resnet18", True, right(0.7), epochs=2)
+    only = report._title(analysis.compare([report.load_runs([str(scratch)], None)[0][0]]))
+    assert "dashed = from scratch" in only and "solid" not in only, only
+    both = report._title(analysis.compare(report.load_runs([str(scratch), str(ft)], None)[0]))
+    assert "solid = pretrained, dashed = from scratch" in both, both
+    plt = plots.setup_matplotlib(True)
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [15.70, 15.90])
+    plots.floor_span(ax, plots.MIN_ACC_SPAN)
+    lo, hi = ax.get_ylim()
+    assert hi - lo == pytest.approx(5.0) and lo < 15.70 and hi > 15.90
+    ax.set_ylim(0.2, 1.0)
+    plots.floor_span(ax, 5.0)
+    assert ax.get_ylim() == (0.0, 5.0), "never below 0%"
+    plt.close(fig)
+    assert plots.count_ticks(3, 600) == [10, 100]
+    assert plots.count_ticks(300, 700) == [300, 500, 700]
+    assert len(plots.count_ticks(1, 10**6)) <= 4

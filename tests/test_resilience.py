@@ -88,12 +88,14 @@ def straight_mixup(cifar_dir, tmp_path_factory) -> Path:
 
 
 def test_ctrl_c_mid_epoch_with_loader_workers_resumes_exactly(cifar_dir, tmp_path, straight_mixup):
-    """SIGINT at step 15 (in epoch 2) with 2 DataLoader workers and mixup: a mid-epoch last.pt with
-    the RNG states; the resumed run (any worker count) sees the same augmented, mixed batches and
-    ends identical."""
+    """A terminal's Ctrl+C (SIGINT to the whole process group, the 2 DataLoader workers included)
+    at step 15, in epoch 2, with mixup: the stop line once (the workers leave it to the trainer), a
+    mid-epoch last.pt with the RNG states; the resumed run (any worker count) sees the same
+    augmented, mixed batches and ends identical."""
     out = tmp_path / "run"
-    r = with_fault("step:15@int", cifar_dir, out, "--num-workers", "2", "--mixup", "0.4")
+    r = with_fault("step:15@pgint", cifar_dir, out, "--num-workers", "2", "--mixup", "0.4")
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.count("SIGINT: finishing this step, then saving") == 1, r.stderr[-2000:]
     assert ("stopped in epoch 2 at step 15/10" not in r.stderr
             and "stopped in epoch 2 at step 5/10" in r.stderr)
     assert "continue with: python train_resnet_cifar.py" in r.stderr and "--resume" in r.stderr

@@ -59,7 +59,7 @@ def test_a_new_setting_is_one_declaration(monkeypatch):
 def test_abbreviated_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         C.build_parser("x", "resnet18").parse_args(["--epoch", "3"])
-    assert "unrecognized arguments: --epoch" in capsys.readouterr().err
+    assert "unrecognized flag --epoch (did you mean --epochs?)" in capsys.readouterr().err
 
 
 def test_the_resume_command_drops_stop_after_epoch_in_either_form():

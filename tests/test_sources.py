@@ -249,9 +249,11 @@ def test_damaged_batches_give_one_clear_error(tmp_path, how, words):
 
 
 def test_no_data_and_no_download_names_the_folder(tmp_path):
-    with pytest.raises(UserError) as e:
+    with pytest.raises(UserError, match="no such file or folder"):
         sources.open_source(tmp_path / "d", download=False)
-    assert (str(tmp_path / "d") in str(e.value) and "--no-download" in str(e.value)
+    with pytest.raises(UserError) as e:
+        sources.ensure_batches(tmp_path, download=False)
+    assert (str(tmp_path) in str(e.value) and "--no-download" in str(e.value)
             and "image folder" in str(e.value))
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_run, one_line_error_in_process, run_cli
+from conftest import ROOT, assert_same_run, one_line_error_in_process, run_cli
 from test_analysis import right, write_run
 
 import run_suite
@@ -98,9 +98,7 @@ def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_interrupted_on
         raise KeyboardInterrupt
 
     monkeypatch.setattr(S, "_run_in_process", interrupting)
-    with pytest.raises(SystemExit) as e:
-        run_suite.main(suite(cifar_dir, root, one, "--no-analysis", **grid))
-    assert e.value.code == 130
+    assert run_suite.main(suite(cifar_dir, root, one, "--no-analysis", **grid)) == 130
     runs = S.plan_grid(["test_resnet"], ["pretrained", "scratch"], [200], [0, 1], root, [], {})
     assert [S.status_of(r) for r in runs] == ["done", "done", "interrupted", "new"]
     restarted = []
@@ -122,6 +120,70 @@ def test_the_local_launcher_runs_jobs_as_processes(cifar_dir, tmp_path, weights)
         "test_resnet_scratch/n200/seed0"]
     assert (root / "test_resnet_scratch" / "n200" / "seed0"
             / "train.log").is_file(), "each job's own log"
+
+
+def _kill_the_launcher_alone(cifar_dir, tmp_path, weights, sig):
+    """run_suite.py --launcher local with one run, paused by the failpoint at its step 3; `sig` to
+    run_suite.py's process alone (not its group); then what is left: (its exit, its stderr, the
+    run folder)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "local"
+    argv = suite(cifar_dir, root, weights, "--no-analysis", "--modes", "scratch",
+                 models=("test_resnet",), sizes=("200",), seeds=("0",))
+    argv[argv.index("debug")] = "local"
+    mark = tmp_path / "paused"
+    env = {**os.environ, "CIFAR_FAILPOINT": "step:3@pause", "CIFAR_FAILPOINT_MARK": str(mark),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "run_suite.py", *argv], cwd=str(ROOT), env=env,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not mark.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # waiting for the run to reach the failpoint, not timing it
+        assert mark.exists(), "the run never reached its step 3"
+        os.kill(proc.pid, sig)
+        err = proc.communicate(timeout=240)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err, root / "test_resnet_scratch" / "n200" / "seed0", argv
+
+
+def test_a_launcher_killed_alone_stops_its_runs_with_a_checkpoint_and_a_rerun_resumes(
+        cifar_dir, tmp_path, weights):
+    """`kill PID` of run_suite.py (SIGTERM to it alone, not to its process group): the running
+    run saves at its step and stops, nothing keeps training unsupervised; the same command then
+    continues the run (--resume) to its end."""
+    from common import runfolder as RF
+    from common.checkpoint import load_checkpoint
+
+    code, err, folder, argv = _kill_the_launcher_alone(cifar_dir, tmp_path, weights,
+                                                       signal.SIGTERM)
+    assert code == 130 and "stopped: the running runs saved their checkpoints" in err, err[-2000:]
+    assert not RF.in_use(folder), "the train process outlived the launcher"
+    assert load_checkpoint(folder / "last.pt")["step"] == 3
+    assert run_suite.main(argv) == 0
+    assert (folder / "summary.json").is_file()
+    assert "resuming" in (folder / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_launcher_killed_with_sigkill_still_leaves_no_run_training(cifar_dir, tmp_path,
+                                                                     weights):
+    """SIGKILL cannot be handled: the job's process gets a SIGINT when the launcher dies (Linux's
+    parent-death signal), and the train process its SIGTERM: it saves, then exits."""
+    from common import runfolder as RF
+    from common.checkpoint import load_checkpoint
+
+    code, err, folder, _ = _kill_the_launcher_alone(cifar_dir, tmp_path, weights, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    deadline = time.monotonic() + 120
+    while RF.in_use(folder) and time.monotonic() < deadline:
+        time.sleep(0.2)  # the orphaned train process saving; bounded
+    assert not RF.in_use(folder), "the train process outlived the launcher"
+    assert load_checkpoint(folder / "last.pt")["step"] == 3
 
 
 def test_the_slurm_path_submits_one_array_whose_tasks_run_the_grid_and_requeue(
@@ -231,19 +293,30 @@ def test_bad_grids_are_one_line_errors_before_anything_starts(
 
 
 def test_dry_run_prints_each_command_and_the_projected_time(cifar_dir, tmp_path, weights, capsys):
+    """The projection against a hand computation: per run, start-up and test (other_s) plus, per
+    epoch, its training images at the training rate and the 400 validation images at the
+    evaluation rate; the runs one at a time here (no GPU, debug launcher)."""
     bench = tmp_path / "bench.json"
-    bench.write_text(json.dumps({"runs": {"test_resnet": {"train_images": 400, "other_s": 10.0,
-                                                          "later_epoch_s": 5.0},
-                                          "test_vit": {"train_images": 400, "other_s": 10.0,
-                                                       "later_epoch_s": 5.0}}}))
+    rates = {"test_resnet": (100.0, 400.0), "test_vit": (50.0, 200.0)}  # train, val img/s
+    bench.write_text(json.dumps({"runs": {a: {"train_img_per_s": t, "val_img_per_s": v,
+                                              "other_s": 10.0} for a, (t, v) in rates.items()}}))
     assert run_suite.main(suite(cifar_dir, tmp_path / "d", weights, "--dry-run", "--bench",
                                 str(bench))) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert (out.count("python train_resnet_cifar.py --model test_") == 16
             and "--train-subset 400 --seed 1" in out)
-    assert "16 runs, 16 to run; projected time unknown" in out, ("the registry has no such "
-                                                                 "models: no guess")
+    # 2 epochs; sizes 200 and 400 x 2 modes x 2 seeds per model
+    by_hand = sum(4 * (10 + 2 * (n / t + 400 / v)) for t, v in rates.values() for n in (200, 400))
+    assert by_hand == 4 * (10 + 2 * (2 + 1)) + 4 * (10 + 2 * (4 + 1)) + 4 * (10 + 2 * (4 + 2)) \
+        + 4 * (10 + 2 * (8 + 2))
+    assert f"16 runs, 16 to run, 1 at a time; projected time {S._fmt(by_hand)}" in out, out[-300:]
+    assert "# 0:00:22" in out, "each command with its own projection (test_vit, 200 images)"
+    assert "warning: no GPU here: the 16 runs would train on the CPU, projected" in captured.err
     assert not (tmp_path / "d").exists()
+    assert S.makespan([100.0, 50.0, 50.0], 2) == 100.0 and S.makespan([60.0] * 4, 2) == 120.0
+    assert S.parallelism("slurm", 12, 36) == 12 and S.parallelism("slurm", 12, 5) == 5
+    assert S.parallelism("debug", 12, 36) == 1
 
 
 # ------------------------------------------------------------------------ the analysis across sizes
@@ -425,3 +498,25 @@ def test_runs_are_pinned_to_the_gpus_the_user_made_visible(monkeypatch):
     assert S.visible_gpus() == [2, 3]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert S.visible_gpus() == [0, 1]
+
+
+def test_before_it_starts_the_sweep_warns_of_missing_weights_offline_and_of_no_gpu(
+        tmp_path, monkeypatch):
+    """Pretrained runs whose weights are neither cached nor reachable are named with the file to
+    fetch and the flag that uses it; a machine without a GPU is said to train on the CPU."""
+    from common import downloads, models
+
+    runs = S.plan_grid(["resnet18"], ["pretrained", "scratch"], [0], [0, 1], tmp_path, TRAIN, {})
+    monkeypatch.setattr(models, "weights_cached", lambda choice: False)
+    monkeypatch.setattr(downloads, "host_reachable", lambda url, timeout=4.0: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    warnings = S.preflight_warnings(runs, 3600.0)
+    assert warnings[0].startswith("warning: the 2 pretrained run(s) of resnet18 need "
+                                  "resnet18.a1_in1k, not cached here, and no network reaches the "
+                                  "hub: fetch https://huggingface.co/timm/resnet18.a1_in1k/"), warnings
+    assert "(run_suite.py --weights resnet18=PATH)" in warnings[0]
+    assert warnings[1] == ("warning: no GPU here: the 4 runs would train on the CPU, projected "
+                           "1:00:00 on this machine (check.py --bench-suite)")
+    monkeypatch.setattr(models, "weights_cached", lambda choice: True)
+    assert len(S.preflight_warnings(runs, None)) == 1 and "days at 224 px" in S.preflight_warnings(
+        runs, None)[0]

@@ -212,15 +212,13 @@ def _decode_chunk(items: list[tuple[str, bytes | None,
 
 def _die_with_parent() -> None:
     """A decode worker ends when the process that started it is killed (Linux): no orphans holding
-    its pipes."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
+    its pipes; a Ctrl+C at the terminal is the main process's to handle, not each worker's."""
+    import signal
 
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+    from ..files import die_with_parent
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(signal.SIGKILL)
 
 
 def decode_entries(entries: list[ImageEntry], workers: int,

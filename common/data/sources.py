@@ -90,17 +90,30 @@ def describe_kind(data_dir: str | Path) -> str:
     return "missing"
 
 
-def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = True,
+DEFAULT_DATA_DIR = Path("data")  # --data-dir's default, ./data: the one folder downloaded into
+# unasked
+ACCEPTS = (f"{BATCHES}/ (or the official {OFFICIAL_ARCHIVE}), train/<class>/ and test/<class>/ "
+           "image folders, or a .tar.gz, .tgz, .tar or .zip of those")
+
+
+def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool | None = None,
                 cache_dir: str | None = None, skip_bad_images: bool = False) -> DataSource:
-    """The source --data-dir names (or synthetic data for --dummy); downloads the official copy when
-    the folder has no CIFAR-10 yet. UserErrors name the file or folder and the fix."""
+    """The source --data-dir names (or synthetic data for --dummy). `download`: True fetches the
+    official copy into a folder without CIFAR-10, False never, None (the default) only into the
+    default ./data: another path that does not exist is a typo, not a place to download to.
+    UserErrors name the file or folder and the fix."""
     if dummy:
         return synthetic_source()
     path = Path(data_dir)
+    if download is None:
+        download = path == DEFAULT_DATA_DIR
     if not path.exists() and path.name.lower().endswith(folders.ARCHIVE_SUFFIXES):
         raise UserError(f"--data-dir {path}: no such file (a name ending in {path.suffix} is read "
                         "as an archive, not a folder to download into); give the archive's path, "
                         "or a folder")
+    if not path.exists() and not download:
+        raise UserError(f"--data-dir {path}: no such file or folder; give the folder or archive "
+                        f"that holds CIFAR-10, or add --download to fetch it into {path}")
     archive = lone_archive(path)
     if archive is not None:
         log.info(f"--data-dir {path} holds one CIFAR-10 archive, {archive.name}: reading it")
@@ -112,10 +125,9 @@ def open_source(data_dir: str | Path, *, dummy: bool = False, download: bool = T
         if path.is_file():
             raise UserError(f"--data-dir {path} is a file but not a .tar.gz, .tgz, .tar or .zip "
                             "archive")
-        if (path.is_dir() and any(p for p in path.iterdir() if not p.name.startswith("."))
-                and not download):
-            raise UserError(f"--data-dir {path} holds no CIFAR-10: expected {BATCHES}/, train/ and "
-                            "test/ class folders, or pass an archive of them")
+        if path.is_dir() and not download and not (path / OFFICIAL_ARCHIVE).is_file():
+            raise UserError(f"--data-dir {path} holds no CIFAR-10; it takes {ACCEPTS}; or add "
+                            f"--download to fetch the official copy into {path}")
         ensure_batches(path, download)
     folder = batches_folder(path)
     train_x, train_y, test_x, test_y = read_batches(folder)

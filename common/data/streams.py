@@ -104,6 +104,16 @@ class _SeededImages(Dataset):
                 torch.set_rng_state(saved[2])
 
 
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """A DataLoader worker leaves Ctrl+C and SIGTERM to the training process: the terminal sends
+    SIGINT to the whole process group, and a worker that took it would print the stop line again
+    (the trainer's handler, inherited) or die in the middle of a batch."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class CpuTrainStream(TrainStream):
     """Batches from DataLoader workers: timm's / torchvision's per-image transforms, pinned memory.
     The same batches for any --num-workers, and from any resume point."""
@@ -119,7 +129,8 @@ class CpuTrainStream(TrainStream):
             _SeededImages(images, labels, cpu_train_transform(recipe, img_size)),
             batch_size=self.local_batch, sampler=self.sampler, drop_last=drop_last,
             num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
-            prefetch_factor=4 if num_workers > 0 else None)
+            prefetch_factor=4 if num_workers > 0 else None,
+            worker_init_fn=ignore_interrupts if num_workers > 0 else None)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of `epoch` from step `start_step` on, already on the device."""
