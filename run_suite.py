@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common.cli import entry_point, script_parser
 from common.errors import UserError
-from common.specs import MODELS
+from common.specs import CONTROLS, MODELS
 
 
 def parse_args(argv):
@@ -29,7 +29,12 @@ def parse_args(argv):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = script_parser(__doc__)
     p.add_argument("--data-dir", required=True, help="CIFAR-10, as the train scripts' --data-dir.")
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="Architectures to run.")
+    p.add_argument("--models", nargs="+", default=list(MODELS),
+                   help="Architectures to run (arch, or arch.tag for other ImageNet weights).")
+    p.add_argument("--controls", action="store_true",
+                   help="Add the controls that split the extra gain into architecture and "
+                        f"weights: {', '.join(CONTROLS)} (pretrained and scratch, every size and "
+                        "seed; TinyViT-5M's scratch runs are shared).")
     p.add_argument("--modes", nargs="+", default=["pretrained", "scratch"],
                    help="pretrained and/or scratch.")
     p.add_argument("--train-sizes", nargs="+", type=int, default=[0], metavar="N",
@@ -42,7 +47,8 @@ def parse_args(argv):
                    "n<size>/seed<seed>.")
     p.add_argument("--weights", nargs="+", default=[], metavar="ARCH=PATH",
                    help="Local ImageNet weights for a model's pretrained runs (offline machines), "
-                        "e.g. resnet18=resnet18.a1_in1k.safetensors.")
+                        "e.g. resnet18=resnet18.a1_in1k.safetensors; arch.tag=PATH for other "
+                        "weights (tiny_vit_5m_224.in1k=...).")
     p.add_argument("--launcher", choices=["local", "slurm", "debug"], default="local",
                    help="local: this machine, one run per visible GPU (one at a time on a CPU); "
                         "slurm: a job array; debug: in this process, one after the other.")
@@ -65,6 +71,8 @@ def parse_args(argv):
                    help="check.py --bench-suite figures for the "
                    "projected time.")
     args = p.parse_args(argv)
+    if args.controls:
+        args.models = [*args.models, *(c for c in CONTROLS if c not in args.models)]
     args.train_flags = ["--data-dir", args.data_dir, *train_flags]
     weights = {}
     for item in args.weights:

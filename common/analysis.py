@@ -18,7 +18,7 @@ from . import stats
 from .config import COMPARE_KEYS
 from .errors import UserError
 from .runfolder import Run
-from .specs import MODELS
+from .specs import REGISTRY
 
 MARK = "†"            # a comparison of runs that differ in settings that matter (--allow-mismatch)
 TEST_MARK = "‡"       # best.pt chosen on the test set itself (--val-size 0, --allow-test-selection)
@@ -44,7 +44,7 @@ class Kind:
 
     @property
     def sort_key(self) -> tuple:
-        order = list(MODELS)
+        order = list(REGISTRY)
         return (order.index(self.arch) if self.arch in order else len(order), self.arch,
                 MODES.index(self.mode), not self.registry_default, self.weights, self.init)
 
@@ -56,13 +56,14 @@ class Kind:
 
 def describe(run: Run) -> Kind:
     r = run.record
-    spec = MODELS.get(r.model.arch)
+    spec = REGISTRY.get(r.model.arch)
     pretrained = r.weights.pretrained
     mode = ("linear probe" if r.config.freeze_backbone
             else ("pretrained" if pretrained else "scratch"))
-    tag = r.weights.tag if pretrained and r.weights.init != "file" else None
+    # a weights file stands in for the weights --model named (their tag is recorded with it)
+    tag = r.weights.tag if pretrained else None
     default = (not pretrained or spec is None
-               or (r.weights.init == "ImageNet" and r.weights.library == "timm"
+               or (r.weights.init in ("ImageNet", "file") and r.weights.library == "timm"
                    and tag == spec.default_tag))
     init = ""
     if (r.config.zero_init_last is not None
@@ -299,6 +300,24 @@ class GainDifference:
 
 
 @dataclass
+class Part:
+    """One row of "what the extra gain is made of": a contrast of settings with its interval, and
+    in words what it answers and what it does not."""
+
+    key: str                     # extra | tinyvit_1k | deit | vit_21k | weights
+    name: str
+    answers: str
+    not_answered: str
+    interval: Interval
+    settings: list[Setting]
+    n_images: int
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(len(s.runs) for s in self.settings)
+
+
+@dataclass
 class Comparison:
     settings: list[Setting]
     mismatched: dict[str, dict[str, list[str]]]
@@ -307,6 +326,9 @@ class Comparison:
     test_selected: list[str] = field(default_factory=list)
     gains: list[Gain] = field(default_factory=list)
     gain_difference: GainDifference | None = None
+    # the controls' decomposition of the extra gain (rows whose runs exist), and the controls missing
+    decomposition: list[Part] = field(default_factory=list)
+    missing_controls: list[str] = field(default_factory=list)
 
     def marked(self, setting: Setting | None = None) -> str:
         """The marks every number carries: † when runs that differ are compared (--allow-mismatch),
@@ -340,7 +362,76 @@ def compare(runs: Sequence[Run], labels: Sequence[str] | None = None, allow_mism
     cnn = next((g for g in main if g.arch == "resnet18"), None)
     if vit and cnn and vit.correct is not None and cnn.correct is not None:
         comparison.gain_difference = _difference(vit, cnn, n_boot)
+    comparison.decomposition, comparison.missing_controls = decompose(settings, n_boot)
     return comparison
+
+
+def _find(settings: Sequence[Setting], arch: str, mode: str, tag: str | None = None):
+    """The setting of `arch` in `mode` with the library's init: the registry's default weights
+    (tag None), or those of `tag`."""
+    for s in settings:
+        if s.arch != arch or s.mode != mode or s.kind.init:
+            continue
+        if mode == "scratch" or (s.main if tag is None else s.tag == tag):
+            return s
+    return None
+
+
+def decompose(settings: Sequence[Setting], n_boot: int = 4000) -> tuple[list[Part], list[str]]:
+    """What TinyViT-5M's extra gain is made of, from the control runs: each ViT's pre-training gain
+    minus ResNet-18's (TinyViT-5M with its default ImageNet-22k weights, with ImageNet-1k weights,
+    DeiT-Ti with ImageNet-1k, ViT-Ti with ImageNet-21k), and the weights' share (TinyViT-5M 22k
+    minus 1k). Rows only where their runs exist with predictions; no control, no rows. Every
+    interval is a contrast of the same paired predictions as the main gain."""
+    rp, rs = _find(settings, "resnet18", "pretrained"), _find(settings, "resnet18", "scratch")
+    t22, ts = (_find(settings, "tiny_vit_5m_224", "pretrained"),
+               _find(settings, "tiny_vit_5m_224", "scratch"))
+    t1 = _find(settings, "tiny_vit_5m_224", "pretrained", "in1k")
+    dp, ds = (_find(settings, "deit_tiny_patch16_224", "pretrained"),
+              _find(settings, "deit_tiny_patch16_224", "scratch"))
+    vp, vs = (_find(settings, "vit_tiny_patch16_224", "pretrained"),
+              _find(settings, "vit_tiny_patch16_224", "scratch"))
+    if not any((t1, dp, ds, vp, vs)):
+        return [], []
+    vs_resnet = "minus ResNet-18's gain (ImageNet-1k weights)"
+    rows = [
+        ("extra", "TinyViT-5M, ImageNet-22k weights (distilled): its gain " + vs_resnet,
+         "the whole extra gain (results.md's first line)",
+         "how much of it is the architecture and how much the better weights", [t22, ts, rp, rs],
+         [1, -1, -1, 1]),
+        ("tinyvit_1k", "TinyViT-5M, ImageNet-1k weights (distilled): its gain " + vs_resnet,
+         "the architecture at equal pre-training images (both ImageNet-1k)",
+         "whether it is the transformer: TinyViT-5M is a hybrid (its stem and first stage are "
+         "convolutions), and its 1k weights were distilled from a large teacher, ResNet-18's were "
+         "not", [t1, ts, rp, rs], [1, -1, -1, 1]),
+        ("deit", "DeiT-Ti/16, ImageNet-1k weights: its gain " + vs_resnet,
+         "a plain ViT (no convolution but the patch embedding) at equal pre-training images",
+         "DeiT-Ti differs from TinyViT-5M in more than convolutions (16 px patches, no hierarchy, "
+         "global instead of windowed attention, its own training recipe) and from ResNet-18 in "
+         "size (5.7 M against 11.7 M parameters)", [dp, ds, rp, rs], [1, -1, -1, 1]),
+        ("vit_21k", "ViT-Ti/16, ImageNet-21k weights: its gain " + vs_resnet,
+         "a plain ViT with more pre-training images than ResNet-18's",
+         "the architecture apart from the data (ViT-Ti's weights saw 21 times the images)",
+         [vp, vs, rp, rs], [1, -1, -1, 1]),
+        ("weights",
+         "weights: TinyViT-5M's gain with ImageNet-22k weights minus with ImageNet-1k weights",
+         "what ImageNet-22k pre-training adds to TinyViT-5M's gain, the architecture and the "
+         "distillation the same",
+         "anything about other architectures (the scratch runs cancel: it is the difference of "
+         "the two fine-tuned accuracies)", [t22, t1], [1, -1]),
+    ]
+    names = {"TinyViT-5M ImageNet-1k": t1, "DeiT-Ti/16 pretrained": dp, "DeiT-Ti/16 scratch": ds}
+    missing = [n for n, s in names.items() if s is None]
+    parts = []
+    for key, name, answers, not_answered, needed, weights in rows:
+        if any(s is None for s in needed):
+            continue
+        interval = contrast(needed, weights, n_boot)
+        if interval is not None:
+            index, _ = needed[0].correct()
+            parts.append(Part(key, name, answers, not_answered, interval, list(needed),
+                              len(index)))
+    return parts, missing
 
 
 def _gain_pairs(settings: list[Setting]) -> list[tuple[Setting, Setting]]:
@@ -389,7 +480,10 @@ def contrast(settings: Sequence[Setting], weights: Sequence[float], n_boot: int)
         return Interval(r["estimate"], r["lo"], r["hi"], "seeds")
     est, lo, hi = stats.bootstrap({k: [np.asarray(c) for c in v] for k, v in correct.items()},
                                   lambda m: sum(wk * m[k] for k, wk in w.items()), n_boot)
-    return Interval(est, lo, hi, "images")
+    # the bootstrap resamples the seeds of settings that have several; with one seed somewhere it
+    # cannot count that setting's training noise
+    several = any(len(s.runs) >= 2 for s in settings)
+    return Interval(est, lo, hi, "images and some seeds" if several else "images")
 
 
 def _gain(pre: Setting, scratch: Setting, n_boot: int) -> Gain:

@@ -15,7 +15,7 @@ from .config import TrainConfig, build_parser
 from .errors import UserError
 from .record import read_record, read_summary
 from .runfolder import CONFIG, SUMMARY, read_metrics
-from .specs import MODELS
+from .specs import CONTROLS, MODELS, REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger(__name__)
@@ -48,11 +48,15 @@ def bench_suite(epochs: int, device_name: str, flags: str,
     full_epochs = TrainConfig().epochs
     results: dict = {"timed_epochs": epochs, "full_epochs": full_epochs, "flags": flags, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
-        for spec in MODELS.values():
+        # the experiment's two models, then the controls' other architectures (run_suite.py
+        # --controls --dry-run projects them from these figures)
+        control_archs = {c.partition(".")[0] for c in CONTROLS} - set(MODELS)
+        for spec in [*MODELS.values(), *(REGISTRY[a] for a in sorted(control_archs))]:
             label, script = spec.display, spec.script
             out = Path(tmp) / spec.run_prefix
-            cmd = [sys.executable, str(REPO / script), *extra, "--no-pretrained", "--dummy",
-                   "--epochs", str(epochs), "--device", device_name, "--output-dir", str(out)]
+            cmd = [sys.executable, str(REPO / script), *extra, "--model", spec.arch,
+                   "--no-pretrained", "--dummy", "--epochs", str(epochs), "--device", device_name,
+                   "--output-dir", str(out)]
             start = time.perf_counter()
             last = _run_showing_progress(cmd)
             wall = time.perf_counter() - start
@@ -72,7 +76,8 @@ def bench_suite(epochs: int, device_name: str, flags: str,
                 "train_images": record.data.splits.train, "batch_size": record.config.batch_size,
                 "img_size": record.config.img_size, "test_images": summary.test_images,
                 "projected_run_s": other_s + epoch_s[0] + (full_epochs - 1) * later}
-    results["projected_suite_s"] = 2 * sum(r["projected_run_s"] for r in results["runs"].values())
+    results["projected_suite_s"] = 2 * sum(results["runs"][m.display]["projected_run_s"]
+                                           for m in MODELS.values())
     if output:  # run_suite.py --dry-run projects a sweep from these figures
         from .files import write_json
 

@@ -209,7 +209,8 @@ def _create(choice: ModelChoice, img_size: int, num_classes: int,
     windows = tiny_vit_window_sizes(choice.arch, img_size)
     if windows is not None:
         kwargs["window_sizes"] = windows
-    if "vit_" in choice.arch and not choice.arch.startswith("tiny_vit_"):
+    if (("vit_" in choice.arch and not choice.arch.startswith("tiny_vit_"))
+            or choice.arch.startswith("deit_")):
         kwargs["img_size"] = img_size  # plain ViTs fix their input size at construction
     return timm.create_model(choice.arch, pretrained=False, **kwargs)
 
@@ -237,8 +238,8 @@ def apply_weights(model: nn.Module, choice: ModelChoice,
     report = load_weights(model, state, str(weights_file or record.file))
     # a local file's ImageNet accuracy is not known
     published = None if weights_file else choice.weights_info
-    record.library, record.arch, record.tag = (choice.library, choice.arch,
-                                               None if weights_file else choice.tag)
+    # a file stands in for the weights --model names: their tag is kept, their top-1 is not known
+    record.library, record.arch, record.tag = choice.library, choice.arch, choice.tag
     record.loaded_tensors, record.new_head = report["loaded"], report["dropped"]
     if published is not None:
         record.imagenet_top1, record.top1_source = published.imagenet_top1, published.top1_source

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import UserError
+from .specs import MODELS
 
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 STYLE = {"pretrained": ("-", "o"), "scratch": ("--", "s"), "linear probe": (":", "^")}
@@ -75,8 +76,13 @@ def add_footnote(fig, text: str) -> None:
     import textwrap
 
     width = max(50, min(150, int(fig.get_figwidth() * 16)))
-    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(text, width)), fontsize=7.5, color="#444444",
-             va="bottom", ha="left")
+    lines = textwrap.wrap(text, width)
+    fig.text(0.01, 0.005, "\n".join(lines), fontsize=7.5, color="#444444", va="bottom",
+             ha="left")
+    # room for it below the lowest axes' labels (about 36 pt), whatever its length
+    needed = (len(lines) * 7.5 * 1.3 + 36) / (fig.get_figheight() * 72)
+    if fig.subplotpars.bottom < needed:
+        fig.subplots_adjust(bottom=needed)
 
 
 def series_style(settings) -> list[dict[str, Any]]:
@@ -88,6 +94,8 @@ def series_style(settings) -> list[dict[str, Any]]:
         if s.arch not in archs:
             archs.append(s.arch)
         line, marker = STYLE.get(s.mode, ("-.", "D"))
+        if s.arch not in MODELS:  # a control architecture: its own markers, for grey print too
+            marker = {"pretrained": "^", "scratch": "v"}.get(s.mode, "<")
         if not s.default_weights:
             line, marker = "-.", "D"
         out.append({"setting": s, "color": OKABE_ITO[archs.index(s.arch) % len(OKABE_ITO)],
@@ -371,8 +379,13 @@ def data_efficiency_figure(plt, sc, footnote: str):
         arch_style = {}
         for st in labels.values():
             arch_style.setdefault(st["setting"].arch, (st["color"], st["setting"].display))
-        series = [(f"{name} gain", color, "-", "o",
+        series = [(f"{name} gain", color, "-", "o" if a in MODELS else "^",
                    lambda c, a=a: _gain(c, a)) for a, (color, name) in arch_style.items()]
+        # the controls' other weights (TinyViT-5M's ImageNet-1k): their own series, dash-dot
+        controls = {g.pretrained.label: g.arch for n in sc.sizes for g in sc.by_size[n].gains
+                    if not g.default}
+        series += [(f"{label} gain (control)", arch_style.get(arch, ("#999999", ""))[0], "-.",
+                    "D", lambda c, lbl=label: _gain_of(c, lbl)) for label, arch in controls.items()]
         series.append(("difference of the gains", "#000000", ":", "D",
                        lambda c: (c.gain_difference.estimate, c.gain_difference.interval)
                        if c.gain_difference else None))
@@ -409,6 +422,11 @@ def data_efficiency_figure(plt, sc, footnote: str):
     add_footnote(fig, footnote + "; bands: 95% intervals (over images and seeds with 2+ seeds, "
                  "over images alone with one)")
     return fig
+
+
+def _gain_of(c, label: str):
+    g = next((g for g in c.gains if g.pretrained.label == label), None)
+    return None if g is None or g.interval is None else (g.gain, g.interval)
 
 
 def _gain(c, arch: str):

@@ -69,7 +69,8 @@ class WeightsInfo:
         if self.init == "random init":
             return "random init"
         if self.init == "file":
-            return f"weights file {Path(self.file or '?').name}"
+            return (f"weights file {Path(self.file or '?').name}"
+                    + (f" (as {self.arch}.{self.tag})" if self.tag else ""))
         top1 = f" (ImageNet top-1 {self.imagenet_top1:.1f}%)" if self.imagenet_top1 else ""
         return f"ImageNet: {self.library} {self.arch}.{self.tag}{top1}"
 
@@ -101,14 +102,24 @@ class DataInfo:
     skipped_images: int
     skipped_examples: list[str]
     splits: SplitInfo
+    fidelity: str = ""           # official | lossless copy (PNG) | lossy copy (JPEG) | synthetic
 
     @property
     def synthetic(self) -> bool:
         return self.kind == "synthetic"
 
+    @property
+    def lossy(self) -> bool:
+        return "lossy" in self.fidelity
+
     def label(self) -> str:
-        """'CIFAR-10 (image folder)' or 'synthetic data (--dummy, not CIFAR-10)'."""
-        return "synthetic data (--dummy, not CIFAR-10)" if self.synthetic else f"CIFAR-10 ({self.kind})"
+        """'CIFAR-10 (tar, lossy copy (JPEG))', 'CIFAR-10 (official)' or 'synthetic data (--dummy,
+        not CIFAR-10)'."""
+        if self.synthetic:
+            return "synthetic data (--dummy, not CIFAR-10)"
+        if self.kind == "cifar-batches":
+            return "CIFAR-10 (official batches)"
+        return f"CIFAR-10 ({self.kind}, {self.fidelity or 'copy'})"
 
 
 @dataclass

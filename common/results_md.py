@@ -47,9 +47,33 @@ def interval_note(i: Interval, n_images: int, seeds: tuple[int, ...]) -> str:
     if i.covers_seeds:
         return (f"95% CI over the {n_images:,} test images and the seeds "
                 f"({'/'.join(map(str, seeds))} per setting; Student's t on variance components)")
+    if i.method == "images and some seeds":
+        return (f"95% CI from a paired bootstrap over the {n_images:,} test images and the seeds "
+                f"({'/'.join(map(str, seeds))} per setting): a setting with one seed brings no "
+                "measure of its training noise, so it is not a full seed-aware interval; run "
+                f"{SEEDS_FOR_A_CLAIM} seeds of every setting for a claim")
     return (f"95% CI from a paired bootstrap over the {n_images:,} test images; with one seed per "
             f"setting it covers test-set noise only, not training noise: run {SEEDS_FOR_A_CLAIM} "
             "seeds for a claim")
+
+
+def decomposition_line(c: Comparison) -> str | None:
+    """results.md's second line, when the controls ran: the weights' share and the architecture's
+    at equal pre-training data."""
+    weights = next((p for p in c.decomposition if p.key == "weights"), None)
+    arch = [p for p in c.decomposition if p.key in ("tinyvit_1k", "deit")]
+    if weights is None and not arch:
+        return None
+    said = []
+    if weights is not None:
+        said.append(f"the ImageNet-22k weights account for {_points(weights.interval.estimate)} "
+                    f"points{_ci(weights.interval)} of TinyViT-5M's gain")
+    for p in arch:
+        who = p.name.split(",")[0]
+        said.append(f"with ImageNet-1k weights, as ResNet-18's, {who}'s gain minus ResNet-18's is "
+                    f"{_points(p.interval.estimate)} points{_ci(p.interval)}")
+    return ("**What the extra gain is made of (the controls):** " + "; ".join(said)
+            + " (95% CIs; the table below says what each interval covers and each row answers).")
 
 
 def headline(c: Comparison) -> str:
@@ -70,6 +94,9 @@ def headline(c: Comparison) -> str:
 
 def results_markdown(c: Comparison) -> str:
     lines = ["# Results", "", headline(c), ""]
+    second = decomposition_line(c)
+    if second:
+        lines += [second, ""]
     lines += [f"Data and budget: {data_and_budget(c)}", ""]
     if c.test_selected:
         lines += [f"**{TEST_MARK} Selected on the test set:** {', '.join(c.test_selected)} chose "
@@ -80,7 +107,7 @@ def results_markdown(c: Comparison) -> str:
                   "--allow-mismatch):", ""]
         lines += [f"- {differences_text(k, vals)}" for k, vals in c.mismatched.items()]
         lines.append("")
-    lines += _accuracy_table(c) + _gain_table(c)
+    lines += _accuracy_table(c) + _gain_table(c) + _decomposition_table(c)
     archs_pretrained = {s.arch for s in c.settings if s.mode == "pretrained"}
     # the notes where they bear on what is shown: the weights confound on a comparison of the two
     # models' pre-training, the init note on a ResNet-18 gain
@@ -111,8 +138,9 @@ def data_and_budget(c: Comparison) -> str:
 
 
 def published(setting: Setting) -> str:
-    """The experiment's published figure for this setting, when ours is the same kind of number: a
-    final-epoch validation accuracy of the main setting, on the full data at 224 px."""
+    """The experiment's published figure for this setting, when ours is the same kind of number (a
+    final-epoch validation accuracy of the main setting, on the full data at 224 px), with what
+    still differs between their run and ours said beside it."""
     spec = MODELS.get(setting.arch)
     if spec is None or not setting.main or setting.mode not in spec.published:
         return "–"
@@ -120,7 +148,34 @@ def published(setting: Setting) -> str:
     if r.config.img_size != 224 or r.data.splits.train < 45_000 or r.data.synthetic:
         return "– (ours: not the full data at 224 px)"
     p = spec.published[setting.mode]
-    return f"{p.final_val_acc:.2f}% ({p.epochs} epochs)"
+    stopped = (f"{p.epochs} of a {p.schedule_epochs}-epoch schedule" if p.epochs
+               != p.schedule_epochs else f"{p.epochs} epochs")
+    return f"{p.final_val_acc:.2f}% ({stopped}){published_differences(setting, p)}"
+
+
+def published_differences(setting: Setting, p) -> str:
+    """'; ours: JPEG copy (lossy), floor 0.01, ...': what our run does otherwise than the
+    author's run behind the published number (empty when nothing)."""
+    r, c = setting.record, setting.record.config
+    runs = setting.runs
+    epochs = {x.summary.epochs_run if x.summary else int(x.metrics["epoch"].iloc[-1])
+              for x in runs}
+    planned = c.epochs
+    diffs = []
+    if r.data.kind != "cifar-batches":
+        diffs.append(f"a {r.data.fidelity or 'copy'} of the data, not the official files")
+    if epochs != {p.epochs}:
+        diffs.append(f"{'/'.join(map(str, sorted(epochs)))} epochs run")
+    if planned != p.schedule_epochs:
+        diffs.append(f"a {planned}-epoch schedule")
+    if abs(c.min_lr_ratio - p.floor) > 1e-12:
+        diffs.append(f"floor {c.min_lr_ratio:g} x lr (theirs {p.floor:g})")
+    if c.val_split != "random" or c.split_seed != 42 or r.data.kind != "cifar-batches":
+        diffs.append("another validation split" if c.val_split != "random" or c.split_seed != 42
+                     else "their split's indices on another image order")
+    if 42 not in setting.seeds:
+        diffs.append(f"seed {'/'.join(map(str, setting.seeds))} (theirs 42)")
+    return f"; ours differs: {', '.join(diffs)}" if diffs else ""
 
 
 def _accuracy_table(c: Comparison) -> list[str]:
@@ -181,6 +236,26 @@ def _gain_table(c: Comparison) -> list[str]:
     if not c.gains:
         lines.append("| – | – | needs a pretrained and a scratch run of the same model | – | – | "
                      "– | – |")
+    return lines + [""]
+
+
+def _decomposition_table(c: Comparison) -> list[str]:
+    if not c.decomposition and not c.missing_controls:
+        return []
+    lines = ["## What the extra gain is made of", "",
+             "From the control runs (`run_suite.py --controls`): each row a contrast of the same "
+             "paired test predictions as the gains above.", "",
+             "| contrast | points [95% CI] | what it answers | what it does not |",
+             "|---|---:|---|---|"]
+    for p in c.decomposition:
+        note = ("images and seeds" if p.interval.covers_seeds else
+                "images and some seeds" if p.interval.method == "images and some seeds"
+                else "test images only")
+        lines.append(f"| {p.name} | {_points(p.interval.estimate)}{c.marked()}{_ci(p.interval)} "
+                     f"({note}) | {p.answers} | {p.not_answered} |")
+    if c.missing_controls:
+        lines += ["", "Not run yet (their rows are missing, not estimated): "
+                  + ", ".join(c.missing_controls) + "."]
     return lines + [""]
 
 
@@ -271,11 +346,15 @@ def sizes_markdown(sc) -> str:
     labels = []
     for n in sc.sizes:
         labels += [s.label for s in sc.by_size[n].settings if s.label not in labels]
-    archs = []
+    # one gain column per pretrained setting: the models' own, then the controls'
+    gain_cols: list[tuple[str, str]] = []
     for n in sc.sizes:
-        archs += [(g.arch, g.display) for g in sc.by_size[n].gains
-                  if g.default and (g.arch, g.display) not in archs]
-    header = ["training images", *labels, *(f"{d} gain" for _, d in archs),
+        for g in sc.by_size[n].gains:
+            key = (g.pretrained.label, f"{g.display} gain" if g.default
+                   else f"{g.pretrained.label} gain (control)")
+            if key not in gain_cols:
+                gain_cols.append(key)
+    header = ["training images", *labels, *(name for _, name in gain_cols),
               "difference of the gains"]
     lines += ["## Test accuracy and gains by training-set size", "",
               "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
@@ -287,9 +366,9 @@ def sizes_markdown(sc) -> str:
             i = setting_interval(s) if s else None
             cells.append("–" if s is None else f"{_pct(np.mean(s.test_acc()), 1)}" + (
                 f" [{_pct(i.lo)}, {_pct(i.hi)}]" if i else ""))
-        gains = {g.arch: g for g in c.gains if g.default}
-        cells += [f"{_points(gains[a].gain)}{_ci(gains[a].interval)}" if a in gains else "–"
-                  for a, _ in archs]
+        gains = {g.pretrained.label: g for g in c.gains}
+        cells += [f"{_points(gains[k].gain)}{_ci(gains[k].interval)}" if k in gains else "–"
+                  for k, _ in gain_cols]
         d = c.gain_difference
         cells.append(_points(d.estimate) + _ci(d.interval) if d else "–")
         lines.append("| " + " | ".join(cells) + " |")

@@ -24,7 +24,7 @@ from . import runfolder as RF
 from .config import TrainConfig, build_parser, config_from_args, identity_differences
 from .errors import UserError
 from .files import die_with_parent, pid_alive
-from .specs import MODELS
+from .specs import MODELS, REGISTRY
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
@@ -42,13 +42,15 @@ class Run:
     folder: Path
     script: str
     argv: tuple[str, ...]
+    tag: str = ""                # other weights than the registry's default (a control)
     # where the suite was started: the run's relative paths (--root, --data-dir, weights) mean the
     # same in the train process as in run_suite.py
     cwd: str = field(default_factory=os.getcwd, compare=False)
 
     @property
     def name(self) -> str:
-        return f"{self.arch} {self.mode} n={self.size or 'all'} seed {self.seed}"
+        model = f"{self.arch}.{self.tag}" if self.tag else self.arch
+        return f"{model} {self.mode} n={self.size or 'all'} seed {self.seed}"
 
     @property
     def command(self) -> list[str]:
@@ -57,7 +59,7 @@ class Run:
     def config(self) -> TrainConfig:
         """The config the train script will resolve from this command (bad flags: a one-line
         UserError)."""
-        spec = MODELS.get(self.arch)
+        spec = REGISTRY.get(self.arch)
         default = spec.default_model if spec else self.arch
         parser = build_parser("", default)
 
@@ -91,22 +93,33 @@ def plan_grid(models: Sequence[str], modes: Sequence[str], sizes: Sequence[int],
                         "per run; use --models, --modes, --train-sizes, --seeds, --root and "
                         "--weights ARCH=PATH instead")
     runs = []
+    archs = [m.partition(".")[0] for m in models]
     for size in sizes:
-        for arch in models:
-            spec = MODELS.get(arch)
+        for i, name in enumerate(models):
+            arch, _, tag = name.partition(".")
+            spec = REGISTRY.get(arch)
             for mode in modes:
+                pretrained = mode == "pretrained"
+                # other weights of a model already in the grid share its scratch runs
+                if not pretrained and arch in archs[:i]:
+                    continue
+                model = ((name if tag else (spec.default_model if spec else arch)) if pretrained
+                         else arch)
                 for seed in seeds:
-                    pretrained = mode == "pretrained"
-                    model = (spec.default_model if spec else arch) if pretrained else arch
-                    folder = (root / f"{arch}_{'ft' if pretrained else 'scratch'}"
+                    folder = (root / f"{name if pretrained and tag else arch}_"
+                              f"{'ft' if pretrained else 'scratch'}"
                               / f"n{size or 'all'}" / f"seed{seed}")
                     argv = ["--model", model, "--pretrained" if pretrained else "--no-pretrained",
                             "--train-subset", str(size), "--seed", str(seed), "--output-dir",
                             str(folder), "--resume", *train_flags]
-                    if pretrained and arch in weights:
-                        argv += ["--weights", weights[arch]]
+                    # a weights file for exactly these weights: arch.tag=PATH, or ARCH=PATH for
+                    # the registry's default weights
+                    path = weights.get(name) if tag else weights.get(arch)
+                    if pretrained and path:
+                        argv += ["--weights", path]
                     runs.append(Run(arch, mode, size, seed, folder,
-                                    spec.script if spec else "train_resnet_cifar.py", tuple(argv)))
+                                    spec.script if spec else "train_resnet_cifar.py", tuple(argv),
+                                    tag=tag if pretrained else ""))
     return runs
 
 
@@ -151,11 +164,11 @@ def fix_micro_batch(runs: Sequence[Run], memory: tuple[int, int] | None,
     accum = worst.accum_steps
     runs = [dataclasses.replace(r, argv=(*r.argv, "--grad-accum-steps", str(accum)))
             for r in runs]
-    others = "; ".join(f"{MODELS[a].display if a in MODELS else a} alone: {p.micro_batch} x "
+    others = "; ".join(f"{REGISTRY[a].display if a in REGISTRY else a} alone: {p.micro_batch} x "
                        f"{p.accum_steps}" for a, p in needs.items() if a != arch)
     return runs, (f"one micro-batch for every run: {worst.micro_batch} x {accum} accumulation "
                   f"steps (--grad-accum-steps {accum}), what "
-                  f"{MODELS[arch].display if arch in MODELS else arch} needs on "
+                  f"{REGISTRY[arch].display if arch in REGISTRY else arch} needs on "
                   f"{worst.free_gb:.1f} GiB free" + (f"; {others}" if others else ""))
 
 
@@ -200,9 +213,15 @@ def check_grid(runs: Sequence[Run], n_train: int | None) -> None:
     import timm
 
     for arch in sorted({r.arch for r in runs}):
-        if arch not in MODELS and not timm.is_model(arch):
+        if arch not in REGISTRY and not timm.is_model(arch):
             raise UserError(f"--models {arch}: not a model of this repository "
-                            f"({', '.join(MODELS)}) nor of timm")
+                            f"({', '.join(REGISTRY)}) nor of timm")
+        spec = REGISTRY.get(arch)
+        if spec is not None and spec.native_px != 224 and any(
+                r.arch == arch and r.mode == "pretrained" for r in runs):
+            raise UserError(f"--models {arch}: its ImageNet weights are for {spec.native_px} px and "
+                            "the experiment runs at 224 px; a control that needs another input "
+                            "size would change the recipe, so it is refused (drop it)")
     if n_train is not None:
         if 0 in {r.size for r in runs} and n_train in {r.size for r in runs}:
             raise UserError(f"--train-sizes 0 and {n_train} are the same training set (0 = all "
@@ -543,7 +562,7 @@ def projected_seconds(runs: Sequence[Run], bench: dict | None,
     out = {}
     by_name = bench.get("runs", {})
     for r in runs:
-        spec = MODELS.get(r.arch)
+        spec = REGISTRY.get(r.arch)
         b = by_name.get(spec.display if spec else r.arch) or by_name.get(r.arch)
         if b is None:
             return None

@@ -392,6 +392,11 @@ def load_data(cfg: TrainConfig, downloader: bool) -> tuple[DataSource, Splits]:
                          cache_dir=cfg.cache_dir, skip_bad_images=cfg.skip_bad_images)
     splits = make_splits(source, cfg.val_size, cfg.split_seed, cfg.train_subset, cfg.test_subset,
                          cfg.val_split)
+    official_order = source.kind in ("cifar-batches", "synthetic")
+    if cfg.val_split == "random" and not official_order and downloader:
+        log.warning(f"--val-split random picks the experiment's images only in the official "
+                    f"batch order; {source.kind} copies list the images class by class, so these "
+                    "5,000 indices are other images (a random split all the same)")
     if len(splits.train_x) < cfg.batch_size:
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(splits.train_x)} "
                         "training images; lower it or raise --train-subset")

@@ -149,9 +149,9 @@ def fake_record(arch: str = "resnet18", pretrained: bool = True, tag: str | None
     from common.data.augment import resolve_recipe
     from common.record import (DataInfo, Environment, ModelInfo, RunInfo, RunRecord, SplitInfo,
                                WeightsInfo)
-    from common.specs import MODELS
+    from common.specs import REGISTRY
 
-    spec = MODELS[arch]
+    spec = REGISTRY[arch]
     tag = tag or spec.default_tag
     weights = (WeightsInfo("ImageNet", library="timm", arch=arch, tag=tag, sha256="w" * 64,
                            imagenet_top1=(spec.weights_for("timm", tag).imagenet_top1
@@ -167,7 +167,7 @@ def fake_record(arch: str = "resnet18", pretrained: bool = True, tag: str | None
         "synthetic (--dummy, not CIFAR-10)" if synthetic else "CIFAR-10",
         ("s" if synthetic else "c") * 64, {"train": 50000, "test": n_test}, classes, 0, [],
         SplitInfo(5000, "stratified", 0, subset, 0, train_images, 5000, n_test, False,
-                  f"{train_images:064d}"))
+                  f"{train_images:064d}"), "synthetic" if synthetic else "lossy copy (JPEG)")
     env = Environment("3.11", "2.11", "0.26", "1.0.31", "12.8", "Linux", "cuda:0", "NVIDIA H100", 8,
                       "abcdef123", False, "train.py", "2026-01-01T00:00:00")
     return RunRecord(cfg, ModelInfo(arch, spec.display, arch, "timm", 1, 1, 10, True), weights,

@@ -139,7 +139,7 @@ def test_results_md_says_what_produced_every_number(four_runs, tmp_path):
                                                     "tinyvit_scratch")), "--output", str(out),
                                   "--safe"]) == 0
     text = (tmp_path / "results.md").read_text()
-    assert ("CIFAR-10 (tar)" in text and "400 test images" in text and "224 px" in text
+    assert ("CIFAR-10 (tar, lossy copy (JPEG))" in text and "400 test images" in text and "224 px" in text
             and "6/6 epochs" in text)
     assert "ImageNet: timm tiny_vit_5m_224.dist_in22k_ft_in1k (ImageNet top-1 80.7%)" in text
     assert "random init" in text and "NVIDIA H100" in text and "abcdef12" in text

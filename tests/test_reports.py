@@ -161,7 +161,7 @@ def test_a_synthetic_and_a_real_run_are_never_pooled(tmp_path, capsys):
     real = write_run(tmp_path / "smoke_real", "resnet18", False, right(0.3), epochs=2)
     err = refused(capsys, [str(smoke), str(real)])
     assert "not comparable" in err and "synthetic data (--dummy, not CIFAR-10) ssssssssssss" in err
-    assert ("CIFAR-10 (tar) cccccccccccc" in err
+    assert ("CIFAR-10 (tar, lossy copy (JPEG)) cccccccccccc" in err
             and "epochs run: 1 (" in err), "the differences, whole"
     assert "because of --allow-mismatch" not in err
 

@@ -309,13 +309,15 @@ def test_bench_suite_times_real_epochs_and_projects_the_suite(tmp_path):
                 "--bench-suite-flags", flags, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
-    assert res["full_epochs"] == 30 and set(res["runs"]) == {"ResNet-18", "TinyViT-5M"}
+    assert res["full_epochs"] == 30 and set(res["runs"]) == {"ResNet-18", "TinyViT-5M",
+                                                             "DeiT-Ti/16"}, "the control too"
     for run in res["runs"].values():
         assert run["train_images"] == 384 and run["img_size"] == 32 and run["batch_size"] == 64
         assert run["later_epoch_s"] > 0 and run["other_s"] > 0
         assert run["projected_run_s"] >= 29 * run["later_epoch_s"] + run["first_epoch_s"]
-    assert (res["projected_suite_s"]
-            == pytest.approx(2 * sum(x["projected_run_s"] for x in res["runs"].values())))
+    assert (res["projected_suite_s"]  # the four runs: the control is not one of them
+            == pytest.approx(2 * sum(res["runs"][m]["projected_run_s"]
+                                     for m in ("ResNet-18", "TinyViT-5M"))))
     assert "epoch   2/2" in r.stderr, "the epoch lines go to stderr, not into the JSON"
     saved = tmp_path / "runs" / "bench_suite.json"
     assert json.loads(saved.read_text()) == res, "run_suite.py --dry-run reads its projection there"

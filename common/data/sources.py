@@ -49,8 +49,14 @@ class DataSource:
     classes: tuple[str, ...] = CIFAR_CLASSES
     skipped: list[str] = field(default_factory=list)
     sha256: str = ""
+    # how faithful the pixels are to the official release: official | lossless copy (PNG) |
+    # lossy copy (JPEG) | synthetic
+    fidelity: str = ""
 
     def __post_init__(self) -> None:
+        if not self.fidelity:
+            self.fidelity = {"cifar-batches": "official", SYNTHETIC: "synthetic"}.get(self.kind,
+                                                                                       "")
         if not self.sha256:
             self.sha256 = content_hash(self.train_x, self.train_y, self.test_x, self.test_y,
                                        self.classes)
@@ -65,7 +71,7 @@ class DataSource:
                 "synthetic (--dummy, not CIFAR-10)", "sha256": self.sha256,
                 "counts": {"train": int(len(self.train_x)), "test": int(len(self.test_x))},
                 "classes": list(self.classes), "skipped_images": len(self.skipped),
-                "skipped_examples": self.skipped[:5]}
+                "skipped_examples": self.skipped[:5], "fidelity": self.fidelity}
 
 
 def content_hash(*parts) -> str:
@@ -157,23 +163,36 @@ def read_image_source(path: Path, kind: str, cache_dir: str | None, skip_bad: bo
     hit = cache.load_cache(cached_at)
     if hit is not None:
         arrays, meta = hit
+        fidelity = meta.get("fidelity") or image_fidelity(
+            folders.list_archive(path) if kind in ("tar", "zip") else folders.list_folder(path))
         return DataSource(kind, str(path), arrays["train_x"], arrays["train_y"], arrays["test_x"],
                           arrays["test_y"], tuple(meta["classes"]), meta.get("skipped", []),
-                          meta["sha256"])
+                          meta["sha256"], fidelity)
     entries = folders.list_archive(path) if kind in ("tar", "zip") else folders.list_folder(path)
     if not entries:
         raise UserError(f"{path} holds no .png/.jpg images under train/<class>/ and test/<class>/")
+    fidelity = image_fidelity(entries)
     arrays, classes, skipped = folders.decode_source(str(path), entries, skip_bad)
     if skipped:
         log.warning(f"skipped {len(skipped)} bad images (--skip-bad-images), e.g. {skipped[0]}")
     source = DataSource(kind, str(path), *arrays["train"], *arrays["test"], classes=classes,
-                        skipped=skipped)
+                        skipped=skipped, fidelity=fidelity)
     cache.save_cache(cached_at, {"train_x": source.train_x, "train_y": source.train_y,
                                  "test_x": source.test_x, "test_y": source.test_y},
                      {"classes": list(classes), "skipped": skipped, "sha256": source.sha256,
                       "counts": {"train": len(source.train_x), "test": len(source.test_x)},
-                      "source": str(path)})
+                      "source": str(path), "fidelity": fidelity})
     return source
+
+
+def image_fidelity(entries) -> str:
+    """How close an image copy is to the official pixels: JPEG re-encodings lose a few grey levels
+    per pixel (the lossy copy this repository's tests use: 3 to 8 on average)."""
+    suffixes = {Path(e.name.split(":")[-1]).suffix.lower() for e in entries}
+    if suffixes & {".jpg", ".jpeg"}:
+        return "lossy copy (JPEG)"
+    return "lossless copy (PNG)" if suffixes <= {".png"} else "copy (" + ", ".join(
+        sorted(suffixes)) + ")"
 
 
 # ----------------------------------------------------------------------------- official batches
