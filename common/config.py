@@ -179,7 +179,8 @@ class TrainConfig:
                          "with a GradScaler.",
                          MACHINE, choices=("auto", "bf16", "fp16"))
     amp_eval: bool = opt(False, "Evaluate under autocast too; by default validation and test run "
-                         "in fp32, as in the experiment.", MACHINE, identity=True)
+                         "in fp32, as in the experiment.", MACHINE, identity=True,
+                         compare=True)
     channels_last: bool = opt(True, "Use the channels-last memory format.", MACHINE)
     deterministic: bool = opt(False, "Bit-exact repeats on a GPU: cuDNN's deterministic "
                               "algorithms without autotuning, no TF32, torch's deterministic "

@@ -9,11 +9,13 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import TrainConfig
-from .data.augment import Recipe, recipe_from_dict
 from .errors import UserError
+
+if TYPE_CHECKING:  # the recipe module imports torch, which a sweep's job process does not need
+    from .data.augment import Recipe
 
 # bump when a field changes meaning; an older record is read only where its meaning converts exactly
 # (2 -> 3: --batch-size became the batch per update), a newer one is refused
@@ -137,6 +139,9 @@ class RunInfo:
     chunk_batches: int = 0       # device pipeline: micro-batches augmented at once
     eval_batch: int = 0
     memory: str = ""             # the plan's line, and any out-of-memory retry
+    # DataLoader workers of the cpu pipeline as resolved (--num-workers -1: one per core, at most
+    # 8); 0 on the device pipeline; None in a format-2 record, which did not say
+    num_workers: int | None = None
 
 
 @dataclass
@@ -187,6 +192,8 @@ class RunRecord:
         format."""
         if not isinstance(d, dict):
             raise UserError(f"{where} does not hold a run record")
+        from .data.augment import recipe_from_dict
+
         check_format(d, where, "a run record")
         d = _migrate(d)
         try:

@@ -138,7 +138,7 @@ def fix_micro_batch(runs: Sequence[Run], memory: tuple[int, int] | None,
 
     import torch
 
-    from .data.augment import resolve_recipe
+    from .data.augment import recipe_of
     from .data.streams import default_chunk
     from .memory import measure_costs, plan_memory
     from .models import create_model
@@ -149,8 +149,7 @@ def fix_micro_batch(runs: Sequence[Run], memory: tuple[int, int] | None,
         if r.arch in needs:
             continue
         cfg = r.config()
-        recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops,
-                                cfg.randaug_magnitude, cfg.re_prob, cfg.eval_crop, cfg.re_mode)
+        recipe = recipe_of(cfg)
         dtype = torch.bfloat16 if cfg.amp else None  # bf16 or fp16: the same two bytes
         model = create_model(resolve_model(r.arch, False), cfg.img_size, 10)
         device_pipeline = cfg.data_pipeline != "cpu"
@@ -280,6 +279,11 @@ class TrainJob:
         # train process gets a SIGTERM (it saves) when this one dies
         die_with_parent(signal.SIGINT)
         with open(self.run.folder / "train.log", "a") as logfile:
+            # train.log is appended across restarts: a line marks where this attempt starts, so
+            # that a failure is reported with this attempt's last error, not an earlier one's
+            logfile.write(f"{ATTEMPT} {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                          f"{shell_line(self.run)}\n")
+            logfile.flush()
             self.child = subprocess.Popen(self.run.command, stdout=logfile,
                                           stderr=subprocess.STDOUT, cwd=self.run.cwd,
                                           preexec_fn=_child_setup)
@@ -358,11 +362,17 @@ class _Tee(io.TextIOBase):
         return False
 
 
+ATTEMPT = "--- run_suite.py starts this run"
+
+
 def _last_error(path: Path) -> str:
+    """The latest attempt's last `error:` line in train.log, else its last line."""
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
+    starts = [i for i, ln in enumerate(lines) if ln.startswith(ATTEMPT)]
+    lines = lines[starts[-1] + 1:] if starts else lines
     errors = [ln for ln in lines if ln.startswith("error: ")]
     return errors[-1] if errors else (lines[-1] if lines else "")
 
@@ -411,7 +421,7 @@ def visible_gpus() -> list[int]:
 
 
 def run_local(runs: Sequence[Run], logs: Path, progress: Progress, board,
-              poll_s: float = 2.0) -> None:
+              poll_s: float = 0.5) -> None:
     """One run per visible GPU, each pinned with CUDA_VISIBLE_DEVICES; one at a time on a CPU.
     submitit's LocalExecutor starts each job as its own process (and would start them all at once:
     the slots queue them)."""

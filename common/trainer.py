@@ -21,7 +21,7 @@ from . import distributed as D
 from . import runfolder as RF
 from .checkpoint import capture_rng, gather_rng, load_checkpoint, restore_rng, save_checkpoint
 from .config import TrainConfig, identity_differences, strip_flags
-from .data.augment import EvalTransform, Recipe, resolve_recipe
+from .data.augment import EvalTransform, Recipe, recipe_of
 from .data.sources import DataSource, open_source
 from .data.splits import Splits, make_splits
 from .data.streams import TrainStream, default_chunk, make_train_stream
@@ -266,8 +266,7 @@ def _short(v: Any) -> str:
 def prepare(cfg: TrainConfig, rt: Runtime, ckpt: dict | None) -> Context:
     """Data, model, optimiser, the state to start from, and the run record (config.json)."""
     out = Path(cfg.output_dir)
-    recipe = resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude,
-                            cfg.re_prob, cfg.eval_crop, cfg.re_mode)
+    recipe = recipe_of(cfg)
     source, splits = rank0_first(rt.dist, lambda downloader: load_data(cfg, downloader))
     choice = resolve_model(cfg.model, cfg.pretrained)
     model, weights, zero_init = rank0_first(
@@ -445,7 +444,7 @@ def make_record(cfg: TrainConfig, rt: Runtime, choice: ModelChoice, weights: Wei
                     rt.dist.world, len(stream), evaluator.transform.describe(), resumed,
                     plan.micro_batch, plan.accum_steps,
                     plan.chunk_batches if stream.name == "device" else 0, plan.eval_batch,
-                    plan.line(cfg.batch_size)),
+                    plan.line(cfg.batch_size), rt.num_workers if stream.name == "cpu" else 0),
         environment=previous.environment if previous else env,
         environment_now=env if previous else None)
 

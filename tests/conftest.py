@@ -13,6 +13,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on 2 cores: one thread per worker, and for the runs it starts, or the two
+    # workers' threads fight over the cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 PHOTOS = ROOT / "tests" / "data" / "cifar10-real-sample"
 ARCHIVE = Path(os.environ.get("CIFAR10_ARCHIVE",
                               ROOT.parent / "shared" / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"))
@@ -20,9 +25,11 @@ ARCHIVE = Path(os.environ.get("CIFAR10_ARCHIVE",
 from common.data.folders import CIFAR_CLASSES  # noqa: E402
 from common.data.sources import synthetic_images, write_batches  # noqa: E402
 
-# Small enough for 2 CPU cores, large enough that a model must learn the classes.
+# Small enough for 2 CPU cores, large enough that a model must learn the classes; on the device
+# pipeline (batched augmentation, the GPU's default, here on the CPU), which trains several times
+# faster on a CPU than the per-image cpu pipeline (that one has its own tests, and the real-data one)
 SMALL = ["--img-size", "32", "--batch-size", "64", "--num-workers", "0", "--val-size", "400",
-         "--train-subset", "1600", "--seed", "0"]
+         "--train-subset", "1600", "--seed", "0", "--data-pipeline", "device"]
 
 
 def real_photos() -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,13 +68,21 @@ def archive() -> Path:
 
 @pytest.fixture(scope="session")
 def archive_cache(archive, tmp_path_factory) -> str:
-    """A decode cache of the real archive shared by the tests of one session (decoding takes ~15
-    s)."""
+    """A decode cache of the real archive shared by the tests of one session, and by the workers of
+    `pytest -n 2` (decoding takes ~20 s): the first to come decodes it, under a lock, the others
+    read it."""
+    from filelock import FileLock
+
     from common.data.sources import open_source
 
-    folder = str(tmp_path_factory.mktemp("archive_cache"))
-    open_source(archive, cache_dir=folder)
-    return folder
+    # every worker of one session has its own base folder under a shared parent
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / "archive_cache"
+    with FileLock(str(shared / "archive_cache.lock")):
+        folder.mkdir(exist_ok=True)
+        open_source(archive, cache_dir=str(folder))
+    return str(folder)
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None,

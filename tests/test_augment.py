@@ -286,6 +286,60 @@ def test_erasing_and_op_draws_have_the_recipes_probabilities():
             and float(area.mean()) == pytest.approx(0.177, abs=0.01))
 
 
+# the drawn level's sign in each geometric op's Pillow AFFINE data: (entry, its sign per +level)
+_SIGNED_ENTRY = {"Rotate": (1, -1), "ShearX": (1, 1), "ShearY": (3, 1), "TranslateXRel": (2, 1),
+                 "TranslateYRel": (5, 1)}
+
+
+def test_geometric_ops_go_both_ways_with_equal_probability():
+    """timm negates a geometric op's level half of the time: in the plan's affine matrices each of
+    rotate, shear and translate goes each way for half of its images, and exactly as its drawn
+    sign says."""
+    aug = D.ReferenceAugment(REF, 224)
+    p = aug.sample(20_000, torch.Generator().manual_seed(4))
+    assert float((p["signs"] < 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    seen = {name: [] for name in _SIGNED_ENTRY}
+    affine = [entry for entry in p["plan"] if entry[0] == "affine"]
+    assert len(affine) == REF.ra_ops, "one affine pass per RandAugment layer"
+    for layer, (_, sel, mats, _) in enumerate(affine):
+        ops = p["ops"][layer][sel]
+        for name, (entry, direction) in _SIGNED_ENTRY.items():
+            mine = ops == D.TIMM_OPS.index(name)
+            value, drawn = mats[mine, entry], p["signs"][layer][sel][mine]
+            moved = value.abs() > 1e-9  # magnitude 0 moves nothing either way
+            assert torch.equal(torch.sign(value[moved]), direction * drawn[moved].double()), name
+            seen[name].append(torch.sign(value[moved]) * direction)
+    for name, signs in seen.items():
+        signs = torch.cat(signs)
+        # ~1,300 images per op: 4 standard errors of a fair coin are +-0.055
+        assert len(signs) > 1000 and float((signs > 0).double().mean()) == pytest.approx(
+            0.5, abs=0.055), name
+
+
+def test_a_photo_rotated_by_plus_and_minus_theta_is_pillows_counter_clockwise_and_clockwise(
+        photos):
+    x, _ = photos
+    size, fill = 64, (124.0, 116.0, 104.0)
+    pil = [Image.fromarray(img.permute(1, 2, 0).numpy()).resize((size, size), Image.BICUBIC)
+           for img in x[:8]]
+    batch = torch.stack([torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+                         for im in pil]).float()
+    out = {}
+    for degrees in (20.0, -20.0):
+        mats = D._affine_matrix("Rotate", torch.full((len(pil),), degrees), size)
+        ours = D.pil_affine(batch.clone(), mats, fill)
+        ref = torch.stack([torch.from_numpy(np.asarray(im.rotate(
+            degrees, resample=Image.BICUBIC, fillcolor=tuple(int(f) for f in fill)))
+            .copy()).permute(2, 0, 1) for im in pil]).float()
+        assert float((ours - ref).abs().mean()) < 1.0, degrees
+        out[degrees] = ours
+    assert float((out[20.0] - out[-20.0]).abs().mean()) > 10.0, "+20 and -20 degrees differ"
+    # -theta is +theta mirrored: flip, rotate by +theta, flip back
+    mirrored = D.pil_affine(batch.flip(-1).clone(), D._affine_matrix(
+        "Rotate", torch.full((len(pil),), 20.0), size), fill).flip(-1)
+    assert float((mirrored - out[-20.0]).abs().mean()) < 1.0
+
+
 # ----------------------------------------------------------------------------- augmentation is on
 
 def _batches(path: str, recipe, x, y, epoch: int):

@@ -145,7 +145,8 @@ def test_the_cpu_stream_draws_anew_every_epoch(photos):
 # ---------------------------------------------------------------------------- the split, end to end
 
 def test_two_seeds_with_one_split_seed_share_their_validation_set_exactly(cifar_dir, tmp_path):
-    flags = [*TINY, str(cifar_dir), "--epochs", "1", *SMALL]
+    flags = [*TINY, str(cifar_dir), "--epochs", "1", *SMALL, "--train-subset", "320",
+             "--data-pipeline", "device"]
     runs = {}
     for name, extra in (("a", ["--seed", "0"]), ("b", ["--seed", "5"]),
                         ("c", ["--split-seed", "1"])):
@@ -268,3 +269,53 @@ def test_a_rank_other_than_0_writes_nothing(cifar_dir, tmp_path, monkeypatch):
     assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--epochs", "2", *SMALL,
                  "--output-dir", str(out)) == 0
     assert list(out.iterdir()) == [], [p.name for p in out.iterdir()]
+
+
+# ----------------------------------------------------------------------------- the loop's edges
+
+def _watch_steps(monkeypatch) -> list[tuple[int, float | None]]:
+    """Per training step: its images, and the lr of the update it ends (None mid-accumulation)."""
+    from common import engine as E
+
+    seen = []
+    real = E.TrainStep.__call__
+
+    def watched(self, x, y):
+        update = self.micro + 1 == self.accum_steps
+        seen.append((len(x), self.optimizer.param_groups[0]["lr"] if update else None))
+        return real(self, x, y)
+
+    monkeypatch.setattr(E.TrainStep, "__call__", watched)
+    return seen
+
+
+@pytest.mark.parametrize("sched_step", ["step", "epoch"])
+def test_each_update_trains_at_the_schedules_lr_for_it(cifar_dir, tmp_path, monkeypatch,
+                                                       sched_step):
+    """2 epochs of 5 updates (330 images in batches of 64: the last 10 dropped, the default): the
+    k-th update (from 0) trains at lr x (0.01 + 0.99 x (1 + cos(pi k / 10)) / 2) with --sched-step
+    step, and the epoch's with epoch: the scheduler steps after the optimizer (pytest.ini makes
+    PyTorch's warning of the other order an error)."""
+    seen = _watch_steps(monkeypatch)
+    lr = 1e-3
+    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--output-dir", str(tmp_path / "r"),
+                 *SMALL, "--train-subset", "330", "--epochs", "2", "--lr", str(lr),
+                 "--sched-step", sched_step, "--aug", "light", "--test-subset", "100") == 0
+    assert [n for n, _ in seen] == [64] * 10, "each epoch: 5 full batches, the last 10 dropped"
+    k = np.arange(10) if sched_step == "step" else np.repeat([0, 1], 5)
+    total = 10 if sched_step == "step" else 2
+    expected = lr * (0.01 + 0.99 * 0.5 * (1 + np.cos(np.pi * k / total)))
+    np.testing.assert_allclose([r for _, r in seen], expected, rtol=1e-9)
+
+
+@pytest.mark.parametrize("pipeline", ["cpu", "device"])
+def test_no_drop_last_trains_the_last_partial_batch(cifar_dir, tmp_path, monkeypatch, pipeline):
+    """200 images in batches of 64: with --no-drop-last every epoch trains on all 200 (the last
+    batch has 8), on either pipeline, and the epoch's metrics count them."""
+    seen = _watch_steps(monkeypatch)
+    out = tmp_path / "r"
+    assert train("train_resnet_cifar", *TINY, str(cifar_dir), "--output-dir", str(out), *SMALL,
+                 "--train-subset", "200", "--epochs", "1", "--no-drop-last", "--aug", "light",
+                 "--data-pipeline", pipeline, "--test-subset", "100") == 0
+    assert [n for n, _ in seen] == [64, 64, 64, 8]
+    assert json.loads((out / "config.json").read_text())["run"]["steps_per_epoch"] == 4

@@ -4,6 +4,7 @@ in eval mode, the NaN stop, Ctrl+C handling."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 from unittest import mock
 
@@ -184,11 +185,11 @@ def test_bf16_is_chosen_only_where_the_gpu_has_it_in_hardware(capability, gpu, n
     assert line.startswith("bf16         native") if native else "fp16 + GradScaler" in line, line
 
 
-def _step(model, amp_dtype, scaler, grad_clip=0.0):
+def _step(model, amp_dtype, scaler, grad_clip=0.0, step_scheduler=True):
     opt = E.build_optimizer(model, "adamw", 1e-2, 0.05, 0.9, 1.0, CPU)
     sched = E.build_scheduler(opt, 1, 0, 10)
     return E.TrainStep(model, opt, sched, scaler, nn.CrossEntropyLoss(), None, amp_dtype, grad_clip,
-                       False, CPU)
+                       False, CPU, step_scheduler=step_scheduler)
 
 
 def test_a_bf16_step_runs_under_autocast_on_the_cpu():
@@ -208,7 +209,8 @@ def test_the_fp16_path_goes_through_the_scaler():
     model = Tiny()
     scaler = mock.MagicMock()
     scaler.scale.side_effect = lambda loss: loss
-    step = _step(model, None, scaler, grad_clip=1.0)
+    # the mocked scaler never calls optimizer.step(): no scheduler step after it either
+    step = _step(model, None, scaler, grad_clip=1.0, step_scheduler=False)
     step(torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,)))
     scaler.scale.assert_called_once()
     scaler.unscale_.assert_called_once_with(step.optimizer)  # before clipping
@@ -246,7 +248,7 @@ def test_a_loss_that_stays_nan_stops_with_advice():
 
 def test_a_single_nan_batch_is_survived():
     model = Tiny()
-    step = _step(model, None, None)
+    step = _step(model, None, None, step_scheduler=False)  # optimizer.step is mocked below
     good = (torch.randn(4, 3, 8, 8), torch.zeros(4, dtype=torch.long))
     batches = [good, (torch.full((4, 3, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long)),
                good]
@@ -280,6 +282,32 @@ def test_device_cuda_without_a_gpu_is_a_clear_error():
         return
     with pytest.raises(UserError, match="--device cuda but PyTorch sees no CUDA GPU"):
         R.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("capability,dtype", [((8, 0), torch.bfloat16), ((7, 5), torch.float16)])
+def test_on_a_cuda_gpu_auto_picks_the_device_pipeline_native_amp_and_the_default_workers(
+        monkeypatch, capability, dtype):
+    """Mocked CUDA: every auto setting resolves as documented (the device pipeline, bf16 where the
+    GPU has it natively else fp16, -1 workers = one per core at most 8), and an explicit flag
+    wins; on the CPU: the cpu pipeline in fp32."""
+    from common.config import TrainConfig
+    from common.distributed import DistInfo as Dist
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert R.default_workers() == 8
+    cpu = R.resolve_runtime(TrainConfig().validate(), Dist())
+    assert (cpu.device.type, cpu.pipeline, cpu.amp_dtype, cpu.num_workers) == ("cpu", "cpu", None,
+                                                                               8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts
+    rt = R.resolve_runtime(TrainConfig().validate(), Dist())
+    assert (str(rt.device), rt.pipeline, rt.amp_dtype, rt.num_workers) == ("cuda:0", "device",
+                                                                           dtype, 8)
+    told = R.resolve_runtime(TrainConfig(data_pipeline="cpu", amp_dtype="fp16",
+                                         num_workers=3).validate(), Dist())
+    assert (told.pipeline, told.amp_dtype, told.num_workers) == ("cpu", torch.float16, 3)
 
 
 # ----------------------------------------------------------------------------- Apple silicon (MPS)
@@ -316,3 +344,52 @@ def test_mps_asked_for_without_it_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(UserError, match="--device mps but PyTorch sees no Apple-silicon GPU"):
         R.resolve_device("mps")
+
+
+# ----------------------------------------------------------------------------- accumulation
+
+class _NoNorm(nn.Module):
+    """A small model without BatchNorm, so that micro-batches and one batch see the same function."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.Tanh())
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("clip_factor", [0.0, 2.0, 0.01])
+def test_n_accumulated_micro_batches_make_the_update_of_one_batch_n_times_the_size(optimizer,
+                                                                                   clip_factor):
+    """4 micro-batches of 8 against one batch of 32, three updates: the same weights. Under SGD the
+    gradient's scale is the step's scale (a loss not divided by 4 steps 4 times as far), and with
+    --grad-clip the norm clipped is the accumulated one: at twice the first gradient's norm (the
+    true gradient passes, 4 times it would be clipped), and at 1% of it (always clipping)."""
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(32, 3, 4, 4, generator=gen), torch.randint(0, 10, (32,), generator=gen))
+            for _ in range(3)]
+    probe = _NoNorm()
+    nn.CrossEntropyLoss()(probe(data[0][0]), data[0][1]).backward()
+    clip = clip_factor * float(torch.cat([p.grad.flatten() for p in probe.parameters()]).norm())
+    weights = []
+    for accum in (1, 4):
+        model = _NoNorm()
+        opt = E.build_optimizer(model, optimizer, 0.1 if optimizer == "sgd" else 1e-2, 0.0, 0.9,
+                                1.0, CPU)
+        sched = E.build_scheduler(opt, 1, 0, 3)
+        step = E.TrainStep(model, opt, sched, None, nn.CrossEntropyLoss(), None, None, clip, False,
+                           CPU, accum_steps=accum)
+        for x, y in data:
+            for k in range(accum):
+                part = slice(k * 32 // accum, (k + 1) * 32 // accum)
+                step(x[part], y[part])
+        weights.append([p.detach().clone() for p in model.parameters()])
+    moved = max(float((a - b.detach()).abs().max()) for a, b in zip(weights[0],
+                                                                    _NoNorm().parameters()))
+    assert moved > 1e-4, "the updates moved the weights"
+    for a, b in zip(*weights):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), float((a - b).abs().max())

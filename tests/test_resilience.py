@@ -277,7 +277,8 @@ def test_a_damaged_metrics_csv_is_repaired_on_resume(cifar_dir, tmp_path, straig
     ("truncated", "truncated: the file ends before its zip directory"),
     ("garbage", "not a PyTorch file"),
     ("bare_state_dict", "not a checkpoint of this repository"),
-    ("other_model", "does not fit ResNet: 1 missing (fc.bias)")])
+    ("other_model", "does not fit ResNet: 1 missing (fc.bias)"),
+    ("newer", "holds a run record of format 4, newer than this version reads (3)")])
 def test_a_damaged_or_foreign_last_pt_says_what_is_wrong(
         cifar_dir, tmp_path, straight, capsys, damage, words):
     out = tmp_path / "run"
@@ -291,6 +292,10 @@ def test_a_damaged_or_foreign_last_pt_says_what_is_wrong(
         last.write_bytes(np.random.default_rng(0).bytes(4096))
     elif damage == "bare_state_dict":
         torch.save(ck["model"], last)
+    elif damage == "newer":  # written by a later version of this repository
+        ck["record"]["format"] = 4
+        ck["finished"], ck["epoch"] = False, 3
+        torch.save(ck, last)
     else:
         ck["model"].pop("fc.bias")
         ck["finished"] = False

@@ -4,6 +4,7 @@ requeues), resumable, refusing bad grids up front; and the analysis across train
 (results.md by size, data_efficiency.png)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_same_run, one_line_error_in_process, run_cli
+from conftest import ROOT, assert_same_run, one_line_error_in_process
 from test_analysis import right, write_run
 
 import run_suite
@@ -24,7 +25,12 @@ from common.models import create_model
 from common.specs import resolve_model
 
 TRAIN = ["--epochs", "2", "--img-size", "32", "--batch-size", "32", "--val-size", "400",
-         "--test-subset", "100", "--num-workers", "0", "--aug", "light", "--device", "cpu"]
+         "--test-subset", "100", "--num-workers", "0", "--aug", "light", "--device", "cpu",
+         "--data-pipeline", "device"]
+# the whole grid's runs: one epoch, a smaller validation split
+GRID_TRAIN = ["--epochs", "1", "--img-size", "32", "--batch-size", "32", "--val-size", "200",
+              "--test-subset", "100", "--num-workers", "0", "--aug", "light", "--device", "cpu",
+              "--data-pipeline", "device"]
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +48,34 @@ def weights(tmp_path_factory):
 
 
 def suite(cifar_dir, root, weights, *extra, models=("test_resnet", "test_vit"),
-          sizes=("200", "400"), seeds=("0", "1")) -> list[str]:
+          sizes=("200", "400"), seeds=("0", "1"), train=TRAIN) -> list[str]:
     return ["--data-dir", str(cifar_dir), "--root", str(root), "--models", *models, "--train-sizes",
             *sizes, "--seeds", *seeds, "--launcher", "debug",
             *(["--weights", *(f"{a}={p}" for a, p in weights.items())] if weights else []),
-            *extra, "--", *TRAIN]
+            *extra, "--", *train]
 
 
 def test_a_2x2x2x2_grid_runs_every_folder_and_ends_with_the_size_analysis(
         cifar_dir, tmp_path, weights, capsys):
+    """Seeds 1 and 2 (not 0 and 1, so that a seed taken from the run's position shows), one epoch
+    each: every folder holds the run its name says, trained with that seed, size and init."""
     root = tmp_path / "suite"
-    assert run_suite.main(suite(cifar_dir, root, weights)) == 0
+    grid = dict(seeds=("1", "2"), train=GRID_TRAIN)
+    assert run_suite.main(suite(cifar_dir, root, weights, **grid)) == 0
     folders = sorted(p.parent for p in root.glob("*/*/*/summary.json"))
     assert len(folders) == 16
-    assert {p.relative_to(root).as_posix() for p in folders} >= {"test_resnet_ft/n200/seed0",
+    for folder in folders:
+        name, size, seed = folder.relative_to(root).parts
+        cfg = json.loads((folder / "config.json").read_text())
+        assert (cfg["config"]["seed"] == int(seed.removeprefix("seed"))
+                and cfg["config"]["train_subset"] == int(size.removeprefix("n"))
+                and cfg["data"]["splits"]["train"] == int(size.removeprefix("n"))
+                and cfg["model"]["arch"] == name.rsplit("_", 1)[0]
+                and cfg["weights"]["init"] == ("file" if name.endswith("_ft") else "random init")
+                ), (folder, cfg["config"], cfg["weights"])
+    assert {p.relative_to(root).as_posix() for p in folders} >= {"test_resnet_ft/n200/seed1",
                                                                  "test_vit_scratch/n400/"
-                                                                 "seed1"}
-    cfg = json.loads((root / "test_vit_ft" / "n200" / "seed1" / "config.json").read_text())
-    assert (cfg["config"]["train_subset"] == 200 and cfg["config"]["seed"] == 1
-            and cfg["weights"]["init"] == "file")
+                                                                 "seed2"}
     text = (root / "results.md").read_text()
     assert text.startswith("# Results across training-set sizes")
     table = text.split("## Test accuracy and gains by training-set size")[1].split(
@@ -71,7 +86,7 @@ def test_a_2x2x2x2_grid_runs_every_folder_and_ends_with_the_size_analysis(
             and (root / "four_panels.png").is_file())
     # a second call finds everything done and runs nothing
     capsys.readouterr()
-    assert run_suite.main(suite(cifar_dir, root, weights, "--no-analysis")) == 0
+    assert run_suite.main(suite(cifar_dir, root, weights, "--no-analysis", **grid)) == 0
     assert "16 done (16 from before)" in capsys.readouterr().err
 
 
@@ -109,19 +124,6 @@ def test_an_interrupted_sweep_skips_finished_runs_and_resumes_the_interrupted_on
         assert_same_run(straight / r.folder.relative_to(root), r.folder, epochs=2)
 
 
-def test_the_local_launcher_runs_jobs_as_processes(cifar_dir, tmp_path, weights):
-    root = tmp_path / "local"
-    argv = suite(cifar_dir, root, weights, "--no-analysis", "--modes", "scratch",
-                 models=("test_resnet",), sizes=("200",), seeds=("0",))
-    argv[argv.index("debug")] = "local"
-    r = run_cli("run_suite.py", *argv)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert [p.parent.relative_to(root).as_posix() for p in root.glob("*/*/*/summary.json")] == [
-        "test_resnet_scratch/n200/seed0"]
-    assert (root / "test_resnet_scratch" / "n200" / "seed0"
-            / "train.log").is_file(), "each job's own log"
-
-
 def _kill_the_launcher_alone(cifar_dir, tmp_path, weights, sig):
     """run_suite.py --launcher local with one run, paused by the failpoint at its step 3; `sig` to
     run_suite.py's process alone (not its group); then what is left: (its exit, its stderr, the
@@ -153,9 +155,10 @@ def _kill_the_launcher_alone(cifar_dir, tmp_path, weights, sig):
 
 def test_a_launcher_killed_alone_stops_its_runs_with_a_checkpoint_and_a_rerun_resumes(
         cifar_dir, tmp_path, weights):
-    """`kill PID` of run_suite.py (SIGTERM to it alone, not to its process group): the running
-    run saves at its step and stops, nothing keeps training unsupervised; the same command then
-    continues the run (--resume) to its end."""
+    """The local launcher runs each job as its own process, logging to the run's train.log. `kill
+    PID` of run_suite.py (SIGTERM to it alone, not to its process group): the running run saves at
+    its step and stops, nothing keeps training unsupervised; the same command then continues the
+    run (--resume) to its end."""
     from common import runfolder as RF
     from common.checkpoint import load_checkpoint
 
@@ -165,8 +168,10 @@ def test_a_launcher_killed_alone_stops_its_runs_with_a_checkpoint_and_a_rerun_re
     assert not RF.in_use(folder), "the train process outlived the launcher"
     assert load_checkpoint(folder / "last.pt")["step"] == 3
     assert run_suite.main(argv) == 0
-    assert (folder / "summary.json").is_file()
-    assert "resuming" in (folder / "train.log").read_text()
+    root = folder.parents[2]
+    assert [p.parent.relative_to(root).as_posix() for p in root.glob("*/*/*/summary.json")] == [
+        "test_resnet_scratch/n200/seed0"]
+    assert "resuming" in (folder / "train.log").read_text(), "the job's own log, appended"
 
 
 @pytest.mark.slow
@@ -224,6 +229,13 @@ def test_the_slurm_path_submits_one_array_whose_tasks_run_the_grid_and_requeue(
         with open(job.paths.submitted_pickle, "rb") as f:
             tasks.append(pickle.load(f).function)
     assert [t.run for t in tasks] == runs and all("--resume" in t.run.argv for t in tasks)
+    # a task that hits --time is requeued (and resumes) up to 30 times: 30 x 240 min, where
+    # submitit's default, 3, would end a long run after its fourth time limit
+    delayed = []
+    for job in jobs:
+        with open(job.paths.submitted_pickle, "rb") as f:
+            delayed.append(pickle.load(f))
+    assert {(d._timeout_min, d._timeout_countdown) for d in delayed} == {(240, 30)}
     requeued = tasks[3].checkpoint()
     assert (isinstance(requeued, submitit.helpers.DelayedSubmission)
             and requeued.function.run == runs[3])
@@ -267,7 +279,12 @@ def test_every_run_of_a_grid_gets_the_micro_batch_its_hungriest_model_needs(cifa
     ("weights", "--weights resnet18: give ARCH=PATH"),
     ("slurm", "--launcher slurm: no sbatch/srun on this machine's PATH"),
     ("no-gpu", "--launcher slurm from a machine without a GPU: give --gpu-memory GIB"),
-    ("recipe", "holds a run of another recipe (lr: 0.0003 in the checkpoint, 0.001 now)")])
+    ("recipe", "holds a run of another recipe (lr: 0.0003 in the checkpoint, 0.001 now)"),
+    ("one-too-many", "--train-sizes 1601: larger than the 1600 training images"),
+    ("same", "--train-sizes 0 and 1600 are the same training set"),
+    ("negative", "--train-sizes must be >= 0"),
+    ("time", "--time must be >= 1"), ("max-parallel", "--max-parallel must be >= 1"),
+    ("gpus-per-run", "--gpus-per-run must be >= 1"), ("gpu-memory", "--gpu-memory must be > 0")])
 def test_bad_grids_are_one_line_errors_before_anything_starts(
         cifar_dir, tmp_path, weights, capsys, monkeypatch, case, words):
     root = tmp_path / "s"
@@ -276,10 +293,19 @@ def test_bad_grids_are_one_line_errors_before_anything_starts(
             "seeds": suite(cifar_dir, root, {}, seeds=("1", "1")),
             "clash": suite(cifar_dir, root, {}) + ["--seed", "3"],
             "weights": ["--data-dir", str(cifar_dir), "--weights", "resnet18"],
-            "slurm": suite(cifar_dir, root, {}, "--launcher", "slurm", "--gpu-memory", "8"),
+            # the micro-batch fixed, so that nothing is planned before the refusal
+            "slurm": suite(cifar_dir, root, {}, "--launcher", "slurm",
+                           train=[*TRAIN, "--grad-accum-steps", "1"]),
             "no-gpu": suite(cifar_dir, root, {}, "--launcher", "slurm"),
+            "one-too-many": suite(cifar_dir, root, {}, sizes=("1601",)),
             "same": suite(cifar_dir, root, {}, sizes=("0", "1600")),
-            "time": suite(cifar_dir, root, {}, "--time", "0")}.get(case)
+            "negative": suite(cifar_dir, root, {}, sizes=("-1",)),
+            "time": suite(cifar_dir, root, {}, "--time", "0"),
+            "max-parallel": suite(cifar_dir, root, {}, "--max-parallel", "0"),
+            "gpus-per-run": suite(cifar_dir, root, {}, "--gpus-per-run", "0"),
+            "gpu-memory": suite(cifar_dir, root, {}, "--gpu-memory", "0")}.get(case)
+    # no probe of the hub for the pretrained runs' weights (its timeout is not what is tested)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if case == "slurm":
         monkeypatch.setenv("PATH", str(tmp_path))  # this machine is no login node
     if case == "recipe":
@@ -290,6 +316,127 @@ def test_bad_grids_are_one_line_errors_before_anything_starts(
     one_line_error_in_process(run_suite.main, argv, capsys, words)
     if case != "recipe":
         assert not root.exists(), "nothing started"
+
+
+def test_the_full_training_split_is_a_size_the_grid_allows(cifar_dir, tmp_path, capsys):
+    """The bound's edge: 1600 training images are left after the validation split, and 1600 (as
+    0, all of them) is a size that plans and runs; 1601 is refused (above)."""
+    for sizes in (("1600",), ("0",), ("200", "1600")):
+        assert run_suite.main(suite(cifar_dir, tmp_path / "d", {}, "--dry-run",
+                                    sizes=sizes)) == 0, sizes
+    out = capsys.readouterr().out
+    assert "--train-subset 1600 --seed 1" in out and "--train-subset 0 --seed 1" in out
+
+
+def test_every_run_trains_the_seed_size_and_weights_its_folder_names(tmp_path):
+    """--seeds 1 2 3 trains seeds 1, 2 and 3 (not the runs' positions 0, 1, 2); each folder's
+    command resolves to the seed, size, model and init its path names, a control's weights
+    included."""
+    runs = S.plan_grid(["test_resnet", "tiny_vit_5m_224.in1k"], ["pretrained", "scratch"],
+                       [300, 0], [1, 2, 3], tmp_path, TRAIN, {})
+    assert len(runs) == 2 * 2 * 2 * 3
+    for r in runs:
+        name, size, seed = r.folder.relative_to(tmp_path).parts
+        cfg = r.config()
+        assert (cfg.seed == r.seed == int(seed.removeprefix("seed"))
+                and cfg.train_subset == r.size == (0 if size == "nall" else
+                                                   int(size.removeprefix("n")))
+                and cfg.pretrained == name.endswith("_ft") and cfg.output_dir == str(r.folder)
+                and cfg.resume), (r.folder, cfg)
+        model = name.removesuffix("_ft").removesuffix("_scratch")
+        assert cfg.model == (model if cfg.pretrained else model.split(".")[0]), (r.folder,
+                                                                                   cfg.model)
+    assert sorted({r.seed for r in runs}) == [1, 2, 3]
+
+
+def test_the_local_launcher_gives_each_running_run_its_own_gpu(tmp_path, monkeypatch):
+    """Three runs on the GPUs the user made visible (2 and 5): each job is pinned to one GPU (its
+    CUDA_VISIBLE_DEVICES, by submitit's visible_gpus), two run at once on different GPUs, and the
+    third takes the GPU the first one freed; on a CPU, one at a time with no GPU."""
+    import submitit
+
+    submitted, running = [], []
+
+    class FakeJob:
+        def __init__(self, gpus, job):
+            self.gpus, self.job, self.polls = gpus, job, 0
+
+        def done(self):
+            self.polls += 1
+            if self.polls < 2 + len(submitted):  # the later jobs run longer
+                return False
+            if self in running:
+                running.remove(self)
+            return True
+
+        def result(self):
+            return 1, "error: a stand-in job"
+
+    class FakeExecutor:
+        def __init__(self, folder):
+            self.params = {}
+
+        def update_parameters(self, **params):
+            self.params = params
+
+        def submit(self, job):
+            gpus = tuple(self.params["visible_gpus"])
+            assert len(gpus) == self.params["gpus_per_node"]
+            assert not any(j.gpus == gpus for j in running), f"GPU {gpus} given twice at once"
+            j = FakeJob(gpus, job)
+            submitted.append(j)
+            running.append(j)
+            return j
+
+    monkeypatch.setattr(submitit, "LocalExecutor", FakeExecutor)
+    runs = S.plan_grid(["test_resnet"], ["scratch"], [200], [0, 1, 2], tmp_path, TRAIN, {})
+    for gpus, expected in (([2, 5], [(2,), (5,), (2,)]), ([], [(), (), ()])):
+        submitted.clear()
+        monkeypatch.setattr(S, "visible_gpus", lambda gpus=gpus: gpus)
+        progress = S.Progress(runs, {r.folder: "queued" for r in runs})
+        S.run_local(runs, tmp_path / "logs", progress, S.StatusBoard(io.StringIO()), poll_s=0)
+        assert [j.gpus for j in submitted] == expected
+        assert [j.job.run for j in submitted] == runs, "each run once, in the grid's order"
+        assert all(progress.state[r.folder] == "failed" for r in runs)
+
+
+def test_a_failed_run_is_reported_with_the_last_error_of_its_latest_attempt(tmp_path, capsys):
+    """train.log is appended across restarts: the report names the latest attempt's last error
+    line, not an earlier attempt's, and its last line when it died without one."""
+    child = tmp_path / "fake_train.py"
+    child.write_text(
+        "import pathlib, sys\n"
+        "n = pathlib.Path('attempts'); k = int(n.read_text()) + 1 if n.exists() else 1\n"
+        "n.write_text(str(k))\n"
+        "print(f'epoch 1 step 3 (attempt {k})')\n"
+        "if k == 1:\n"
+        "    print('error: out of memory on attempt 1'); print('saved last.pt')\n"
+        "elif k == 2:\n"
+        "    print('error: a first error of attempt 2')\n"
+        "    print('error: disk full on attempt 2'); print('progress line after it')\n"
+        "else:\n"
+        "    print('Segmentation fault (attempt 3)')\n"
+        "sys.exit(1)\n")
+    folder = tmp_path / "run"
+    run = S.Run("test_resnet", "scratch", 0, 0, folder, str(child), (), cwd=str(folder))
+    folder.mkdir()
+    seen = []
+    for _ in range(3):
+        code, error = S.TrainJob(run)()
+        seen.append((code, error))
+    assert seen == [(1, "error: out of memory on attempt 1"), (1, "error: disk full on attempt 2"),
+                    (1, "Segmentation fault (attempt 3)")]
+    log = (folder / "train.log").read_text()
+    assert log.count(S.ATTEMPT) == 3 and "error: out of memory on attempt 1" in log
+
+    class Finished:
+        def result(self):
+            return seen[-1]
+
+    progress = S.Progress([run], {folder: "running"})
+    S._finish(Finished(), run, progress)
+    assert progress.state[folder] == "failed"
+    assert progress.errors[folder] == "Segmentation fault (attempt 3)"
 
 
 def test_dry_run_prints_each_command_and_the_projected_time(cifar_dir, tmp_path, weights, capsys):
@@ -354,6 +501,82 @@ def test_the_size_analysis_gives_the_difference_of_gains_against_size(tmp_path):
     assert len(rows) == 2 and "+25.0 [" in rows[0]
     assert (tmp_path / "data_efficiency.png").stat().st_size > 20_000
     assert "### Test accuracy" in text and "## 5,000 training images" in text
+
+
+def test_each_size_cell_is_its_intervals_centre_and_the_gains_are_the_main_weights(tmp_path):
+    """Known run folders at two sizes, two seeds each, with a TinyViT-5M control of other weights
+    far from the main ones; each run's final-epoch test accuracy 10 points below best.pt's. By hand:
+    a cell is the mean of best.pt's test accuracies over the seeds (the centre of its interval), a
+    model's gain column its main weights' mean minus its scratch mean, the control's column its own
+    weights' gain."""
+    import plot_four_panels
+
+    accs = {}  # (arch, tag, pretrained, size) -> per seed accuracy
+    paths = []
+    for n, scale in ((1000, 0.0), (5000, 0.1)):
+        for arch, tag, pre, acc in (("resnet18", None, True, 0.70), ("resnet18", None, False, 0.50),
+                                    ("tiny_vit_5m_224", None, True, 0.80),
+                                    ("tiny_vit_5m_224", "in1k", True, 0.40),
+                                    ("tiny_vit_5m_224", None, False, 0.30)):
+            for s in (0, 1):
+                a = round(acc + scale + 0.02 * s, 3)
+                folder = write_run(tmp_path / f"{arch}_{tag}_{pre}_{n}_{s}", arch, pre,
+                                   right(a, offset=7 * s), seed=s, tag=tag, train_images=n)
+                summary = json.loads((folder / "summary.json").read_text())
+                summary["test_acc_final"] = a - 0.1
+                (folder / "summary.json").write_text(json.dumps(summary))
+                accs.setdefault((arch, tag, pre, n), []).append(a)
+                paths.append(str(folder))
+    assert plot_four_panels.main(["--runs", *paths, "--output", str(tmp_path / "f.png"),
+                                  "--safe"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    table = text.split("## Test accuracy and gains by training-set size")[1].split(
+        "\n\n")[1].splitlines()
+    rows = [[c.strip() for c in row.strip().strip("|").split("|")] for row in table]
+    header, body = rows[0], rows[2:]
+    assert [r[0] for r in body] == ["1,000", "5,000"]
+    controls = [h for h in header if h.endswith("gain (control)")]
+    assert len(controls) == 1, header
+    for row, n in zip(body, (1000, 5000)):
+        cell = dict(zip(header, row))
+
+        def mean(arch, tag, pre):
+            return float(np.mean(accs[(arch, tag, pre, n)]))
+
+        gains = {"ResNet-18 gain": mean("resnet18", None, True) - mean("resnet18", None, False),
+                 "TinyViT-5M gain": (mean("tiny_vit_5m_224", None, True)
+                                     - mean("tiny_vit_5m_224", None, False)),
+                 controls[0]: (mean("tiny_vit_5m_224", "in1k", True)
+                               - mean("tiny_vit_5m_224", None, False))}
+        for name, gain in gains.items():
+            assert cell[name].startswith(f"{100 * gain:+.1f} ["), (n, name, cell[name], gain)
+        accuracy_cells = [h for h in header[1:] if not h.endswith("gain") and "gain" not in h]
+        assert len(accuracy_cells) == 5, header
+        centres = sorted(float(cell[h].split(" [")[0].rstrip("%")) for h in accuracy_cells)
+        assert centres == sorted(round(100 * float(np.mean(v)), 1)
+                                 for k, v in accs.items() if k[3] == n), (n, centres)
+        for h in accuracy_cells:  # within its interval
+            centre, lo, hi = (float(v) for v in cell[h].replace("[", "").replace("]", "")
+                              .replace(",", "").replace("%", "").split())
+            assert lo <= centre <= hi, (h, cell[h])
+
+
+def test_the_sweeps_analysis_refuses_a_best_pt_chosen_on_the_test_set(tmp_path, capsys):
+    """--val-size 0 runs among a sweep's sizes: refused as in a single comparison, unless
+    --allow-test-selection marks them."""
+    import plot_four_panels
+
+    paths = sweep_folders(tmp_path / "runs", {1000: (0.05, 0.30), 5000: (0.04, 0.20)})
+    for path in paths:  # a sweep run with --val-size 0
+        config = Path(path) / "config.json"
+        d = json.loads(config.read_text())
+        d["data"]["splits"].update(val_is_test=True, val_size=0)
+        d["config"]["val_size"] = 0
+        config.write_text(json.dumps(d))
+    argv = ["--runs", *paths, "--output", str(tmp_path / "f.png"), "--safe"]
+    one_line_error_in_process(plot_four_panels.main, argv, capsys, "chose best.pt on the test set",
+                              "--allow-test-selection")
+    assert not (tmp_path / "results.md").exists()
 
 
 def test_runs_of_several_sizes_must_match_in_everything_else(tmp_path, capsys):

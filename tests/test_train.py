@@ -16,6 +16,8 @@ from common.runfolder import METRIC_COLUMNS, PREDICTION_COLUMNS
 from conftest import ROOT, SMALL, one_line_error_in_process, run_cli, train
 
 MECH = ["--model", "test_resnet"]
+# the scripted-validation tests: what is checked is which epoch is kept, not what was learned
+FEW = ["--train-subset", "320", "--data-pipeline", "device"]
 # before any test patches it  # timm's 0.4M-parameter test ResNet: the loop's mechanics at a tenth
 # of the time
 REAL_EVALUATE = Evaluator.__call__
@@ -38,7 +40,18 @@ def test_a_run_writes_every_output_with_its_provenance(trained_resnet):
     assert cfg["data"]["splits"].pop("indices_sha256") and cfg["data"]["splits"] == {
         "val_size": 400, "val_split": "stratified", "split_seed": 0, "train_subset": 1600,
         "test_subset": 0, "train": 1600, "val": 400, "test": 500, "val_is_test": False}
-    assert cfg["recipe"]["name"] == "light" and cfg["run"]["amp_dtype"] == "fp32"
+    assert cfg["recipe"]["name"] == "light"
+    # what the run resolved on this CPU host, each recorded: the AMP dtype (auto: fp32 on a CPU),
+    # the memory plan (no GPU: no accumulation; the light recipe's chunk of 8 batches), the workers
+    # (none on the device pipeline)
+    run = cfg["run"]
+    assert {k: run[k] for k in ("amp_dtype", "eval_dtype", "data_pipeline", "micro_batch",
+                                "accum_steps", "chunk_batches", "eval_batch", "num_workers",
+                                "steps_per_epoch", "world_size")} == {
+        "amp_dtype": "fp32", "eval_dtype": "fp32", "data_pipeline": "device", "micro_batch": 64,
+        "accum_steps": 1, "chunk_batches": 8, "eval_batch": 256, "num_workers": 0,
+        "steps_per_epoch": 25, "world_size": 1}
+    assert run["memory"].startswith("micro-batch 64 x 1 accumulation step = 64 per update"), run
     for key in ("python", "torch", "timm", "device_name", "git_commit", "git_dirty", "start_time",
                 "command"):
         assert key in cfg["environment"], key
@@ -97,7 +110,8 @@ def test_best_pt_is_the_best_validation_epoch_and_the_one_tested(cifar_dir, tmp_
     out = tmp_path / "run"
     _scripted_validation(monkeypatch, [0.5, 0.7, 0.6])
     assert train("train_resnet_cifar", "--no-pretrained", "--epochs", "3", "--data-dir",
-                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", *MECH, *SMALL) == 0
+                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", *MECH, *SMALL,
+                 *FEW) == 0
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["epoch"] == 2 and best["best"]["acc"] == 0.7
     summary = json.loads((out / "summary.json").read_text())
@@ -116,7 +130,7 @@ def test_best_pt_is_the_best_validation_epoch_and_the_one_tested(cifar_dir, tmp_
 def test_a_resumed_run_keeps_its_best_epoch(cifar_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--no-pretrained", "--epochs", "3", "--data-dir", str(cifar_dir), "--output-dir",
-            str(out), "--aug", "light", *MECH, *SMALL]
+            str(out), "--aug", "light", *MECH, *SMALL, *FEW]
     _scripted_validation(monkeypatch, [0.5, 0.7])
     assert train("train_resnet_cifar", *args, "--stop-after-epoch", "2") == 0
     _scripted_validation(monkeypatch, [0.6])
@@ -126,11 +140,13 @@ def test_a_resumed_run_keeps_its_best_epoch(cifar_dir, tmp_path, monkeypatch):
 
 
 def test_tinyvit_learns_at_32px(cifar_dir, tmp_path):
-    """Epoch 2's validation accuracy over seeds 0-5 (measured on the 2-core CI machine): 0.795,
-    0.89, 0.70, 0.82, 0.82, 0.795; the bar, 0.3, is far below the lowest (chance is 0.1)."""
+    """Epoch 2's validation accuracy with the device pipeline (the batched augmentation, here on
+    the CPU) over seeds 0-2, measured on the 2-core machine: 0.78, 0.88, 0.77 (the CPU pipeline:
+    0.80, 0.84, 0.80); the bar, 0.3, is far below the lowest (chance is 0.1)."""
     out = tmp_path / "tinyvit"
     assert train("train_tinyvit_cifar", "--no-pretrained", "--epochs", "2", "--data-dir",
-                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", *SMALL) == 0
+                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", "--data-pipeline",
+                 "device", *SMALL, "--test-subset", "100") == 0
     assert pd.read_csv(out / "metrics.csv")["val_acc"].iloc[-1] > 0.3
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["name"] == "tiny_vit_5m_224" and 5.0e6 < cfg["model"]["params"] < 5.2e6
@@ -219,22 +235,26 @@ def test_help_shows_each_default_once_in_complete_sentences(script):
 
 
 def test_real_cifar10_photos_are_learned_from_scratch(archive, archive_cache, tmp_path):
-    """ResNet-18 from scratch on real CIFAR-10 (the JPEG archive), 32 px, 4,000 training images, 2
-    epochs with the reference recipe. Measured on this repository's 2-core CI machine: 26.4% test
-    accuracy on a stratified 2,000 test images (chance 10%; the 95% interval of a chance classifier
-    ends at 11.3%). The bar, 20%, leaves a margin of ~6 standard errors (0.98 points each); it fails
-    if labels or images are misaligned, augmentation destroys the image, or the test set is scored
-    with a wrong transform."""
+    """ResNet-18 from scratch on real CIFAR-10 (the JPEG archive), 32 px, 2,000 training images, 2
+    epochs with the reference recipe. Measured on this repository's 2-core machine for seeds 0, 1
+    and 2: 19.9%, 20.0% and 20.1% test accuracy on a stratified 1,000 test images (chance 10%; the
+    95% interval of a chance classifier ends at 11.9%). The bar, 15%, is ~4 standard errors (1.26
+    points each) below the measured figure and 5 above chance; it fails if labels or images are
+    misaligned, augmentation destroys the image, or the test set is scored with a wrong
+    transform."""
     out = tmp_path / "real"
     assert train("train_resnet_cifar", "--data-dir", str(archive), "--cache-dir", archive_cache,
                  "--no-pretrained", "--epochs", "2", "--img-size", "32", "--batch-size", "64",
-                 "--train-subset", "4000", "--val-size", "1000", "--test-subset", "2000",
-                 "--num-workers", "2", "--lr", "2e-3", "--output-dir", str(out)) == 0
+                 "--train-subset", "2000", "--val-size", "500", "--test-subset", "1000",
+                 "--lr", "2e-3", "--output-dir", str(out)) == 0
     summary = json.loads((out / "summary.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
+    from common.runtime import default_workers
+    # the defaults on a CPU host: the cpu pipeline with one worker per core (at most 8)
+    assert (cfg["run"]["data_pipeline"], cfg["run"]["num_workers"]) == ("cpu", default_workers())
     assert cfg["data"]["name"] == "CIFAR-10" and cfg["recipe"]["name"] == "reference"
     assert cfg["model"]["name"] == "resnet18" and 11.1e6 < cfg["model"]["params"] < 11.3e6
-    assert summary["test_images"] == 2000 and summary["test_acc"] > 0.20, summary
+    assert summary["test_images"] == 1000 and summary["test_acc"] > 0.15, summary
 
 
 # ----------------------------------------------------------------------------- check.py

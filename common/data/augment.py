@@ -93,6 +93,13 @@ def resolve_recipe(name: str, crop_scale_min: float | None = None, ra_ops: int |
     return dataclasses.replace(base, **changes)
 
 
+def recipe_of(cfg: Any) -> Recipe:
+    """The recipe a run's config resolves to: --aug's preset with the flags that override it (the
+    one place that reads them, for the trainer and the sweep alike)."""
+    return resolve_recipe(cfg.aug, cfg.crop_scale_min, cfg.randaug_ops, cfg.randaug_magnitude,
+                          cfg.re_prob, cfg.eval_crop, cfg.re_mode)
+
+
 def recipe_from_dict(d: dict[str, Any]) -> Recipe:
     """A Recipe back from config.json."""
     names = {f.name for f in dataclasses.fields(Recipe)}
