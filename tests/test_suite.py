@@ -154,11 +154,11 @@ def _kill_the_launcher_alone(cifar_dir, tmp_path, weights, sig):
 
 
 def test_a_launcher_killed_alone_stops_its_runs_with_a_checkpoint_and_a_rerun_resumes(
-        cifar_dir, tmp_path, weights):
+        cifar_dir, tmp_path, weights, capsys):
     """The local launcher runs each job as its own process, logging to the run's train.log. `kill
     PID` of run_suite.py (SIGTERM to it alone, not to its process group): the running run saves at
-    its step and stops, nothing keeps training unsupervised; the same command then continues the
-    run (--resume) to its end."""
+    its step and stops, nothing keeps training unsupervised; the same grid run again then continues
+    the run (--resume) to its end."""
     from common import runfolder as RF
     from common.checkpoint import load_checkpoint
 
@@ -167,11 +167,16 @@ def test_a_launcher_killed_alone_stops_its_runs_with_a_checkpoint_and_a_rerun_re
     assert code == 130 and "stopped: the running runs saved their checkpoints" in err, err[-2000:]
     assert not RF.in_use(folder), "the train process outlived the launcher"
     assert load_checkpoint(folder / "last.pt")["step"] == 3
+    log = (folder / "train.log").read_text()
+    assert log.startswith(S.ATTEMPT) and "epoch 1" in log, "the job's own log"
+    # the rerun (in this process: the launcher does not matter to the resume) continues the run
+    argv[argv.index("local")] = "debug"
+    capsys.readouterr()
     assert run_suite.main(argv) == 0
+    assert "resuming" in capsys.readouterr().err
     root = folder.parents[2]
     assert [p.parent.relative_to(root).as_posix() for p in root.glob("*/*/*/summary.json")] == [
         "test_resnet_scratch/n200/seed0"]
-    assert "resuming" in (folder / "train.log").read_text(), "the job's own log, appended"
 
 
 @pytest.mark.slow
