@@ -22,6 +22,7 @@ from test_analysis import right, write_run
 import run_suite
 from common import suite as S
 from common.models import create_model
+from common.report import report
 from common.specs import resolve_model
 
 TRAIN = ["--epochs", "2", "--img-size", "32", "--batch-size", "32", "--val-size", "400",
@@ -514,8 +515,6 @@ def test_each_size_cell_is_its_intervals_centre_and_the_gains_are_the_main_weigh
     a cell is the mean of best.pt's test accuracies over the seeds (the centre of its interval), a
     model's gain column its main weights' mean minus its scratch mean, the control's column its own
     weights' gain."""
-    import plot_four_panels
-
     accs = {}  # (arch, tag, pretrained, size) -> per seed accuracy
     paths = []
     for n, scale in ((1000, 0.0), (5000, 0.1)):
@@ -532,8 +531,9 @@ def test_each_size_cell_is_its_intervals_centre_and_the_gains_are_the_main_weigh
                 (folder / "summary.json").write_text(json.dumps(summary))
                 accs.setdefault((arch, tag, pre, n), []).append(a)
                 paths.append(str(folder))
-    assert plot_four_panels.main(["--runs", *paths, "--output", str(tmp_path / "f.png"),
-                                  "--safe"]) == 0
+    # results.md alone is read here: without the per-class and calibration figures
+    report(paths, None, tmp_path / "f.png", tmp_path / "results.md", False, "minmax", True, None,
+           extra_figures=False)
     text = (tmp_path / "results.md").read_text()
     table = text.split("## Test accuracy and gains by training-set size")[1].split(
         "\n\n")[1].splitlines()
@@ -649,13 +649,11 @@ def test_the_status_board_redraws_a_terminal_in_place_and_logs_only_changes(
 def test_the_size_table_is_well_formed_markdown_with_or_without_gains(tmp_path, modes):
     """Every row of the size table has the header's cells (a scratch-only sweep has no gain
     columns, and once drew an empty header cell that broke the table)."""
-    import plot_four_panels
-
     paths = sweep_folders(tmp_path / "runs", {1000: (0.05, 0.30), 5000: (0.04, 0.20)})
     if modes == ("scratch",):
         paths = [p for p in paths if "_False_" in p]
-    assert plot_four_panels.main(["--runs", *paths, "--output", str(tmp_path / "f.png"),
-                                  "--safe"]) == 0
+    report(paths, None, tmp_path / "f.png", tmp_path / "results.md", False, "minmax", True, None,
+           extra_figures=False)
     text = (tmp_path / "results.md").read_text()
     table = text.split("## Test accuracy and gains by training-set size")[1].split(
         "\n\n")[1].splitlines()
