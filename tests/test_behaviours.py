@@ -145,8 +145,7 @@ def test_the_cpu_stream_draws_anew_every_epoch(photos):
 # ---------------------------------------------------------------------------- the split, end to end
 
 def test_two_seeds_with_one_split_seed_share_their_validation_set_exactly(cifar_dir, tmp_path):
-    flags = [*TINY, str(cifar_dir), "--epochs", "1", *SMALL, "--train-subset", "320",
-             "--data-pipeline", "device"]
+    flags = [*TINY, str(cifar_dir), "--epochs", "1", *SMALL, "--train-subset", "320"]
     runs = {}
     for name, extra in (("a", ["--seed", "0"]), ("b", ["--seed", "5"]),
                         ("c", ["--split-seed", "1"])):

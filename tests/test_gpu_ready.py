@@ -451,9 +451,9 @@ def test_a_stop_waits_for_the_update_and_the_resumed_run_is_exact(cifar_dir, tmp
 # ----------------------------------------------------------------------------- GPU memory
 
 def _memory_flags(cifar_dir, *extra):
-    """A small run on the pipeline a GPU uses by default (the device pipeline, here on the CPU)."""
+    """A small run on the pipeline a GPU uses by default (SMALL's device pipeline, on the CPU)."""
     return ["--model", "test_resnet", "--no-pretrained", "--epochs", "2", "--data-dir",
-            str(cifar_dir), *SMALL, "--train-subset", "640", "--data-pipeline", "device", *extra]
+            str(cifar_dir), *SMALL, "--train-subset", "640", *extra]
 
 
 def _card_for(micro: int, cifar_dir, device_pipeline: bool = False) -> tuple[int, int]:
@@ -465,10 +465,9 @@ def _card_for(micro: int, cifar_dir, device_pipeline: bool = False) -> tuple[int
     recipe = resolve_recipe("reference")
     model = create_model(resolve_model("test_resnet", False), 32, 10)
     costs = M.measure_costs(model, 32, None, None, recipe, device_pipeline, 1200, 500)
-    # the plan shrinks the augmentation chunk first, down to one batch: the card holds `micro`
-    # images with a chunk of one batch, and not twice as many with the same
-    need = costs.train_bytes(micro, micro)
-    assert costs.train_bytes(2 * micro, 2 * micro) > need, "a larger micro-batch needs more memory"
+    chunk = default_chunk(recipe, 32) if device_pipeline else 1
+    need = costs.train_bytes(micro, micro * chunk)
+    assert costs.train_bytes(2 * micro, 1) > need, "a larger micro-batch needs more memory"
     free = int((need + M.HEADROOM) / M.SAFETY) + 1
     return free, 8 * 2**30
 

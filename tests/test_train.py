@@ -17,7 +17,7 @@ from conftest import ROOT, SMALL, one_line_error_in_process, run_cli, train
 
 MECH = ["--model", "test_resnet"]
 # the scripted-validation tests: what is checked is which epoch is kept, not what was learned
-FEW = ["--train-subset", "320", "--data-pipeline", "device"]
+FEW = ["--train-subset", "320"]
 # before any test patches it  # timm's 0.4M-parameter test ResNet: the loop's mechanics at a tenth
 # of the time
 REAL_EVALUATE = Evaluator.__call__
@@ -145,8 +145,8 @@ def test_tinyvit_learns_at_32px(cifar_dir, tmp_path):
     0.80, 0.84, 0.80); the bar, 0.3, is far below the lowest (chance is 0.1)."""
     out = tmp_path / "tinyvit"
     assert train("train_tinyvit_cifar", "--no-pretrained", "--epochs", "2", "--data-dir",
-                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", "--data-pipeline",
-                 "device", *SMALL, "--test-subset", "100") == 0
+                 str(cifar_dir), "--output-dir", str(out), "--aug", "light", *SMALL,
+                 "--test-subset", "100") == 0
     assert pd.read_csv(out / "metrics.csv")["val_acc"].iloc[-1] > 0.3
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["name"] == "tiny_vit_5m_224" and 5.0e6 < cfg["model"]["params"] < 5.2e6
